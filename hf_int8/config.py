@@ -1,0 +1,84 @@
+"""``Int8Config``: the ``quantization_config`` of the ``llmint8`` method."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .ops.constants import DEFAULT_THRESHOLD, FORMAT_VERSION
+
+QUANT_METHOD = "llmint8"
+
+
+class Int8Config(QuantizationConfigMixin):
+    """LLM.int8() quantization config for ``from_pretrained(..., quantization_config=Int8Config())``.
+
+    Args:
+        threshold: outlier threshold. An activation column holding any ``|x| >= threshold`` in a batch goes through
+            a floating-point matmul; the rest goes through int8. ``0`` disables the outlier path (pure int8).
+        skip_modules: names (or dotted suffixes) of extra modules to keep in floating point. They are *added* to the
+            defaults (the output embedding / ``lm_head``, tied weights and the model's ``_keep_in_fp32_modules``),
+            never replacing them.
+        format_version: on-disk layout version; written by this package, checked when loading.
+    """
+
+    quant_method = QUANT_METHOD
+
+    def __init__(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        skip_modules: list[str] | tuple[str, ...] | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        method = kwargs.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ValueError(f"Int8Config is for quant_method {QUANT_METHOD!r}, got quant_method {method!r}")
+        if kwargs:
+            raise ValueError(
+                f"Int8Config got unknown keys {sorted(kwargs)!r}; known keys are "
+                "['format_version', 'quant_method', 'skip_modules', 'threshold']"
+            )
+        self.quant_method = QUANT_METHOD
+        self.threshold = threshold
+        self.skip_modules = list(skip_modules) if isinstance(skip_modules, (list, tuple)) else skip_modules
+        self.format_version = format_version
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Check every field; raise ``ValueError`` naming the first bad value."""
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise ValueError(f"threshold must be a number, got {t!r} of type {type(t).__name__}")
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"threshold must be finite and >= 0 (0 disables the outlier path), got {t!r}")
+        self.threshold = float(t)
+        if self.skip_modules is not None:
+            if not isinstance(self.skip_modules, list):
+                raise ValueError(f"skip_modules must be a list of module names, got {self.skip_modules!r}")
+            for name in self.skip_modules:
+                if not isinstance(name, str) or not name.strip():
+                    raise ValueError(f"skip_modules entries must be non-empty strings, got {name!r}")
+        v = self.format_version
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"format_version must be a positive integer, got {v!r}")
+        if v > FORMAT_VERSION:
+            raise ValueError(
+                f"this checkpoint uses llmint8 format_version {v!r}, newer than the {FORMAT_VERSION} this hf_int8 "
+                "understands; upgrade hf_int8"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "threshold": self.threshold,
+            "skip_modules": list(self.skip_modules) if self.skip_modules is not None else None,
+            "format_version": self.format_version,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Int8Config) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable config: equality by value, so not hashable

@@ -1,0 +1,104 @@
+"""``Int8Linear``: an ``nn.Linear`` replacement holding an int8 weight and running LLM.int8() in ``forward``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..ops.constants import DEFAULT_THRESHOLD
+
+
+class Int8Linear(nn.Module):
+    """LLM.int8() linear layer.
+
+    State: ``weight`` (int8 ``[out_features, in_features]``, a frozen ``Parameter``), ``weight_scale`` (fp32
+    ``[out_features]`` buffer, ``weight ~= weight.int8 * weight_scale[:, None]``) and an optional floating-point
+    ``bias``. ``forward`` accepts fp32, bf16 and fp16 inputs of any leading shape and returns the input dtype.
+
+    Moving the module with ``.to(device)`` moves the int8 codes as they are: nothing is quantized or dequantized
+    as a side effect. Casting to another float dtype leaves the int8 weight and the fp32 scale untouched.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        threshold: float = DEFAULT_THRESHOLD,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        ops._check_threshold(threshold)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.threshold = float(threshold)
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
+        )
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> Int8Linear:
+        """Quantize an ``nn.Linear`` (or a transformers ``Conv1D``, whose weight is stored ``[in, out]``)."""
+        weight = linear.weight.detach()
+        if type(linear).__name__ == "Conv1D":
+            weight = weight.t()
+        out_features, in_features = weight.shape
+        module = cls(
+            in_features,
+            out_features,
+            bias=linear.bias is not None,
+            threshold=threshold,
+            device=weight.device,
+            bias_dtype=linear.bias.dtype if linear.bias is not None else None,
+        )
+        codes, scale = ops.quantize_weight(weight.contiguous())
+        module.weight.data = codes
+        module.weight_scale.data = scale
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().clone()
+        return module
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The floating-point weight ``[out_features, in_features]`` these int8 codes stand for."""
+        return ops.dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (used by ``model.dequantize()``)."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device, dtype=dtype
+        )
+        linear.weight.data = self.dequantize(dtype)
+        if self.bias is not None:
+            linear.bias.data = self.bias.detach().to(dtype)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return ops.int8_linear(x, self.weight, self.weight_scale, bias, self.threshold)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype)/half()/float() cast every floating tensor: keep the scale in fp32 whatever happens.
+        # The fp32 original is re-sent to wherever fn moved the cast copy, so no precision is lost on the way.
+        original_scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = original_scale.to(self.weight_scale.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"threshold={self.threshold}"
+        )

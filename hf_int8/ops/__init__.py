@@ -1,0 +1,237 @@
+"""The ``hf_int8`` op registry.
+
+Every op is declared once here with ``torch.library`` (schema + fake implementation, so ``torch.compile`` and meta
+tensors see through it). Its default kernel is the named pure-PyTorch function of :mod:`hf_int8.ops.reference`,
+registered for ``CompositeExplicitAutograd``. Native kernels from ``csrc/`` register for the ``CPU`` or ``CUDA``
+dispatch key of the same op and take precedence there; nothing else changes. :func:`implementations` says which
+kernel each op dispatches to.
+
+The public Python functions below validate user-facing arguments with clear errors, then call the op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .constants import DEFAULT_THRESHOLD, FORMAT_VERSION, INT8_MAX
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "FORMAT_VERSION",
+    "INT8_MAX",
+    "OP_NAMES",
+    "dequantize_weight",
+    "implementations",
+    "int8_linear",
+    "int8_matmul",
+    "int8_scaled_matmul",
+    "quantize_activation",
+    "quantize_weight",
+    "reference",
+]
+
+NAMESPACE = "hf_int8"
+_lib = torch.library.Library(NAMESPACE, "DEF")
+
+_SCHEMAS = {
+    "quantize_weight": "quantize_weight(Tensor weight) -> (Tensor, Tensor)",
+    "quantize_activation": "quantize_activation(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)",
+    "int8_matmul": "int8_matmul(Tensor a, Tensor b) -> Tensor",
+    "int8_scaled_matmul": (
+        "int8_scaled_matmul(Tensor a, Tensor b, Tensor row_scale, Tensor col_scale, Tensor? bias, "
+        "ScalarType out_dtype) -> Tensor"
+    ),
+    "int8_linear": (
+        "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, float threshold) -> Tensor"
+    ),
+}
+OP_NAMES: tuple[str, ...] = tuple(_SCHEMAS)
+
+for _name, _schema in _SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes only.
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_fake(f"{NAMESPACE}::quantize_weight")
+def _quantize_weight_fake(weight):
+    n, k = weight.shape
+    return weight.new_empty((n, k), dtype=torch.int8), weight.new_empty((n,), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantize_activation")
+def _quantize_activation_fake(x, threshold):
+    m, k = x.shape
+    return (
+        x.new_empty((m, k), dtype=torch.int8),
+        x.new_empty((m,), dtype=torch.float32),
+        x.new_empty((k,), dtype=torch.bool),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::int8_matmul")
+def _int8_matmul_fake(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::int8_scaled_matmul")
+def _int8_scaled_matmul_fake(a, b, row_scale, col_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::int8_linear")
+def _int8_linear_fake(x, weight, weight_scale, bias, threshold):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd: gradients flow to the input (and bias) through the dequantized weight; int8 weights get none.
+# ---------------------------------------------------------------------------------------------------------------
+def _int8_linear_setup_context(ctx, inputs, output):
+    x, weight, weight_scale, bias, _threshold = inputs
+    ctx.save_for_backward(weight, weight_scale)
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _int8_linear_backward(ctx, grad_out):
+    weight, weight_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = reference.dequantize_weight(weight, weight_scale, grad_out.dtype)
+        grad_x = (grad_out @ w).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public, validated entry points.
+# ---------------------------------------------------------------------------------------------------------------
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in reference.FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got dtype {t.dtype!r}")
+
+
+def _check_int8_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype!r} of shape {tuple(weight.shape)}")
+    if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"weight_scale must be float32 of shape ({weight.shape[0]},), "
+            f"got {weight_scale.dtype!r} of shape {tuple(weight_scale.shape)}"
+        )
+
+
+def _check_threshold(threshold: float) -> None:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    if threshold == float("inf"):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 quantization of a 2-D float weight: ``(codes int8 [N, K], scale fp32 [N])``."""
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    return torch.ops.hf_int8.quantize_weight(weight.contiguous())
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``codes * scale[:, None]`` as ``dtype``."""
+    _check_int8_weight(codes, scale)
+    return reference.dequantize_weight(codes, scale, dtype)
+
+
+def quantize_activation(
+    x: torch.Tensor, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8() activation quantization of 2-D ``x``: ``(codes int8, row_scale fp32, outlier_mask bool)``."""
+    _check_float("x", x)
+    _check_threshold(threshold)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [tokens, features], got shape {tuple(x.shape)}")
+    return torch.ops.hf_int8.quantize_activation(x.contiguous(), float(threshold))
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``a @ b.T`` of int8 ``a [M, K]`` and ``b [N, K]``."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"a and b must be 2-D int8 tensors, got {a.dtype!r} {tuple(a.shape)}, {b.dtype!r} {tuple(b.shape)}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"inner dimensions differ: a has {a.shape[1]} columns, b has {b.shape[1]}")
+    return torch.ops.hf_int8.int8_matmul(a.contiguous(), b.contiguous())
+
+
+def int8_scaled_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantized int8 GEMM ``(a @ b.T) * row_scale[:, None] * col_scale + bias`` as ``out_dtype``."""
+    if out_dtype not in reference.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype!r}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a [M, K] and b [N, K] must share K, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if tuple(row_scale.shape) != (a.shape[0],) or tuple(col_scale.shape) != (b.shape[0],):
+        raise ValueError(
+            f"row_scale must have shape ({a.shape[0]},) and col_scale ({b.shape[0]},), "
+            f"got {tuple(row_scale.shape)} and {tuple(col_scale.shape)}"
+        )
+    return torch.ops.hf_int8.int8_scaled_matmul(
+        a.contiguous(), b.contiguous(), row_scale.float().contiguous(), col_scale.float().contiguous(), bias, out_dtype
+    )
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> torch.Tensor:
+    """LLM.int8() linear: ``x [..., K]`` times int8 ``weight [N, K]`` (row scales ``weight_scale``) plus ``bias``."""
+    _check_float("x", x)
+    _check_int8_weight(weight, weight_scale)
+    _check_threshold(threshold)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x must have {weight.shape[1]} features in its last dimension, got shape {tuple(x.shape)}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the int8 weight is on {weight.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return torch.ops.hf_int8.int8_linear(x.contiguous(), weight, weight_scale, bias, float(threshold))
+
+
+def implementations() -> dict[str, str]:
+    """Which kernel each op runs on each device type: ``{"int8_linear": {"cpu": "native", ...}}`` flattened.
+
+    Returns e.g. ``{"int8_linear[cpu]": "native (avx512-vnni)", "int8_linear[cuda]": "reference"}``.
+    """
+    from .._extension import cpu_isa
+
+    found = {}
+    for name in OP_NAMES:
+        qualified = f"{NAMESPACE}::{name}"
+        for key, device in (("CPU", "cpu"), ("CUDA", "cuda")):
+            native = torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key)
+            if native and device == "cpu":
+                found[f"{name}[{device}]"] = f"native ({cpu_isa()})"
+            else:
+                found[f"{name}[{device}]"] = "native" if native else "reference"
+    return found

@@ -1,0 +1,131 @@
+"""Pure-PyTorch reference kernels of the ``hf_int8`` ops.
+
+These are the default implementation of every op (registered for ``CompositeExplicitAutograd``, so they run on any
+device that has no native kernel) and the oracle the native kernels are tested against. They favour obviously
+correct code over speed, with one exception: :func:`int8_matmul` uses ``torch._int_mm`` where it is exact and
+available, because an int32 GEMM in plain PyTorch does not exist on every device.
+
+The float math is spelled out so that native kernels can reproduce it bit for bit (see
+``csrc/include/hf_int8/quant_math.h``):
+
+* a row's scale is ``absmax / INT8_MAX`` (fp32), its reciprocal multiplier ``INT8_MAX / absmax`` (0 for a zero row);
+* a code is ``round_half_to_even(x * multiplier)`` clamped to ``[-INT8_MAX, INT8_MAX]``;
+* the dequantized product is ``acc * (row_scale * col_scale)`` in fp32, plus the outlier product and the bias, cast
+  once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .constants import INT8_MAX
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _row_multiplier(absmax: torch.Tensor) -> torch.Tensor:
+    """``INT8_MAX / absmax`` per row, 0 where the row is all zeros (so a zero row gives zero codes, never NaN)."""
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return torch.where(absmax > 0, INT8_MAX / safe, torch.zeros_like(absmax))
+
+
+def _encode(values: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """Round ``values * multiplier`` (rows scaled by ``multiplier[:, None]``) to symmetric int8 codes."""
+    scaled = values * multiplier.unsqueeze(-1)
+    return torch.round(scaled).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 quantization of a weight ``[N, K]``: returns ``(codes int8 [N, K], scale fp32 [N])``.
+
+    ``weight ~= codes * scale[:, None]``; each element is off by at most half a step (``scale / 2``).
+    """
+    w = weight.float()
+    absmax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+    codes = _encode(w, _row_multiplier(absmax))
+    return codes, absmax / INT8_MAX
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_weight`: ``codes * scale[:, None]`` computed in fp32, returned as ``dtype``."""
+    return (codes.float() * scale.float().unsqueeze(1)).to(dtype)
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask ``[K]`` of the columns of ``x [M, K]`` holding any ``|x| >= threshold``; none when threshold is 0."""
+    if threshold <= 0 or x.shape[0] == 0:
+        return torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    return (x.abs() >= threshold).any(dim=0)
+
+
+def quantize_activation(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8() activation quantization of ``x [M, K]``.
+
+    Returns ``(codes int8 [M, K], row_scale fp32 [M], outlier_mask bool [K])``. Outlier columns (see
+    :func:`outlier_columns`) are left out of each row's absmax (as in the paper) and their codes are 0: they go
+    through the floating-point path instead.
+    """
+    x32 = x.float()
+    mask = outlier_columns(x32, threshold)
+    inliers = x32.masked_fill(mask, 0.0)
+    absmax = inliers.abs().amax(dim=1) if x32.shape[1] > 0 else x32.new_zeros(x32.shape[0])
+    codes = _encode(inliers, _row_multiplier(absmax))
+    return codes, absmax / INT8_MAX, mask
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b.T`` of int8 ``a [M, K]`` and ``b [N, K]``, accumulated in int32: ``[M, N]``."""
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    if a.device.type == "cpu":
+        return torch._int_mm(a.contiguous(), b.t())
+    if a.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:
+        return torch._int_mm(a.contiguous(), b.t().contiguous().t())
+    # fp64 holds every partial sum exactly (|sum| <= K * 127^2 << 2^53), so this is exact wherever fp64 matmul exists.
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def int8_scaled_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantized int8 GEMM: ``(a @ b.T) * row_scale[:, None] * col_scale[None, :] + bias`` as ``out_dtype``."""
+    acc = int8_matmul(a, b).float()
+    out = acc * (row_scale.float().unsqueeze(1) * col_scale.float().unsqueeze(0))
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+) -> torch.Tensor:
+    """LLM.int8() linear layer: ``x [..., K]`` (fp32/bf16/fp16) times int8 ``weight [N, K]`` -> ``[..., N]``.
+
+    Inlier columns go through int8 x int8 -> int32; outlier columns (``|x| >= threshold`` anywhere in the batch) go
+    through an fp32 matmul against the dequantized weight columns. Both parts and the bias are summed in fp32 and
+    cast once to ``x.dtype``, so fp16 never holds a partial result.
+    """
+    out_features = weight.shape[0]
+    leading = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    codes, row_scale, mask = quantize_activation(x2d, threshold)
+    acc = int8_matmul(codes, weight).float()
+    out = acc * (row_scale.unsqueeze(1) * weight_scale.float().unsqueeze(0))
+    if bool(mask.any()):
+        cols = mask.nonzero().squeeze(1)
+        w_outlier = dequantize_weight(weight.index_select(1, cols), weight_scale)
+        out = out + x2d.index_select(1, cols).float() @ w_outlier.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*leading, out_features)

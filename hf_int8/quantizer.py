@@ -1,0 +1,285 @@
+"""``Int8HfQuantizer``: the transformers side of the ``llmint8`` method.
+
+This is the one module of hf_int8 that touches transformers internals (the v5 quantizer hooks and the weight
+conversion ops of ``transformers.core_model_loading``).
+
+Quantize on load: ``_process_model_before_weight_loading`` swaps ``nn.Linear``/``Conv1D`` for :class:`Int8Linear`
+on the meta model; then each floating-point weight is quantized by :class:`Int8QuantizeOp` right after it is read
+from the checkpoint, so only one full-precision tensor is alive at a time. Loading a saved llmint8 checkpoint runs
+:class:`Int8DeserializeOp`, which checks the int8 codes and their scales before they reach the model.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+
+from . import ops
+from .config import Int8Config
+from .nn import Int8Linear
+
+SCALE_NAME = "weight_scale"
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, list) else value
+
+
+class Int8QuantizeOp(ConversionOps):
+    """Quantize one floating-point ``weight`` into int8 codes plus its ``weight_scale`` as it is loaded."""
+
+    def __init__(self, hf_quantizer: Int8HfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None, **kwargs: Any) -> dict[str, Any]:
+        result = {}
+        for name, value in input_dict.items():
+            value = _as_tensor(value)
+            module, _ = get_module_from_name(model, name)
+            if getattr(module, "_hf_int8_from_conv1d", False):
+                value = value.t()  # Conv1D stores [in, out]; the int8 layout is always [out, in]
+            if not value.is_floating_point():
+                raise ValueError(f"cannot quantize {name}: expected a floating-point weight, got {value.dtype!r}")
+            bad = (~torch.isfinite(value)).sum().item()
+            if bad:
+                raise ValueError(f"cannot quantize {name}: it holds {bad} NaN/Inf values (checkpoint damaged?)")
+            codes, scale = ops.quantize_weight(value.contiguous())
+            prefix = name.rpartition(".")[0]
+            result[name] = codes
+            result[f"{prefix}.{SCALE_NAME}"] = scale
+            module._is_hf_initialized = True
+            self.hf_quantizer.loaded_modules.add(prefix)
+        return result
+
+
+class Int8DeserializeOp(ConversionOps):
+    """Check and pass through a saved int8 ``weight`` and its ``weight_scale``."""
+
+    def __init__(self, hf_quantizer: Int8HfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(
+        self,
+        input_dict: dict[str, Any],
+        model: nn.Module | None = None,
+        full_layer_name: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        tensors = {key: _as_tensor(value) for key, value in input_dict.items()}
+        module, _ = get_module_from_name(model, full_layer_name)
+        if not isinstance(module, Int8Linear):
+            # The pattern "weight" also matches floating-point layers (norms, embeddings, lm_head): pass them on.
+            return {full_layer_name: tensors["weight"]} if "weight" in tensors else tensors
+        prefix = full_layer_name.rpartition(".")[0]
+        if "weight" not in tensors or SCALE_NAME not in tensors:
+            missing = "weight" if "weight" not in tensors else SCALE_NAME
+            raise ValueError(f"llmint8 checkpoint is missing {prefix}.{missing}")
+        codes, scale = tensors["weight"], tensors[SCALE_NAME]
+        check_quantized_tensors(prefix, codes, scale, module.out_features, module.in_features)
+        module._is_hf_initialized = True
+        self.hf_quantizer.loaded_modules.add(prefix)
+        return {full_layer_name: codes, f"{prefix}.{SCALE_NAME}": scale}
+
+
+def check_quantized_tensors(prefix: str, codes: torch.Tensor, scale: torch.Tensor, out_f: int, in_f: int) -> None:
+    """Raise ``ValueError`` naming the tensor unless ``codes``/``scale`` are a valid int8 layer of that shape."""
+    if codes.dtype != torch.int8:
+        raise ValueError(f"{prefix}.weight must be int8 in an llmint8 checkpoint, got {codes.dtype!r}")
+    if tuple(codes.shape) != (out_f, in_f):
+        raise ValueError(f"{prefix}.weight must have shape {(out_f, in_f)}, got {tuple(codes.shape)}")
+    if scale.dtype != torch.float32:
+        raise ValueError(f"{prefix}.{SCALE_NAME} must be float32, got {scale.dtype!r}")
+    if tuple(scale.shape) != (out_f,):
+        raise ValueError(f"{prefix}.{SCALE_NAME} must have shape ({out_f},), got {tuple(scale.shape)}")
+    bad = (~torch.isfinite(scale) | (scale < 0)).sum().item()
+    if bad:
+        raise ValueError(f"{prefix}.{SCALE_NAME} holds {bad} NaN, infinite or negative scales")
+    if bool((codes == -128).any()):
+        raise ValueError(f"{prefix}.weight holds the code -128, which llmint8 never writes (damaged checkpoint?)")
+
+
+class _Identity(ConversionOps):
+    """Pass-through op whose reverse is itself (see ``get_weight_conversions``)."""
+
+    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return input_dict
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+
+def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float) -> list[str]:
+    """Swap every ``nn.Linear`` / ``Conv1D`` not matched by ``skip`` for an :class:`Int8Linear`; return their names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or not should_convert_module(name, skip):
+            continue
+        is_conv1d = isinstance(module, Conv1D)
+        if type(module) is not nn.Linear and not is_conv1d:
+            continue
+        if is_conv1d:
+            in_features, out_features = module.weight.shape
+        else:
+            in_features, out_features = module.in_features, module.out_features
+        with torch.device("meta"):
+            new = Int8Linear(
+                in_features,
+                out_features,
+                bias=module.bias is not None,
+                threshold=threshold,
+                bias_dtype=module.bias.dtype if module.bias is not None else None,
+            )
+        new._hf_int8_from_conv1d = is_conv1d
+        new.requires_grad_(False)
+        if new.bias is not None:
+            new.bias.requires_grad_(module.bias.requires_grad)
+        parent, child = get_module_from_name(model, name)
+        parent._modules[child] = new
+        replaced.append(name)
+    return replaced
+
+
+def _refuse_dtype_cast(model: nn.Module) -> None:
+    """Make ``model.to(dtype)`` raise: an llmint8 model is loaded in its dtype, not cast afterwards."""
+    original_to = model.to
+
+    def to(self, *args, **kwargs):
+        if "dtype" in kwargs or any(isinstance(a, torch.dtype) for a in args):
+            requested = kwargs.get("dtype") or next(a for a in args if isinstance(a, torch.dtype))
+            raise ValueError(
+                f"cannot cast an llmint8-quantized model to {requested!r}: its int8 weights would stay int8 and its "
+                "other layers would change precision. Load it with from_pretrained(..., dtype=...) instead, or "
+                "call model.dequantize() first."
+            )
+        return original_to(*args, **kwargs)
+
+    model.to = types.MethodType(to, model)
+
+
+class Int8HfQuantizer(HfQuantizer):
+    """LLM.int8() quantizer for transformers' ``from_pretrained`` (``quant_method="llmint8"``)."""
+
+    requires_calibration = False
+    quantization_config: Int8Config
+    serialized_names = {"weight": ["weight", SCALE_NAME]}
+
+    def __init__(self, quantization_config: Int8Config, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+        self.quantized_module_names: list[str] = []
+        self.loaded_modules: set[str] = set()
+
+    # ---- environment and placement -------------------------------------------------------------------------
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict):
+            for key, device in device_map.items():
+                kind = device if isinstance(device, str) else ("cuda" if isinstance(device, int) else str(device))
+                kind = kind.split(":")[0]
+                if kind not in ("cpu", "cuda", "disk", "meta"):
+                    raise ValueError(f"llmint8 runs on cpu, cuda or disk offload; device_map[{key!r}] is {device!r}")
+
+    def update_device_map(self, device_map: dict[str, Any] | None) -> dict[str, Any] | None:
+        if device_map is None:
+            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        return device_map
+
+    @property
+    def quantized_element_size(self) -> float:
+        return 1
+
+    # ---- model surgery --------------------------------------------------------------------------------------
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        user_skip = list(self.quantization_config.skip_modules or [])
+        module_names = [name for name, _ in model.named_modules()]
+        for pattern in user_skip:
+            if all(should_convert_module(name, [pattern]) for name in module_names if name):
+                raise ValueError(
+                    f"skip_modules entry {pattern!r} matches no module of {type(model).__name__}; "
+                    f"module names look like {module_names[1:4]!r}"
+                )
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, user_skip, model._keep_in_fp32_modules, add_default_skips=True
+        )
+        self.quantized_module_names = replace_with_int8_linear(
+            model, self.modules_to_not_convert, self.quantization_config.threshold
+        )
+        model.config.quantization_config = self.quantization_config
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        module, name = get_module_from_name(model, param_name)
+        return isinstance(module, Int8Linear) and name == "weight"
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return Int8QuantizeOp(self)
+
+    def get_load_operations(self) -> dict:
+        return {"deserialize": Int8DeserializeOp}
+
+    def get_weight_conversions(self):
+        if self.pre_quantized:
+            return super().get_weight_conversions()
+        # Work around transformers' disk offload while quantizing on load: its offload index is only rewritten
+        # for params that went through a WeightConverter, otherwise it keeps pointing at the fp checkpoint tensor.
+        return [WeightConverter("weight", "weight", [_Identity()])]
+
+    def get_new_dtype(self, converter, param, dtype):
+        targets = getattr(converter, "target_patterns", None) or []
+        if any(str(t).endswith(SCALE_NAME) for t in targets):
+            return None  # scales stay fp32 whatever dtype the model is loaded in
+        return super().get_new_dtype(converter, param, dtype)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        not_loaded = sorted(set(self.quantized_module_names) - self.loaded_modules)
+        if not_loaded:
+            raise ValueError(
+                f"{len(not_loaded)} int8 layers got no weight from the checkpoint (first: {not_loaded[0]!r}); "
+                "refusing to return a model with uninitialised int8 layers"
+            )
+        for name, module in model.named_modules():
+            if isinstance(module, Int8Linear):
+                if module.weight_scale.dtype != torch.float32 and module.weight_scale.device.type != "meta":
+                    raise ValueError(f"{name}.{SCALE_NAME} was loaded as {module.weight_scale.dtype!r}, not float32")
+        model.is_loaded_in_8bit = True
+        _refuse_dtype_cast(model)
+        return model
+
+    # ---- capabilities ---------------------------------------------------------------------------------------
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        dtype = dtype or torch.float32
+        for name, module in list(model.named_modules()):
+            if isinstance(module, Int8Linear):
+                parent, child = get_module_from_name(model, name)
+                linear = module.to_linear(dtype)
+                if getattr(module, "_hf_int8_from_conv1d", False):
+                    conv = Conv1D(module.out_features, module.in_features).to(device=linear.weight.device, dtype=dtype)
+                    conv.weight.data = linear.weight.data.t().contiguous()
+                    if linear.bias is not None:
+                        conv.bias.data = linear.bias.data
+                    else:
+                        conv.bias = None
+                    linear = conv
+                parent._modules[child] = linear
+        if "to" in model.__dict__:
+            del model.to  # casting is fine again once the model is floating point
+        model.is_loaded_in_8bit = False
+        return model

@@ -1,0 +1,88 @@
+"""Build of hf_int8's native kernels with torch.utils.cpp_extension.
+
+* ``hf_int8._C``: CPU kernels (``csrc/cpu/*.cpp``). Always built. ISA-specific code is compiled with per-function
+  ``target`` attributes and chosen at run time, so no ``-march`` flag is passed and one build runs on any x86-64.
+* ``hf_int8._C_cuda``: CUDA kernels (``csrc/cuda/*.cu`` + ``*.cpp``). Built when torch is a CUDA build and nvcc is
+  found (``CUDA_HOME``), whether or not a GPU is present; ``HF_INT8_BUILD_CUDA=0`` turns it off.
+  ``TORCH_CUDA_ARCH_LIST`` defaults to ``DEFAULT_CUDA_ARCHS`` when unset (no GPU is visible at build time).
+``HF_INT8_BUILD_NATIVE=0`` skips both: the package then runs on its reference kernels.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE_DIRS = [os.path.join(ROOT, "csrc", "include")]
+
+
+def _flag(name: str, default: str = "1") -> bool:
+    return os.environ.get(name, default) not in ("0", "", "false", "False", "no")
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _nvcc_available() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def extensions() -> tuple[list, dict]:
+    if not _flag("HF_INT8_BUILD_NATIVE"):
+        print("hf_int8: HF_INT8_BUILD_NATIVE=0, building no native kernels (reference only)")
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    exts = []
+    cpu_sources = _sources("csrc/cpu/*.cpp")
+    if cpu_sources:
+        exts.append(
+            CppExtension(
+                "hf_int8._C",
+                cpu_sources,
+                include_dirs=INCLUDE_DIRS,
+                extra_compile_args=cxx_flags,
+                extra_link_args=["-fopenmp"],
+            )
+        )
+    build_cuda = _flag("HF_INT8_BUILD_CUDA") and torch.version.cuda is not None and _nvcc_available()
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    if build_cuda and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        print(f"hf_int8: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        exts.append(
+            CUDAExtension(
+                "hf_int8._C_cuda",
+                cuda_sources,
+                include_dirs=INCLUDE_DIRS,
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++17"],
+                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v"],
+                },
+            )
+        )
+    else:
+        reason = (
+            "HF_INT8_BUILD_CUDA=0" if not _flag("HF_INT8_BUILD_CUDA")
+            else "torch is a CPU-only build" if torch.version.cuda is None
+            else "nvcc not found (set CUDA_HOME)" if not _nvcc_available()
+            else "no csrc/cuda sources"
+        )
+        print(f"hf_int8: not building CUDA kernels: {reason}")
+    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+    os.environ.setdefault("MAX_JOBS", jobs)
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
