@@ -5,7 +5,7 @@
 * ``hf_int8._C_cuda``: CUDA kernels (``csrc/cuda/*.cu`` + ``*.cpp``). Built when torch is a CUDA build and nvcc is
   found (``CUDA_HOME``), whether or not a GPU is present; ``HF_INT8_BUILD_CUDA=0`` turns it off.
   ``TORCH_CUDA_ARCH_LIST`` defaults to ``DEFAULT_CUDA_ARCHS`` when unset (no GPU is visible at build time).
-``HF_INT8_BUILD_NATIVE=0`` skips both: the package then runs on its reference kernels.
+``HF_INT8_BUILD_CPU=0`` skips the CPU one (for CUDA-only rebuilds); ``HF_INT8_BUILD_NATIVE=0`` skips both: the package then runs on its reference kernels.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def extensions() -> tuple[list, dict]:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     exts = []
     cpu_sources = _sources("csrc/cpu/*.cpp")
-    if cpu_sources:
+    if cpu_sources and _flag("HF_INT8_BUILD_CPU"):
         exts.append(
             CppExtension(
                 "hf_int8._C",
@@ -66,8 +66,8 @@ def extensions() -> tuple[list, dict]:
                 cuda_sources,
                 include_dirs=INCLUDE_DIRS,
                 extra_compile_args={
-                    "cxx": ["-O3", "-std=c++17"],
-                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v"],
+                    "cxx": ["-O3"],
+                    "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"],
                 },
             )
         )

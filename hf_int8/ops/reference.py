@@ -9,7 +9,7 @@ The float math is spelled out so that native kernels can reproduce it bit for bi
 ``csrc/include/hf_int8/quant_math.h``):
 
 * a row's scale is ``absmax / INT8_MAX`` (fp32), its reciprocal multiplier ``INT8_MAX / absmax`` (0 for a zero row);
-* a code is ``round_half_to_even(x * multiplier)`` clamped to ``[-INT8_MAX, INT8_MAX]``;
+* a code is ``round_half_to_even(x * multiplier)`` clamped to ``[-INT8_MAX, INT8_MAX]`` (NaN gives 0);
 * the dequantized product is ``acc * (row_scale * col_scale)`` in fp32, plus the outlier product and the bias, cast
   once to the output dtype.
 """
@@ -32,7 +32,7 @@ def _row_multiplier(absmax: torch.Tensor) -> torch.Tensor:
 def _encode(values: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
     """Round ``values * multiplier`` (rows scaled by ``multiplier[:, None]``) to symmetric int8 codes."""
     scaled = values * multiplier.unsqueeze(-1)
-    return torch.round(scaled).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return torch.round(scaled).clamp_(-INT8_MAX, INT8_MAX).nan_to_num_(0.0).to(torch.int8)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
