@@ -15,7 +15,8 @@ from transformers.quantizers.auto import (
 )
 
 from . import ops
-from ._extension import load_extensions, status as extension_status
+from ._extension import load_extensions
+from ._extension import status as extension_status
 from .config import QUANT_METHOD, Int8Config
 from .memory import MemoryReport, memory_report
 from .nn import Int8Linear

@@ -45,17 +45,19 @@ class Int8QuantizeOp(ConversionOps):
             module, _ = get_module_from_name(model, name)
             if getattr(module, "_hf_int8_from_conv1d", False):
                 value = value.t()  # Conv1D stores [in, out]; the int8 layout is always [out, in]
+            prefix = name.rpartition(".")[0]
             if not value.is_floating_point():
-                raise ValueError(f"cannot quantize {name}: expected a floating-point weight, got {value.dtype!r}")
+                _record_error(module, f"cannot quantize {name}: expected a floating-point weight, got {value.dtype!r}")
+                continue
             bad = (~torch.isfinite(value)).sum().item()
             if bad:
-                raise ValueError(f"cannot quantize {name}: it holds {bad} NaN/Inf values (checkpoint damaged?)")
+                _record_error(module, f"cannot quantize {name}: it holds {bad} NaN/Inf values (checkpoint damaged?)")
+                continue
             codes, scale = ops.quantize_weight(value.contiguous())
-            prefix = name.rpartition(".")[0]
             result[name] = codes
             result[f"{prefix}.{SCALE_NAME}"] = scale
             module._is_hf_initialized = True
-            self.hf_quantizer.loaded_modules.add(prefix)
+            module._hf_int8_loaded = True
         return result
 
 
@@ -80,12 +82,26 @@ class Int8DeserializeOp(ConversionOps):
         prefix = full_layer_name.rpartition(".")[0]
         if "weight" not in tensors or SCALE_NAME not in tensors:
             missing = "weight" if "weight" not in tensors else SCALE_NAME
-            raise ValueError(f"llmint8 checkpoint is missing {prefix}.{missing}")
+            _record_error(module, f"llmint8 checkpoint is missing {prefix}.{missing}")
+            return {}
         codes, scale = tensors["weight"], tensors[SCALE_NAME]
-        check_quantized_tensors(prefix, codes, scale, module.out_features, module.in_features)
+        try:
+            check_quantized_tensors(prefix, codes, scale, module.out_features, module.in_features)
+        except ValueError as exc:
+            _record_error(module, str(exc))
+            return {}
         module._is_hf_initialized = True
-        self.hf_quantizer.loaded_modules.add(prefix)
+        module._hf_int8_loaded = True
         return {full_layer_name: codes, f"{prefix}.{SCALE_NAME}": scale}
+
+
+def _record_error(module: nn.Module, message: str) -> None:
+    """Remember a loading problem on the module; ``_process_model_after_weight_loading`` raises them all at once.
+
+    Raising inside a conversion op would only surface as transformers' generic "issues during automatic
+    conversion" error, with the tensor's name buried in a log report.
+    """
+    module._hf_int8_errors = [*getattr(module, "_hf_int8_errors", []), message]
 
 
 def check_quantized_tensors(prefix: str, codes: torch.Tensor, scale: torch.Tensor, out_f: int, in_f: int) -> None:
@@ -175,7 +191,6 @@ class Int8HfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
         self.quantized_module_names: list[str] = []
-        self.loaded_modules: set[str] = set()
 
     # ---- environment and placement -------------------------------------------------------------------------
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -206,9 +221,10 @@ class Int8HfQuantizer(HfQuantizer):
                     f"skip_modules entry {pattern!r} matches no module of {type(model).__name__}; "
                     f"module names look like {module_names[1:4]!r}"
                 )
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, user_skip, model._keep_in_fp32_modules, add_default_skips=True
-        )
+        skip = self.get_modules_to_not_convert(model, user_skip, model._keep_in_fp32_modules, add_default_skips=True)
+        # transformers' default names the module of the model's last parameter; when that is a head's bias
+        # ("classifier.bias") the head itself would not match, so strip the parameter suffix.
+        self.modules_to_not_convert = sorted({name.removesuffix(".bias").removesuffix(".weight") for name in skip})
         self.quantized_module_names = replace_with_int8_linear(
             model, self.modules_to_not_convert, self.quantization_config.threshold
         )
@@ -238,11 +254,20 @@ class Int8HfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        not_loaded = sorted(set(self.quantized_module_names) - self.loaded_modules)
-        if not_loaded:
+        # Conversion ops are deep-copied per tensor by transformers, so they mark the module, not the quantizer.
+        source = getattr(model.config, "name_or_path", "") or "the checkpoint"
+        problems = []
+        for name, module in model.named_modules():
+            if not isinstance(module, Int8Linear):
+                continue
+            problems.extend(getattr(module, "_hf_int8_errors", []))
+            if not getattr(module, "_hf_int8_loaded", False) and not getattr(module, "_hf_int8_errors", None):
+                problems.append(f"{name}.weight was not found in the checkpoint")
+        if problems:
+            shown = "\n  ".join(problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise ValueError(
-                f"{len(not_loaded)} int8 layers got no weight from the checkpoint (first: {not_loaded[0]!r}); "
-                "refusing to return a model with uninitialised int8 layers"
+                f"refusing to load {source!s} as an llmint8 model, {len(problems)} problem(s):\n  {shown}{more}"
             )
         for name, module in model.named_modules():
             if isinstance(module, Int8Linear):
@@ -265,7 +290,10 @@ class Int8HfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        dtype = dtype or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if dtype is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            dtype = torch.float32
         for name, module in list(model.named_modules()):
             if isinstance(module, Int8Linear):
                 parent, child = get_module_from_name(model, name)

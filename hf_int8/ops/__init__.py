@@ -167,7 +167,9 @@ def quantize_activation(
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int32 ``a @ b.T`` of int8 ``a [M, K]`` and ``b [N, K]``."""
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"a and b must be 2-D int8 tensors, got {a.dtype!r} {tuple(a.shape)}, {b.dtype!r} {tuple(b.shape)}")
+        raise ValueError(
+            f"a and b must be 2-D int8 tensors, got {a.dtype!r} {tuple(a.shape)} and {b.dtype!r} {tuple(b.shape)}"
+        )
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"inner dimensions differ: a has {a.shape[1]} columns, b has {b.shape[1]}")
     return torch.ops.hf_int8.int8_matmul(a.contiguous(), b.contiguous())

@@ -52,7 +52,7 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean mask ``[K]`` of the columns of ``x [M, K]`` holding any ``|x| >= threshold``; none when threshold is 0."""
+    """Boolean mask ``[K]``: columns of ``x [M, K]`` holding any ``|x| >= threshold`` (none when threshold is 0)."""
     if threshold <= 0 or x.shape[0] == 0:
         return torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
     return (x.abs() >= threshold).any(dim=0)
