@@ -1,0 +1,176 @@
+// CUDA kernels of hf_int8::int8_matmul, hf_int8::int8_scaled_matmul and hf_int8::int8_linear (PyTorch side:
+// checks naming the offending value, allocation, device guard, current stream). Kernels: gemm_kernels.cu and
+// quantize_kernels.cu.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "launch.h"
+#include "ops_common.h"
+
+namespace hf_int8 {
+namespace cuda {
+namespace {
+
+// Rows the tensor-core kernel's grid can cover (gridDim.y <= 65535 tiles of 128 rows).
+constexpr int64_t kMaxRows = int64_t(65535) * 128;
+
+void check_int8_pair(const at::Tensor& a, const at::Tensor& b) {
+  check_cuda(a, "a");
+  check_cuda(b, "b");
+  check_same_device(b, "b", a, "a");
+  check_dtype(a, "a", at::kChar);
+  check_dtype(b, "b", at::kChar);
+  check_dim(a, "a", 2);
+  check_dim(b, "b", 2);
+  TORCH_CHECK(a.size(1) == b.size(1), "hf_int8 (CUDA): a [M, K] and b [N, K] must share K, got a ", a.sizes(),
+              " and b ", b.sizes());
+  TORCH_CHECK(a.size(0) <= kMaxRows, "hf_int8 (CUDA): at most ", kMaxRows, " rows per call, got ", a.size(0));
+  check_k(a.size(1));
+}
+
+at::Tensor float_vector(const at::Tensor& t, const char* name, int64_t len, const at::Tensor& ref) {
+  check_cuda(t, name);
+  check_same_device(t, name, ref, "the int8 operand");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, "hf_int8 (CUDA): ", name, " must have shape (", len, ",), got ",
+              t.sizes());
+  float_dtype(t, name);
+  return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
+}
+
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& ref) {
+  if (!bias.has_value()) return at::Tensor();
+  const at::Tensor& b = *bias;
+  check_cuda(b, "bias");
+  check_same_device(b, "bias", ref, "the int8 operand");
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "hf_int8 (CUDA): bias must have shape (", n, ",), got ", b.sizes());
+  float_dtype(b, "bias");
+  return b.contiguous();
+}
+
+void set_bias(GemmArgs& args, const at::Tensor& bias) {
+  if (bias.defined()) {
+    args.bias = bias.data_ptr();
+    args.bias_dtype = float_dtype(bias, "bias");
+  }
+}
+
+at::Tensor int8_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
+  check_int8_pair(a, b);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceInfo info = require_turing(a.get_device());
+  const at::Tensor ac = a.contiguous();
+  const at::Tensor bc = b.contiguous();
+  at::Tensor out = at::empty({ac.size(0), bc.size(0)}, ac.options().dtype(at::kInt));
+  GemmArgs args;
+  args.a = ac.data_ptr<int8_t>();
+  args.b = bc.data_ptr<int8_t>();
+  args.m = ac.size(0);
+  args.n = bc.size(0);
+  args.k = ac.size(1);
+  args.out = out.data_ptr();
+  args.out_dtype = DType::kInt32;
+  args.sm_count = info.sm_count;
+  C10_CUDA_CHECK(launch_int8_gemm(args, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor int8_scaled_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_scale,
+                                   const at::Tensor& col_scale, const std::optional<at::Tensor>& bias,
+                                   at::ScalarType out_dtype) {
+  check_int8_pair(a, b);
+  const DType out_tag = out_dtype_tag(out_dtype);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceInfo info = require_turing(a.get_device());
+  const at::Tensor ac = a.contiguous();
+  const at::Tensor bc = b.contiguous();
+  const at::Tensor rs = float_vector(row_scale, "row_scale", ac.size(0), ac);
+  const at::Tensor cs = float_vector(col_scale, "col_scale", bc.size(0), ac);
+  const at::Tensor bias_c = checked_bias(bias, bc.size(0), ac);
+  at::Tensor out = at::empty({ac.size(0), bc.size(0)}, ac.options().dtype(out_dtype));
+  GemmArgs args;
+  args.a = ac.data_ptr<int8_t>();
+  args.b = bc.data_ptr<int8_t>();
+  args.m = ac.size(0);
+  args.n = bc.size(0);
+  args.k = ac.size(1);
+  args.out = out.data_ptr();
+  args.out_dtype = out_tag;
+  args.row_scale = rs.data_ptr<float>();
+  args.col_scale = cs.data_ptr<float>();
+  set_bias(args, bias_c);
+  args.sm_count = info.sm_count;
+  C10_CUDA_CHECK(launch_int8_gemm(args, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                            const std::optional<at::Tensor>& bias, double threshold) {
+  check_cuda(x, "x");
+  check_cuda(weight, "weight");
+  check_same_device(weight, "weight", x, "x");
+  const DType x_tag = float_dtype(x, "x");
+  check_dtype(weight, "weight", at::kChar);
+  check_dim(weight, "weight", 2);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "hf_int8 (CUDA): x must have ", weight.size(1),
+              " features in its last dimension, got shape ", x.sizes());
+  const int64_t n = weight.size(0);
+  const int64_t k = weight.size(1);
+  check_k(k);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceInfo info = require_turing(x.get_device());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor cs = float_vector(weight_scale, "weight_scale", n, wc);
+  const at::Tensor bias_c = checked_bias(bias, n, wc);
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  int64_t m = 1;
+  for (const int64_t s : out_shape) m *= s;
+  out_shape.push_back(n);
+  TORCH_CHECK(m <= kMaxRows, "hf_int8 (CUDA): at most ", kMaxRows, " tokens per call, got ", m);
+  at::Tensor out = at::empty(out_shape, xc.options());
+  if (m == 0 || n == 0) return out;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor codes = at::empty({m, k}, xc.options().dtype(at::kChar));
+  at::Tensor row_scale = at::empty({m}, xc.options().dtype(at::kFloat));
+  at::Tensor mask = at::empty({k}, xc.options().dtype(at::kBool));
+  C10_CUDA_CHECK(launch_quantize_activation(xc.data_ptr(), x_tag, m, k, static_cast<float>(threshold),
+                                            codes.data_ptr<int8_t>(), row_scale.data_ptr<float>(),
+                                            mask.data_ptr<bool>(), stream));
+  GemmArgs args;
+  args.a = codes.data_ptr<int8_t>();
+  args.b = wc.data_ptr<int8_t>();
+  args.m = m;
+  args.n = n;
+  args.k = k;
+  args.out = out.data_ptr();
+  args.out_dtype = x_tag;
+  args.row_scale = row_scale.data_ptr<float>();
+  args.col_scale = cs.data_ptr<float>();
+  set_bias(args, bias_c);
+  if (threshold > 0.0) {
+    args.outlier_mask = mask.data_ptr<bool>();
+    args.x = xc.data_ptr();
+    args.x_dtype = x_tag;
+  }
+  args.sm_count = info.sm_count;
+  C10_CUDA_CHECK(launch_int8_gemm(args, stream));
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace hf_int8
+
+TORCH_LIBRARY_IMPL(hf_int8, CUDA, m) {
+  m.impl("int8_matmul", &hf_int8::cuda::int8_matmul_cuda);
+  m.impl("int8_scaled_matmul", &hf_int8::cuda::int8_scaled_matmul_cuda);
+  m.impl("int8_linear", &hf_int8::cuda::int8_linear_cuda);
+}

@@ -1,0 +1,58 @@
+// Host-side interface between the PyTorch op wrappers (*_ops.cpp, compiled by the host compiler with ATen) and the
+// CUDA kernels (*.cu, compiled by nvcc without any PyTorch header, which keeps the nvcc part of the build short).
+// Everything here is plain C++: raw pointers, sizes, a dtype tag and the stream to launch on.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace hf_int8 {
+namespace cuda {
+
+// Element types the kernels read or write. The wrappers map at::ScalarType onto these.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3 };
+
+// Row-wise absmax quantization of w [n, k] (kFloat32/kFloat16/kBFloat16): codes [n, k] int8, scale [n] fp32.
+cudaError_t launch_quantize_weight(const void* w, DType dtype, int64_t n, int64_t k, int8_t* codes, float* scale,
+                                   cudaStream_t stream);
+
+// LLM.int8() activation quantization of x [m, k]: outlier_mask [k] (columns holding any |x| >= threshold;
+// all false when threshold <= 0), codes [m, k] (0 in outlier columns) and row_scale [m] (absmax of the inlier
+// columns / INT8_MAX). `mask` must hold k bytes.
+cudaError_t launch_quantize_activation(const void* x, DType dtype, int64_t m, int64_t k, float threshold,
+                                       int8_t* codes, float* row_scale, bool* mask, cudaStream_t stream);
+
+// C = A[m, k] . B[n, k]^T with int32 accumulation, then an epilogue chosen by the arguments:
+//  * out_dtype == kInt32: the raw accumulators (int8_matmul); scales, bias and outliers must be null.
+//  * otherwise (int8_scaled_matmul, int8_linear): acc * (row_scale[i] * col_scale[j]) in fp32, plus, when
+//    outlier_mask is set, sum over outlier columns c of x[i, c] * (B[j, c] * col_scale[j]), plus bias[j], rounded
+//    once to out_dtype.
+struct GemmArgs {
+  const int8_t* a = nullptr;
+  const int8_t* b = nullptr;
+  int64_t m = 0, n = 0, k = 0;
+  void* out = nullptr;
+  DType out_dtype = DType::kInt32;
+  const float* row_scale = nullptr;
+  const float* col_scale = nullptr;
+  const void* bias = nullptr;
+  DType bias_dtype = DType::kFloat32;
+  const bool* outlier_mask = nullptr;
+  const void* x = nullptr;
+  DType x_dtype = DType::kFloat32;
+  int sm_count = 1;  // multiprocessors of the device (sizes the split of K in the decode kernel)
+};
+
+// Which kernel launch_int8_gemm uses for m rows: "gemv_dp4a" (m <= kDecodeMaxM), "imma_64x64" or "imma_128x128".
+constexpr int64_t kDecodeMaxM = 8;
+constexpr int64_t kSmallTileMaxM = 64;
+const char* gemm_kernel_for(int64_t m);
+
+cudaError_t launch_int8_gemm(const GemmArgs& args, cudaStream_t stream);
+
+// Value of __CUDA_ARCH_LIST__ the device code was compiled for, e.g. "800,900".
+const char* compiled_arch_list();
+
+}  // namespace cuda
+}  // namespace hf_int8
