@@ -21,11 +21,24 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
-from . import ops
+from . import hub, ops
 from .config import Int8Config
 from .nn import Int8Linear
 
 SCALE_NAME = "weight_scale"
+
+
+def safetensors_metadata(config: Int8Config) -> dict[str, str]:
+    """String metadata written into every llmint8 safetensors header (next to transformers' ``format: pt``)."""
+    from . import __version__
+
+    return {
+        "quant_method": config.quant_method,
+        "llmint8_format_version": str(config.format_version),
+        "llmint8_weight_layout": "int8 codes flattened row-major [out*in]; weight_scale fp32 [out]",
+        "loader": "import hf_int8 before from_pretrained (pip install hf_int8)",
+        "hf_int8_version": __version__,
+    }
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -85,6 +98,8 @@ class Int8DeserializeOp(ConversionOps):
             _record_error(module, f"llmint8 checkpoint is missing {prefix}.{missing}")
             return {}
         codes, scale = tensors["weight"], tensors[SCALE_NAME]
+        if codes.dim() == 1 and codes.numel() == module.out_features * module.in_features:
+            codes = codes.view(module.out_features, module.in_features)  # stored flat: see Int8SerializeOp
         try:
             check_quantized_tensors(prefix, codes, scale, module.out_features, module.in_features)
         except ValueError as exc:
@@ -93,6 +108,30 @@ class Int8DeserializeOp(ConversionOps):
         module._is_hf_initialized = True
         module._hf_int8_loaded = True
         return {full_layer_name: codes, f"{prefix}.{SCALE_NAME}": scale}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return Int8SerializeOp()
+
+
+class Int8SerializeOp(ConversionOps):
+    """Saving: store each int8 weight flattened to 1-D ``[out * in]`` (row-major; the scale stays ``[out]``).
+
+    This is what makes an llmint8 checkpoint fail loudly when it is loaded without ``import hf_int8``: stock
+    transformers (and ``load_state_dict``) then see a size mismatch for every int8 layer instead of silently reading
+    the int8 codes as floating-point weights. :class:`Int8DeserializeOp` restores ``[out, in]`` (a view, no copy).
+    """
+
+    def convert(self, input_dict: dict[str, Any], model=None, full_layer_name=None, **kwargs) -> dict[str, Any]:
+        tensors = {key: _as_tensor(value) for key, value in input_dict.items()}
+        module = get_module_from_name(model, full_layer_name)[0] if model is not None and full_layer_name else None
+        if not isinstance(module, Int8Linear) or set(tensors) != {"weight"}:
+            return tensors
+        return {full_layer_name: tensors["weight"].reshape(-1)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _Identity()
 
 
 def _record_error(module: nn.Module, message: str) -> None:
@@ -129,7 +168,7 @@ class _Identity(ConversionOps):
 
     @property
     def reverse_op(self) -> ConversionOps:
-        return self
+        return Int8SerializeOp()
 
 
 def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float) -> list[str]:
@@ -275,7 +314,17 @@ class Int8HfQuantizer(HfQuantizer):
                     raise ValueError(f"{name}.{SCALE_NAME} was loaded as {module.weight_scale.dtype!r}, not float32")
         model.is_loaded_in_8bit = True
         _refuse_dtype_cast(model)
+        hub.attach(model)  # save_pretrained / push_to_hub write the llmint8 model card
         return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        # int8 weights are saved flattened (see Int8SerializeOp; this covers save_original_format=False too) and the
+        # safetensors header names the method, so that any tool reading it can tell what the tensors are.
+        state_dict = model.state_dict()
+        for name, module in model.named_modules():
+            if isinstance(module, Int8Linear) and f"{name}.weight" in state_dict:
+                state_dict[f"{name}.weight"] = state_dict[f"{name}.weight"].reshape(-1)
+        return state_dict, safetensors_metadata(self.quantization_config)
 
     # ---- capabilities ---------------------------------------------------------------------------------------
     def is_serializable(self) -> bool:
@@ -309,5 +358,6 @@ class Int8HfQuantizer(HfQuantizer):
                 parent._modules[child] = linear
         if "to" in model.__dict__:
             del model.to  # casting is fine again once the model is floating point
+        hub.detach(model)
         model.is_loaded_in_8bit = False
         return model
