@@ -31,7 +31,8 @@ $(STAMPS)/deps: $(PY) pyproject.toml
 	@mkdir -p $(STAMPS)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "$(TRANSFORMERS_SPEC)" "accelerate==1.15.0" "safetensors>=0.4" numpy ninja \
-		"setuptools>=68" wheel "gguf==0.19.0" tqdm pytest hypothesis ruff
+		"setuptools>=68" wheel "gguf==0.19.0" tqdm pytest hypothesis ruff \
+		"bitsandbytes==0.50.2" "peft==0.21.2" matplotlib
 	@touch $@
 
 $(STAMPS)/build: $(STAMPS)/deps setup.py $(CSRC)
