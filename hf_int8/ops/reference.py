@@ -23,10 +23,27 @@ from .constants import INT8_MAX
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _int8_max_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float(INT8_MAX))
+
+
+def _row_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """``absmax / INT8_MAX`` as one correctly rounded fp32 division on every device.
+
+    Not ``absmax / INT8_MAX`` with a Python scalar: on CUDA, ATen turns division by a scalar into a multiplication
+    by its reciprocal (rounded twice), which differs from the native kernels (quant_math.h) in the last bit.
+    """
+    return torch.div(absmax, _int8_max_like(absmax))
+
+
 def _row_multiplier(absmax: torch.Tensor) -> torch.Tensor:
-    """``INT8_MAX / absmax`` per row, 0 where the row is all zeros (so a zero row gives zero codes, never NaN)."""
+    """``INT8_MAX / absmax`` per row, 0 where the row is all zeros (so a zero row gives zero codes, never NaN).
+
+    A tensor-by-tensor division: Python's reflected ``INT8_MAX / safe`` computes ``reciprocal(safe) * INT8_MAX``,
+    which differs from the correctly rounded quotient (and from quant_math.h) in about a quarter of the rows.
+    """
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return torch.where(absmax > 0, INT8_MAX / safe, torch.zeros_like(absmax))
+    return torch.where(absmax > 0, torch.div(_int8_max_like(safe), safe), torch.zeros_like(absmax))
 
 
 def _encode(values: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
@@ -43,7 +60,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.float()
     absmax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
     codes = _encode(w, _row_multiplier(absmax))
-    return codes, absmax / INT8_MAX
+    return codes, _row_scale(absmax)
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -70,7 +87,7 @@ def quantize_activation(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor
     inliers = x32.masked_fill(mask, 0.0)
     absmax = inliers.abs().amax(dim=1) if x32.shape[1] > 0 else x32.new_zeros(x32.shape[0])
     codes = _encode(inliers, _row_multiplier(absmax))
-    return codes, absmax / INT8_MAX, mask
+    return codes, _row_scale(absmax), mask
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
