@@ -11,6 +11,8 @@ from the checkpoint, so only one full-precision tensor is alive at a time. Loadi
 
 from __future__ import annotations
 
+import logging
+import os
 import types
 from typing import Any
 
@@ -21,11 +23,12 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
-from . import hub, ops
+from . import hub, integrity, ops, saving
 from .config import Int8Config
 from .nn import Int8Linear
 
 SCALE_NAME = "weight_scale"
+logger = logging.getLogger(__name__)
 
 
 def safetensors_metadata(config: Int8Config) -> dict[str, str]:
@@ -64,14 +67,43 @@ class Int8QuantizeOp(ConversionOps):
                 continue
             bad = (~torch.isfinite(value)).sum().item()
             if bad:
-                _record_error(module, f"cannot quantize {name}: it holds {bad} NaN/Inf values (checkpoint damaged?)")
-                continue
+                value, problem = self._reread_overflowed(name, value, bad, module)
+                if problem:
+                    _record_error(module, problem)
+                    continue
             codes, scale = ops.quantize_weight(value.contiguous())
             result[name] = codes
             result[f"{prefix}.{SCALE_NAME}"] = scale
             module._is_hf_initialized = True
             module._hf_int8_loaded = True
         return result
+
+    def _reread_overflowed(
+        self, name: str, value: torch.Tensor, bad: int, module: nn.Module
+    ) -> tuple[torch.Tensor | None, str | None]:
+        """Weights beyond the load dtype's range (e.g. |w| > 65504 loaded with ``dtype=torch.float16``) reach this
+        op as Inf: transformers casts before quantizing. The int8 codes and fp32 scales do not care about the load
+        dtype, so read the tensor again in the precision it is stored in and quantize that.
+        """
+        located = getattr(self.hf_quantizer, "checkpoint_index", {}).get(name)
+        if located is None:
+            return None, (
+                f"cannot quantize {name}: it holds {bad} NaN/Inf values (a damaged checkpoint, or weights beyond the "
+                f"range of {value.dtype} when loaded in it)"
+            )
+        path, entry = located
+        stored_bits = integrity.DTYPE_BITS.get(entry.dtype, 0)
+        if entry.dtype.startswith(("F", "BF")) and stored_bits > torch.finfo(value.dtype).bits:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                original = f.get_tensor(name).float()
+            if getattr(module, "_hf_int8_from_conv1d", False):
+                original = original.t()
+            if bool(torch.isfinite(original).all()):
+                return original, None
+            bad = (~torch.isfinite(original)).sum().item()
+        return None, f"cannot quantize {name}: {path} holds {bad} NaN/Inf values in it (damaged checkpoint?)"
 
 
 class Int8DeserializeOp(ConversionOps):
@@ -158,6 +190,20 @@ def check_quantized_tensors(prefix: str, codes: torch.Tensor, scale: torch.Tenso
         raise ValueError(f"{prefix}.{SCALE_NAME} holds {bad} NaN, infinite or negative scales")
     if bool((codes == -128).any()):
         raise ValueError(f"{prefix}.weight holds the code -128, which llmint8 never writes (damaged checkpoint?)")
+    # Quantization maps each row's largest magnitude to +-INT8_MAX exactly, and an all-zero row to scale 0 and zero
+    # codes: a row breaking that was not written by llmint8 (or was damaged since).
+    row_max = codes.abs().amax(dim=1) if codes.shape[1] else torch.zeros_like(scale, dtype=torch.int8)
+    zero_scale = scale == 0
+    for bad_rows, what in (
+        (zero_scale & (row_max != 0), f"{SCALE_NAME} is 0 but the row's codes are not all zero"),
+        (~zero_scale & (row_max != ops.INT8_MAX), f"the scale is positive but no code reaches +-{ops.INT8_MAX}"),
+    ):
+        if bool(bad_rows.any()):
+            rows = bad_rows.nonzero().flatten()
+            raise ValueError(
+                f"{prefix}.weight: in {rows.numel()} row(s) {what} (first: row {rows[0].item()}); llmint8 maps every "
+                f"row's largest value to +-{ops.INT8_MAX} (damaged checkpoint?)"
+            )
 
 
 class _Identity(ConversionOps):
@@ -230,6 +276,7 @@ class Int8HfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
         self.quantized_module_names: list[str] = []
+        self.checkpoint_index: dict[str, tuple[str, integrity.TensorEntry]] = {}  # tensor name -> (file, entry)
 
     # ---- environment and placement -------------------------------------------------------------------------
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -268,6 +315,23 @@ class Int8HfQuantizer(HfQuantizer):
             model, self.modules_to_not_convert, self.quantization_config.threshold
         )
         model.config.quantization_config = self.quantization_config
+        self._check_checkpoint(model, kwargs.get("checkpoint_files"))
+
+    def _check_checkpoint(self, model: nn.Module, checkpoint_files: list[str] | None) -> None:
+        """Refuse damaged, incomplete or mismatched checkpoint files before a single weight is loaded."""
+        files = [os.fspath(f) for f in checkpoint_files or []]
+        if not self.pre_quantized:  # a floating-point source may be a .bin or .gguf: transformers checks those
+            files = [f for f in files if f.endswith(".safetensors")]
+        summary = integrity.check_checkpoint_files(files)
+        self.checkpoint_index = summary.tensor_index()
+        if self.pre_quantized:
+            integrity.check_llmint8_layout(summary, model, SCALE_NAME)
+            if files and not summary.sealed:
+                logger.warning(
+                    "hf_int8: %s carries no hf_int8 seal (not written by hf_int8's save_pretrained): its structure "
+                    "and int8 layers are checked, but damaged bytes cannot be detected",
+                    ", ".join(os.path.basename(f) for f in files),
+                )
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         module, name = get_module_from_name(model, param_name)
@@ -299,7 +363,9 @@ class Int8HfQuantizer(HfQuantizer):
         for name, module in model.named_modules():
             if not isinstance(module, Int8Linear):
                 continue
-            problems.extend(getattr(module, "_hf_int8_errors", []))
+            located = self.checkpoint_index.get(f"{name}.weight")
+            in_file = f" (in {located[0]})" if located else ""
+            problems.extend(f"{message}{in_file}" for message in getattr(module, "_hf_int8_errors", []))
             if not getattr(module, "_hf_int8_loaded", False) and not getattr(module, "_hf_int8_errors", None):
                 problems.append(f"{name}.weight was not found in the checkpoint")
         if problems:
@@ -315,6 +381,7 @@ class Int8HfQuantizer(HfQuantizer):
         model.is_loaded_in_8bit = True
         _refuse_dtype_cast(model)
         hub.attach(model)  # save_pretrained / push_to_hub write the llmint8 model card
+        saving.install(model)  # ... into a staging folder that replaces the target atomically, sealed
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -358,6 +425,7 @@ class Int8HfQuantizer(HfQuantizer):
                 parent._modules[child] = linear
         if "to" in model.__dict__:
             del model.to  # casting is fine again once the model is floating point
+        saving.uninstall(model)
         hub.detach(model)
         model.is_loaded_in_8bit = False
         return model
