@@ -1,21 +1,25 @@
 #include "hf_int8/cpu_features.h"
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
-#include <stdexcept>
 #include <string>
+
+#include "hf_int8/cpu_kernels.h"
 
 namespace hf_int8::cpu {
 
 namespace {
 
 Isa detect() {
-#if defined(__x86_64__) || defined(_M_X64)
+#if HF_INT8_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) {
-    return Isa::kAvx512Vnni;
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return amx::available() ? Isa::kAmx : Isa::kAvx512Vnni;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     return Isa::kAvx2;
   }
 #endif
@@ -23,17 +27,18 @@ Isa detect() {
 }
 
 Isa parse(const std::string& name) {
+  if (name == "amx") return Isa::kAmx;
   if (name == "avx512-vnni") return Isa::kAvx512Vnni;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "none") return Isa::kNone;
-  throw std::invalid_argument("HF_INT8_CPU_ISA must be avx512-vnni, avx2 or none, got '" + name + "'");
+  TORCH_CHECK_VALUE(false, "HF_INT8_CPU_ISA must be amx, avx512-vnni, avx2 or none, got '", name, "'");
 }
 
 }  // namespace
 
 Isa selected_isa() {
-  // Read on every call (cheap) so tests can force a path by setting the variable at run time.
-  Isa best = detect();
+  static const Isa best = detect();  // CPUID and the AMX permission request happen once per process
+  // The variable is read on every call (cheap) so tests can force a path by setting it at run time.
   const char* forced = std::getenv("HF_INT8_CPU_ISA");
   if (forced == nullptr || forced[0] == '\0') return best;
   Isa wanted = parse(forced);
@@ -42,6 +47,7 @@ Isa selected_isa() {
 
 std::string selected_isa_name() {
   switch (selected_isa()) {
+    case Isa::kAmx: return "amx";
     case Isa::kAvx512Vnni: return "avx512-vnni";
     case Isa::kAvx2: return "avx2";
     default: return "none";

@@ -5,9 +5,10 @@
 
 namespace hf_int8::cpu {
 
-enum class Isa { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+// Ordered: each level implies the ones below it. kAmx adds AMX-INT8 tiles (for the large-M GEMM) to kAvx512Vnni.
+enum class Isa { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
 
-// Best ISA this CPU supports, capped by HF_INT8_CPU_ISA (values: avx512-vnni, avx2, none) when it is set.
+// Best ISA this CPU supports, capped by HF_INT8_CPU_ISA (values: amx, avx512-vnni, avx2, none) when it is set.
 Isa selected_isa();
 std::string selected_isa_name();
 

@@ -1,0 +1,264 @@
+// int8 GEMM driver: picks the kernel for the ISA and the number of rows, lays A out the way that kernel wants,
+// splits the columns between threads (at::parallel_for) and lets the kernel finish every element through the fused
+// epilogue. Also the ops int8_matmul and int8_scaled_matmul.
+//
+// Paths (see gemm_path_name):
+//   avx512-vnni small-M   M <= 8, streams B once (decode)
+//   amx                   M >= kAmxMinRows on CPUs with AMX-INT8
+//   avx512-vnni packed    otherwise with AVX-512 VNNI
+//   avx2                  CPUs with AVX2 but no VNNI (exact 16-bit products)
+//   generic               anything else: at::_int_mm (oneDNN) plus the scalar epilogue
+// Every output element is computed by one thread, with K in a fixed order and exact integer arithmetic, so results do
+// not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "hf_int8/cpu_kernels.h"
+
+namespace hf_int8::cpu {
+
+namespace {
+
+enum class Path { kGeneric, kAvx2, kSmallM, kPackedVnni, kAmx };
+
+constexpr int64_t kAmxMinRows = 16;             // below this the 32-row AMX blocks waste too much
+constexpr int64_t kPackedBlockBytes = 1 << 20;  // packed B per work item: about this many bytes (stays in L2)
+constexpr int64_t kSmallMGrain = 64;            // B rows per thread at least, small-M path
+
+Path choose(Isa isa, int64_t M) {
+  if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallMaxM) return Path::kSmallM;
+  if (isa >= Isa::kAmx && M >= kAmxMinRows) return Path::kAmx;
+  if (isa >= Isa::kAvx512Vnni) return Path::kPackedVnni;
+  if (isa >= Isa::kAvx2) return Path::kAvx2;
+  return Path::kGeneric;
+}
+
+int64_t round_up(int64_t v, int64_t m) { return ceil_div(v, m) * m; }
+
+// Precomputes w_outlier(n, j) = float(b[n, col_j]) * col_scale[n] as [n_outliers, N].
+at::Tensor outlier_weights(const GemmProblem& p) {
+  const Epilogue& ep = p.ep;
+  at::Tensor w = at::empty({ep.n_outliers, p.N}, at::kFloat);
+  float* dst = w.data_ptr<float>();
+  at::parallel_for(0, p.N, 256, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t j = 0; j < ep.n_outliers; ++j) {
+        dst[j * p.N + n] = static_cast<float>(p.b[n * p.ldb + ep.outlier_cols[j]]) * ep.col_scale[n];
+      }
+    }
+  });
+  return w;
+}
+
+void finish_all(const GemmProblem& p, const int32_t* acc, int64_t ld_acc) {
+  at::parallel_for(0, p.M, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.N, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t n = 0; n < p.N; ++n) finish_element(p, m, n, acc != nullptr ? acc[m * ld_acc + n] : 0);
+    }
+  });
+}
+
+void run_generic(const GemmProblem& p) {
+  const at::Tensor a = at::from_blob(const_cast<int8_t*>(p.a), {p.M, p.K}, {p.lda, 1}, at::kChar).contiguous();
+  const at::Tensor b = at::from_blob(const_cast<int8_t*>(p.b), {p.N, p.K}, {p.ldb, 1}, at::kChar);
+  const at::Tensor acc = at::_int_mm(a, b.t());
+  finish_all(p, acc.data_ptr<int32_t>(), acc.stride(0));
+}
+
+void run_packed(const GemmProblem& p, Path path) {
+  const bool amx = path == Path::kAmx;
+  const int64_t kp = round_up(p.K, amx ? amx::kKAlign : 4);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t block = std::clamp<int64_t>(kPackedBlockBytes / kp / 32 * 32, 32, 512);
+  block = std::min(block, round_up(ceil_div(p.N, threads), 32));  // give every thread a share
+  const int64_t n_blocks = ceil_div(p.N, block);
+  const size_t panel_bytes = static_cast<size_t>(ceil_div(block, kPanelCols) * kp * 16);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    static thread_local std::vector<uint8_t> panels;
+    if (panels.size() < panel_bytes) panels.resize(panel_bytes);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * block, n1 = std::min(p.N, n0 + block);
+      if (amx) {
+        amx::packed(p, n0, n1, panels.data());
+      } else {
+        avx512::packed(p, n0, n1, panels.data());
+      }
+    }
+  });
+}
+
+}  // namespace
+
+const char* gemm_path_name(Isa isa, int64_t M) {
+  switch (choose(isa, M)) {
+    case Path::kSmallM: return "avx512-vnni small-M";
+    case Path::kAmx: return "amx";
+    case Path::kPackedVnni: return "avx512-vnni packed";
+    case Path::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+ALayout gemm_a_layout(Isa isa, int64_t M, int64_t K) {
+  switch (choose(isa, M)) {
+    case Path::kAmx: return {round_up(K, amx::kKAlign), round_up(M, amx::kBlockRows)};
+    case Path::kPackedVnni: return {round_up(K, 4), M};
+    default: return {K, M};
+  }
+}
+
+void gemm(Isa isa, const GemmProblem& p, bool a_padded) {
+  if (p.M == 0 || p.N == 0) return;
+  if (p.K == 0) {  // empty sums: every accumulator is 0
+    finish_all(p, nullptr, 0);
+    return;
+  }
+  const Path path = choose(isa, p.M);
+  GemmProblem q = p;
+
+  // A in the layout the kernel reads (zero padding in K and, for AMX, in rows).
+  at::Tensor a_copy;
+  const ALayout layout = gemm_a_layout(isa, p.M, p.K);
+  if (!a_padded && (layout.ld != p.K || layout.rows != p.M)) {
+    a_copy = at::zeros({layout.rows, layout.ld}, at::kChar);
+    int8_t* dst = a_copy.data_ptr<int8_t>();
+    for (int64_t m = 0; m < p.M; ++m) std::memcpy(dst + m * layout.ld, p.a + m * p.lda, static_cast<size_t>(p.K));
+    q.a = dst;
+    q.lda = layout.ld;
+  }
+
+  // Row sums of A for the +128 shift of the VNNI kernels.
+  at::Tensor rowsum;
+  if ((path == Path::kSmallM || path == Path::kPackedVnni) && q.a_rowsum == nullptr) {
+    rowsum = at::empty({p.M}, at::kInt);
+    int32_t* rs = rowsum.data_ptr<int32_t>();
+    for (int64_t m = 0; m < p.M; ++m) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < p.K; ++k) s += q.a[m * q.lda + k];
+      rs[m] = s;
+    }
+    q.a_rowsum = rs;
+  }
+
+  // Dequantized outlier weight columns: the small-M kernel gathers them from the B rows it just streamed; the
+  // others read a table built once here.
+  at::Tensor w_outlier;
+  if (q.ep.kind != OutKind::kInt32 && q.ep.n_outliers > 0 && q.ep.w_outlier_t == nullptr && path != Path::kSmallM) {
+    w_outlier = outlier_weights(q);
+    q.ep.w_outlier_t = w_outlier.data_ptr<float>();
+  }
+
+  switch (path) {
+    case Path::kSmallM:
+      at::parallel_for(0, p.N, kSmallMGrain, [&](int64_t n0, int64_t n1) { avx512::small_m(q, n0, n1); });
+      break;
+    case Path::kAmx:
+    case Path::kPackedVnni: run_packed(q, path); break;
+    case Path::kAvx2:
+      at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) { avx2::gemm(q, n0, n1); });
+      break;
+    default: run_generic(q); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Ops.
+// ---------------------------------------------------------------------------------------------------------------
+namespace {
+
+void check_int8_matrix(const at::Tensor& t, const char* op, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kChar, "hf_int8::", op, ": ", name, " must be int8, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2, "hf_int8::", op, ": ", name, " must be 2-D, got shape ", t.sizes());
+}
+
+OutKind out_kind(at::ScalarType dtype, const char* op) {
+  switch (dtype) {
+    case at::kFloat: return OutKind::kF32;
+    case at::kBFloat16: return OutKind::kBF16;
+    case at::kHalf: return OutKind::kF16;
+    default:
+      TORCH_CHECK_VALUE(false, "hf_int8::", op, ": out_dtype must be float32, bfloat16 or float16, got ", dtype);
+  }
+  return OutKind::kF32;  // not reached
+}
+
+// A per-row / per-column scale or bias as a contiguous fp32 vector of `n` elements.
+at::Tensor fp32_vector(const at::Tensor& t, int64_t n, const char* op, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "hf_int8::", op, ": ", name, " must have shape (", n,
+                    ",), got ", t.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "hf_int8::", op, ": ", name,
+                    " must be a floating-point tensor, got ", t.scalar_type());
+  return t.to(at::kFloat).contiguous();
+}
+
+at::Tensor int8_matmul_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_int8_matrix(a, "int8_matmul", "a");
+  check_int8_matrix(b, "int8_matmul", "b");
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "hf_int8::int8_matmul: a [M, K] and b [N, K] must share K, got ",
+                    a.sizes(), " and ", b.sizes());
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor out = at::empty({ac.size(0), bc.size(0)}, ac.options().dtype(at::kInt));
+  GemmProblem p;
+  p.M = ac.size(0);
+  p.N = bc.size(0);
+  p.K = ac.size(1);
+  p.a = ac.data_ptr<int8_t>();
+  p.lda = p.K;
+  p.b = bc.data_ptr<int8_t>();
+  p.ldb = p.K;
+  p.ep.kind = OutKind::kInt32;
+  p.ep.out = out.data_ptr();
+  p.ep.ldo = p.N;
+  gemm(selected_isa(), p, /*a_padded=*/false);
+  return out;
+}
+
+at::Tensor int8_scaled_matmul_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_scale,
+                                  const at::Tensor& col_scale, const std::optional<at::Tensor>& bias,
+                                  at::ScalarType out_dtype) {
+  constexpr const char* op = "int8_scaled_matmul";
+  check_int8_matrix(a, op, "a");
+  check_int8_matrix(b, op, "b");
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "hf_int8::int8_scaled_matmul: a [M, K] and b [N, K] must share K, got ",
+                    a.sizes(), " and ", b.sizes());
+  const OutKind kind = out_kind(out_dtype, op);
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const int64_t M = ac.size(0), N = bc.size(0);
+  const at::Tensor rs = fp32_vector(row_scale, M, op, "row_scale");
+  const at::Tensor cs = fp32_vector(col_scale, N, op, "col_scale");
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = fp32_vector(*bias, N, op, "bias");
+  at::Tensor out = at::empty({M, N}, ac.options().dtype(out_dtype));
+  GemmProblem p;
+  p.M = M;
+  p.N = N;
+  p.K = ac.size(1);
+  p.a = ac.data_ptr<int8_t>();
+  p.lda = p.K;
+  p.b = bc.data_ptr<int8_t>();
+  p.ldb = p.K;
+  p.ep.kind = kind;
+  p.ep.out = out.data_ptr();
+  p.ep.ldo = N;
+  p.ep.row_scale = rs.data_ptr<float>();
+  p.ep.col_scale = cs.data_ptr<float>();
+  p.ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  gemm(selected_isa(), p, /*a_padded=*/false);
+  return out;
+}
+
+}  // namespace
+
+}  // namespace hf_int8::cpu
+
+TORCH_LIBRARY_IMPL(hf_int8, CPU, m) {
+  m.impl("int8_matmul", &hf_int8::cpu::int8_matmul_cpu);
+  m.impl("int8_scaled_matmul", &hf_int8::cpu::int8_scaled_matmul_cpu);
+}

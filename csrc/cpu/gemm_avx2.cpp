@@ -1,0 +1,104 @@
+// AVX2 int8 GEMM: the fallback for x86-64 CPUs without AVX-512 VNNI.
+//
+// Bytes are sign-extended to 16 bits (VPMOVSXBW) and multiplied pairwise into int32 (VPMADDWD): exact for every int8
+// value, -128 included, with no +128 shift (the u8 x s8 VPMADDUBSW would saturate). Dot-product form: MR rows of A
+// against NR rows of B, 16 bytes of K per step, reduced horizontally at the end. B rows are walked in blocks that
+// stay in L2 while every row block of A passes over them, so B is read from memory once.
+#include "hf_int8/cpu_kernels.h"
+
+#if HF_INT8_X86
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace hf_int8::cpu::avx2 {
+
+namespace {
+
+constexpr int64_t kBlockBytes = 256 * 1024;  // B rows per block: about this many bytes
+
+HF_INT8_TARGET_AVX2 inline int32_t reduce8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int MR, int NR>
+HF_INT8_TARGET_AVX2 void dot_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t K,
+                                  int32_t* out) {
+  __m256i acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  }
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256i w[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j * ldb + k)));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i * lda + k)));
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w[j], x));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      int32_t s = reduce8(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) s += int32_t(a[i * lda + t]) * int32_t(b[j * ldb + t]);
+      out[i * NR + j] = s;
+    }
+  }
+}
+
+template <int MR>
+HF_INT8_TARGET_AVX2 void rows_against_block(const GemmProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
+  constexpr int NR = MR <= 2 ? 4 : 2;
+  int32_t acc[MR * NR];
+  const int8_t* a = p.a + m0 * p.lda;
+  int64_t n = n_begin;
+  for (; n + NR <= n_end; n += NR) {
+    dot_tile<MR, NR>(a, p.lda, p.b + n * p.ldb, p.ldb, p.K, acc);
+    for (int i = 0; i < MR; ++i) {
+      for (int j = 0; j < NR; ++j) finish_element(p, m0 + i, n + j, acc[i * NR + j]);
+    }
+  }
+  for (; n < n_end; ++n) {
+    dot_tile<MR, 1>(a, p.lda, p.b + n * p.ldb, p.ldb, p.K, acc);
+    for (int i = 0; i < MR; ++i) finish_element(p, m0 + i, n, acc[i]);
+  }
+}
+
+}  // namespace
+
+HF_INT8_TARGET_AVX2 void gemm(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+  const int64_t block = std::max<int64_t>(4, kBlockBytes / std::max<int64_t>(p.K, 1));
+  for (int64_t nb = n_begin; nb < n_end; nb += block) {
+    const int64_t ne = std::min(n_end, nb + block);
+    int64_t m0 = 0;
+    for (; m0 + 4 <= p.M; m0 += 4) rows_against_block<4>(p, m0, nb, ne);
+    switch (p.M - m0) {
+      case 3: rows_against_block<3>(p, m0, nb, ne); break;
+      case 2: rows_against_block<2>(p, m0, nb, ne); break;
+      case 1: rows_against_block<1>(p, m0, nb, ne); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace hf_int8::cpu::avx2
+
+#else  // not x86
+
+namespace hf_int8::cpu::avx2 {
+void gemm(const GemmProblem&, int64_t, int64_t) {}
+}  // namespace hf_int8::cpu::avx2
+
+#endif  // HF_INT8_X86

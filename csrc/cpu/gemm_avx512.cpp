@@ -1,0 +1,254 @@
+// AVX-512 VNNI int8 GEMM kernels.
+//
+// VPDPBUSD multiplies unsigned by signed bytes. B (the weight) is the unsigned side, shifted by +128 (x ^ 0x80), and
+// A (the activation codes) the signed side; acc - 128 * sum_k a[m, k] is then the exact s8 x s8 sum
+// (quant_math.h, unshift_u8_accumulator). Exact for every int8 value, -128 included.
+//
+// small_m (decode, M <= 8): each B row is streamed from memory exactly once; MR rows of A (in cache) are dotted with
+//   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally. Bandwidth-bound by design.
+// packed (M > 8): B is packed per 16 columns into the VNNI layout [K/4][16][4] (u8), then a 12 x 32 register tile
+//   (24 accumulators) walks K four bytes at a time with A broadcast from memory: no horizontal reductions, and the
+//   epilogue runs on the accumulators straight from registers.
+#include "hf_int8/cpu_avx512_epilogue.h"
+#include "hf_int8/cpu_kernels.h"
+
+#if HF_INT8_X86
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace hf_int8::cpu::avx512 {
+
+namespace {
+
+constexpr int64_t kPrefetchBytes = 1024;  // software prefetch distance of the streamed B rows (small-M kernel)
+
+// ---------------------------------------------------------------------------------------------------------------
+// small M
+// ---------------------------------------------------------------------------------------------------------------
+template <int MR, int NR>
+HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t K,
+                                    int32_t* out) {
+  __m512i acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+  }
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512i w[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + j * ldb + k + kPrefetchBytes), _MM_HINT_T0);
+      w[j] = _mm512_xor_si512(_mm512_loadu_si512(b + j * ldb + k), flip);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i x = _mm512_loadu_si512(a + i * lda + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], x);
+    }
+  }
+  if (k < K) {
+    // Tail: masked-off bytes load as 0 in A, so whatever B holds there contributes nothing.
+    const __mmask64 tail = ~__mmask64(0) >> (64 - (K - k));
+    __m512i w[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, b + j * ldb + k), flip);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i x = _mm512_maskz_loadu_epi8(tail, a + i * lda + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], x);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) out[i * NR + j] = _mm512_reduce_add_epi32(acc[i][j]);
+  }
+}
+
+constexpr int nr_for(int mr) { return mr <= 3 ? 8 : (mr == 4 ? 6 : (mr <= 6 ? 4 : 3)); }
+
+template <int MR, int NR>
+HF_INT8_TARGET_AVX512 void finish_tile(const GemmProblem& p, int64_t n, const int32_t* acc) {
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      finish_element(p, i, n + j, unshift_u8_accumulator(acc[i * NR + j], p.a_rowsum[i]));
+    }
+  }
+}
+
+template <int MR>
+HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+  constexpr int NR = nr_for(MR);
+  int32_t acc[MR * NR];
+  int64_t n = n_begin;
+  for (; n + NR <= n_end; n += NR) {
+    dot_tile<MR, NR>(p.a, p.lda, p.b + n * p.ldb, p.ldb, p.K, acc);
+    finish_tile<MR, NR>(p, n, acc);
+  }
+  for (; n < n_end; ++n) {
+    dot_tile<MR, 1>(p.a, p.lda, p.b + n * p.ldb, p.ldb, p.K, acc);
+    finish_tile<MR, 1>(p, n, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// packing
+// ---------------------------------------------------------------------------------------------------------------
+// In-register transpose of a 16 x 16 matrix of dwords (r[i] holds row i).
+HF_INT8_TARGET_AVX512 inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int q = 0; q < 8; ++q) {
+    t[2 * q] = _mm512_unpacklo_epi32(r[2 * q], r[2 * q + 1]);
+    t[2 * q + 1] = _mm512_unpackhi_epi32(r[2 * q], r[2 * q + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  // u[4q + c], 128-bit lane L, holds rows 4q..4q+3 of column 4L + c.
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+    r[0 + c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[4 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// packed large-M microkernel: MR rows x 32 columns (two panels), full K
+// ---------------------------------------------------------------------------------------------------------------
+template <int MR>
+HF_INT8_TARGET_AVX512 void micro_packed(const GemmProblem& p, int64_t m0, const uint8_t* pa, const uint8_t* pb,
+                                        int64_t kq, int64_t n0, int64_t n_valid) {
+  __m512i acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    acc0[i] = _mm512_setzero_si512();
+    acc1[i] = _mm512_setzero_si512();
+  }
+  const int8_t* a = p.a + m0 * p.lda;
+  const int64_t lda = p.lda;
+  for (int64_t g = 0; g < kq; ++g) {
+    const __m512i w0 = _mm512_loadu_si512(pa + g * 64);
+    const __m512i w1 = _mm512_loadu_si512(pb + g * 64);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      int32_t xi;
+      std::memcpy(&xi, a + i * lda + g * 4, sizeof(xi));
+      const __m512i x = _mm512_set1_epi32(xi);
+      acc0[i] = _mm512_dpbusd_epi32(acc0[i], w0, x);
+      acc1[i] = _mm512_dpbusd_epi32(acc1[i], w1, x);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    const __m512i corr = _mm512_set1_epi32(kU8Shift * p.a_rowsum[m0 + i]);
+    finish16(p, m0 + i, n0, n_valid, _mm512_sub_epi32(acc0[i], corr));
+    if (n_valid > 16) finish16(p, m0 + i, n0 + 16, n_valid - 16, _mm512_sub_epi32(acc1[i], corr));
+  }
+}
+
+constexpr int kPackedMR = 12;
+
+template <int MR>
+HF_INT8_TARGET_AVX512 void packed_rows(const GemmProblem& p, int64_t m0, const uint8_t* panels, int64_t n_panels,
+                                       int64_t kq, int64_t n_begin, int64_t n_end) {
+  const int64_t panel_bytes = kq * 64;
+  for (int64_t q = 0; q < n_panels; q += 2) {
+    const uint8_t* pa = panels + q * panel_bytes;
+    const uint8_t* pb = q + 1 < n_panels ? pa + panel_bytes : pa;  // odd count: the second half is not stored
+    const int64_t n0 = n_begin + q * kPanelCols;
+    micro_packed<MR>(p, m0, pa, pb, kq, n0, std::min<int64_t>(2 * kPanelCols, n_end - n0));
+  }
+}
+
+template <int... MRs>
+HF_INT8_TARGET_AVX512 void packed_tail(int mr, const GemmProblem& p, int64_t m0, const uint8_t* panels,
+                                       int64_t n_panels, int64_t kq, int64_t n_begin, int64_t n_end,
+                                       std::integer_sequence<int, MRs...>) {
+  ((mr == MRs + 1 ? packed_rows<MRs + 1>(p, m0, panels, n_panels, kq, n_begin, n_end) : void()), ...);
+}
+
+}  // namespace
+
+HF_INT8_TARGET_AVX512 void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t kq,
+                                      bool flip, uint8_t* panel) {
+  const __m512i flip_bits = _mm512_set1_epi8(flip ? static_cast<char>(0x80) : 0);
+  int64_t g = 0;
+  if (n_rows == kPanelCols) {
+    // 16 groups of 4 bytes (64 columns of K) from each of the 16 rows: one 16 x 16 dword transpose.
+    for (; 4 * (g + 16) <= K; g += 16) {
+      __m512i r[16];
+      for (int n = 0; n < 16; ++n) r[n] = _mm512_loadu_si512(b + n * ldb + 4 * g);
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (g + j) * 64, _mm512_xor_si512(r[j], flip_bits));
+    }
+  }
+  const uint8_t pad = flip ? 0x80 : 0x00;
+  for (; g < kq; ++g) {
+    uint8_t* dst = panel + g * 64;
+    for (int64_t n = 0; n < kPanelCols; ++n) {
+      for (int64_t t = 0; t < 4; ++t) {
+        const int64_t k = 4 * g + t;
+        dst[n * 4 + t] = (n < n_rows && k < K) ? static_cast<uint8_t>(b[n * ldb + k]) ^ (flip ? 0x80 : 0x00) : pad;
+      }
+    }
+  }
+}
+
+HF_INT8_TARGET_AVX512 void small_m(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+  switch (p.M) {
+    case 1: small_m_rows<1>(p, n_begin, n_end); break;
+    case 2: small_m_rows<2>(p, n_begin, n_end); break;
+    case 3: small_m_rows<3>(p, n_begin, n_end); break;
+    case 4: small_m_rows<4>(p, n_begin, n_end); break;
+    case 5: small_m_rows<5>(p, n_begin, n_end); break;
+    case 6: small_m_rows<6>(p, n_begin, n_end); break;
+    case 7: small_m_rows<7>(p, n_begin, n_end); break;
+    case 8: small_m_rows<8>(p, n_begin, n_end); break;
+    default: break;
+  }
+}
+
+HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint8_t* panels) {
+  const int64_t kq = ceil_div(p.K, 4);
+  const int64_t n_panels = ceil_div(n_end - n_begin, kPanelCols);
+  for (int64_t q = 0; q < n_panels; ++q) {
+    const int64_t n0 = n_begin + q * kPanelCols;
+    pack_panel(p.b + n0 * p.ldb, p.ldb, std::min<int64_t>(kPanelCols, n_end - n0), p.K, kq, /*flip=*/true,
+               panels + q * kq * 64);
+  }
+  int64_t m0 = 0;
+  for (; m0 + kPackedMR <= p.M; m0 += kPackedMR) {
+    packed_rows<kPackedMR>(p, m0, panels, n_panels, kq, n_begin, n_end);
+  }
+  if (m0 < p.M) {
+    packed_tail(static_cast<int>(p.M - m0), p, m0, panels, n_panels, kq, n_begin, n_end,
+                std::make_integer_sequence<int, kPackedMR - 1>{});
+  }
+}
+
+}  // namespace hf_int8::cpu::avx512
+
+#else  // not x86: the driver never calls these
+
+namespace hf_int8::cpu::avx512 {
+void pack_panel(const int8_t*, int64_t, int64_t, int64_t, int64_t, bool, uint8_t*) {}
+void small_m(const GemmProblem&, int64_t, int64_t) {}
+void packed(const GemmProblem&, int64_t, int64_t, uint8_t*) {}
+}  // namespace hf_int8::cpu::avx512
+
+#endif  // HF_INT8_X86

@@ -1,0 +1,65 @@
+// AVX-512 epilogue of the packed GEMM kernels (VNNI and AMX): 16 accumulators of one row -> output dtype.
+// Same operations, in the same order, as finish_element() in cpu_kernels.h (and as the reference).
+#pragma once
+
+#include "hf_int8/cpu_kernels.h"
+
+#if HF_INT8_X86
+#include <immintrin.h>
+
+namespace hf_int8::cpu::avx512 {
+
+HF_INT8_TARGET_AVX512 inline __mmask16 mask16(int64_t n_valid) {
+  return n_valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n_valid) - 1u);
+}
+
+// Keeps GCC from contracting the dequantizing multiply with a following add (see rounded() in cpu_kernels.h).
+HF_INT8_TARGET_AVX512 inline __m512 rounded16(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// fp32 -> bf16, round to nearest even, NaN -> quiet NaN (as c10::BFloat16).
+HF_INT8_TARGET_AVX512 inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Finishes out[m, n .. n + n_valid) from the int32 accumulators `acc` (already exact: shift correction applied).
+HF_INT8_TARGET_AVX512 inline void finish16(const GemmProblem& p, int64_t m, int64_t n, int64_t n_valid, __m512i acc) {
+  const Epilogue& ep = p.ep;
+  const __mmask16 k = mask16(n_valid);
+  if (ep.kind == OutKind::kInt32) {
+    _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + m * ep.ldo + n, k, acc);
+    return;
+  }
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(ep.row_scale[m]), _mm512_maskz_loadu_ps(k, ep.col_scale + n));
+  __m512 v = rounded16(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale));
+  if (ep.n_outliers > 0) {
+    __m512 o = _mm512_setzero_ps();
+    const float* xo = ep.x_outlier + m * ep.n_outliers;
+    for (int64_t j = 0; j < ep.n_outliers; ++j) {
+      o = _mm512_fmadd_ps(_mm512_set1_ps(xo[j]), _mm512_maskz_loadu_ps(k, ep.w_outlier_t + j * p.N + n), o);
+    }
+    v = _mm512_add_ps(v, o);
+  }
+  if (ep.bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, ep.bias + n));
+  switch (ep.kind) {
+    case OutKind::kF32: _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n, k, v); break;
+    case OutKind::kBF16:
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n, k, to_bf16(v));
+      break;
+    case OutKind::kF16:
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n, k,
+                               _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    default: break;
+  }
+}
+
+}  // namespace hf_int8::cpu::avx512
+
+#endif  // HF_INT8_X86

@@ -1,0 +1,189 @@
+// Internal interface between the files of the CPU extension (csrc/cpu/*.cpp). Not a public API.
+//
+// Layout of the work:
+//   quantize.cpp     activation / weight quantization (scalar + AVX-512), ops quantize_weight, quantize_activation
+//   gemm.cpp         GEMM driver (path choice, threading, packing workspaces), ops int8_matmul, int8_scaled_matmul
+//   gemm_avx512.cpp  AVX-512 VNNI kernels: small-M streaming kernel and packed large-M microkernel
+//   gemm_amx.cpp     AMX-INT8 large-M microkernel (used when the CPU and the OS allow it)
+//   gemm_avx2.cpp    AVX2 kernels (exact s16 products), the fallback for CPUs without VNNI
+//   linear.cpp       op int8_linear: fused quantization -> GEMM -> epilogue
+//
+// Every ISA-specific function carries its own target attribute; nothing is compiled with -march, so one build runs
+// on any x86-64 and the ISA is picked at run time (cpu_features.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "hf_int8/cpu_features.h"
+#include "hf_int8/quant_math.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define HF_INT8_X86 1
+#define HF_INT8_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define HF_INT8_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define HF_INT8_TARGET_AMX \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#else
+#define HF_INT8_X86 0
+#endif
+
+namespace hf_int8::cpu {
+
+// ------------------------------------------------------------------------------------------------------------------
+// Output of a GEMM: int32 accumulators, or the dequantized value in one of the float dtypes.
+// ------------------------------------------------------------------------------------------------------------------
+enum class OutKind : int { kInt32 = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
+
+// What happens to the exact int32 accumulator acc(m, n) = sum_k a[m, k] * b[n, k] (the same float operations, in
+// the same order, as hf_int8/ops/reference.py, so that without outlier columns the result is bit-identical):
+//   value = float(acc) * (row_scale[m] * col_scale[n])          (dequantize, quant_math.h)
+//   value = value + sum_j x_outlier[m, j] * w_outlier(n, j)     (outlier product, fp32; only when n_outliers > 0)
+//   value = value + bias[n]                                     (fp32; only when bias != nullptr)
+//   out[m, n] = cast<out dtype>(value)                          (round to nearest even, once)
+// with w_outlier(n, j) = float(b[n, outlier_cols[j]]) * col_scale[n], the dequantized weight of outlier column j.
+struct Epilogue {
+  OutKind kind = OutKind::kInt32;
+  void* out = nullptr;  // [M, N] row-major with leading dimension ldo (elements)
+  int64_t ldo = 0;
+  const float* row_scale = nullptr;  // [M]
+  const float* col_scale = nullptr;  // [N]
+  const float* bias = nullptr;       // [N] or nullptr
+  int64_t n_outliers = 0;
+  const int64_t* outlier_cols = nullptr;  // [n_outliers], indices into K
+  const float* x_outlier = nullptr;       // [M, n_outliers] row-major: the activations of the outlier columns
+  const float* w_outlier_t = nullptr;     // [n_outliers, N] precomputed w_outlier, or nullptr (gathered from b)
+};
+
+// One GEMM problem: C = A @ B^T with A [M, K] int8 (row stride lda) and B [N, K] int8 (row stride ldb).
+struct GemmProblem {
+  int64_t M = 0, N = 0, K = 0;
+  const int8_t* a = nullptr;
+  int64_t lda = 0;
+  const int8_t* b = nullptr;
+  int64_t ldb = 0;
+  // sum_k a[m, k] per row; used by the VNNI kernels, which multiply (b + 128) as u8 by a as s8 and subtract
+  // kU8Shift * a_rowsum[m] (quant_math.h, unshift_u8_accumulator).
+  const int32_t* a_rowsum = nullptr;
+  Epilogue ep;
+};
+
+// ------------------------------------------------------------------------------------------------------------------
+// Scalar epilogue (shared by every path for the elements it finishes one at a time).
+// ------------------------------------------------------------------------------------------------------------------
+inline void store_value(const Epilogue& ep, int64_t m, int64_t n, float v) {
+  switch (ep.kind) {
+    case OutKind::kF32: static_cast<float*>(ep.out)[m * ep.ldo + n] = v; break;
+    case OutKind::kBF16: static_cast<c10::BFloat16*>(ep.out)[m * ep.ldo + n] = c10::BFloat16(v); break;
+    case OutKind::kF16: static_cast<c10::Half*>(ep.out)[m * ep.ldo + n] = c10::Half(v); break;
+    case OutKind::kInt32: break;
+  }
+}
+
+// Weight of outlier column j for output n, dequantized (fp32), read from the GEMM's B operand or the precomputed
+// table.
+inline float outlier_weight(const GemmProblem& p, int64_t n, int64_t j) {
+  const Epilogue& ep = p.ep;
+  if (ep.w_outlier_t != nullptr) return ep.w_outlier_t[j * p.N + n];
+  return static_cast<float>(p.b[n * p.ldb + ep.outlier_cols[j]]) * ep.col_scale[n];
+}
+
+// Keeps the compiler from contracting `a * b + c` into one FMA across this point (GCC contracts by default in C++,
+// also through the vector intrinsics): the reference rounds the product before adding, and so must we.
+inline float rounded(float v) {
+#if HF_INT8_X86
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
+
+// Finishes element (m, n) from its exact int32 accumulator.
+inline void finish_element(const GemmProblem& p, int64_t m, int64_t n, int32_t acc) {
+  const Epilogue& ep = p.ep;
+  if (ep.kind == OutKind::kInt32) {
+    static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = acc;
+    return;
+  }
+  float v = rounded(dequantize(acc, ep.row_scale[m], ep.col_scale[n]));
+  if (ep.n_outliers > 0) {
+    float o = 0.0f;
+    const float* xo = ep.x_outlier + m * ep.n_outliers;
+    for (int64_t j = 0; j < ep.n_outliers; ++j) o = std::fma(xo[j], outlier_weight(p, n, j), o);
+    v = v + o;
+  }
+  if (ep.bias != nullptr) v = v + ep.bias[n];
+  store_value(ep, m, n, v);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Quantization (quantize.cpp).
+// ------------------------------------------------------------------------------------------------------------------
+// Result buffers of the LLM.int8() activation quantization of x [M, K] (row stride ldx elements).
+struct ActQuantOut {
+  int8_t* codes = nullptr;     // [M, ldc], columns [K, ldc) are zero-filled (padding for the packed GEMMs)
+  int64_t ldc = 0;
+  float* row_scale = nullptr;  // [M]  absmax / INT8_MAX over the non-outlier columns
+  int32_t* rowsum = nullptr;   // [M]  sum of the codes of each row, or nullptr when not needed
+  uint8_t* col_mask = nullptr; // [K]  1 where the column holds an outlier (|x| >= threshold in any row)
+};
+
+enum class InKind : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Argument checks shared by the ops: the InKind of a float tensor (ValueError naming `name` and the dtype
+// otherwise), and that a tensor lives on the CPU.
+InKind in_kind(const at::Tensor& x, const char* name);
+void check_cpu(const at::Tensor& t, const char* name);
+
+// Quantizes x (fp32/bf16/fp16 per `in`) as hf_int8/ops/reference.py does: fills every ActQuantOut buffer and returns
+// the number of outlier columns. Threaded with at::parallel_for; the result does not depend on the thread count.
+int64_t quantize_activation_into(Isa isa, InKind in, const void* x, int64_t M, int64_t K, int64_t ldx,
+                                 float threshold, const ActQuantOut& out);
+
+// ------------------------------------------------------------------------------------------------------------------
+// GEMM (gemm.cpp): runs the problem on the best path for `isa`, threaded, writing ep.out.
+// ------------------------------------------------------------------------------------------------------------------
+// How A must be laid out for the path gemm() picks: rows of `ld` bytes (columns [K, ld) zero) and `rows` rows
+// allocated (rows [M, rows) zero). A GemmProblem whose A does not satisfy this is copied into such a buffer first;
+// callers that produce A themselves (int8_linear) write it this way directly and set a_padded.
+struct ALayout {
+  int64_t ld = 0;
+  int64_t rows = 0;
+};
+ALayout gemm_a_layout(Isa isa, int64_t M, int64_t K);
+
+// Which kernel gemm() runs for this ISA and problem size ("avx512-vnni small-M", ...), for tests and benchmarks.
+const char* gemm_path_name(Isa isa, int64_t M);
+
+void gemm(Isa isa, const GemmProblem& p, bool a_padded);
+
+// ISA kernels. Each computes the rows/columns it is given and finishes them through the epilogue.
+constexpr int64_t kPanelCols = 16;  // columns of B per packed panel: [ceil(Kp / 4)][16][4] bytes (VNNI / AMX layout)
+
+namespace avx512 {
+constexpr int64_t kSmallMaxM = 8;  // the streaming kernel handles up to this many rows
+void small_m(const GemmProblem& p, int64_t n_begin, int64_t n_end);
+// Packed path: packs B rows [n_begin, n_end) into `panels` (u8 = b + 128, VNNI layout, ceil(K/4)*64 bytes per
+// 16 columns) and computes all M rows of those columns. A's rows must be zero-padded to a multiple of 4 bytes.
+void packed(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint8_t* panels);
+// Packs rows [0, n_rows) (n_rows <= 16) of b into one panel of kq groups of 4 columns: panel[g][n][t] = b[n][4g + t]
+// (+128 as u8 when flip), zero (128 when flip) past K and past n_rows.
+void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t kq, bool flip, uint8_t* panel);
+}  // namespace avx512
+
+namespace amx {
+bool available();  // the CPU has AMX-INT8 and the OS granted this process the tile data state
+constexpr int64_t kBlockRows = 32;  // A rows per tile block: A must have its row count padded to a multiple
+constexpr int64_t kKAlign = 64;     // A and the packed B are zero-padded to a multiple of 64 bytes in K
+// Same contract as avx512::packed, with s8 panels and K padded to 64.
+void packed(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint8_t* panels);
+}  // namespace amx
+
+namespace avx2 {
+void gemm(const GemmProblem& p, int64_t n_begin, int64_t n_end);
+}  // namespace avx2
+
+}  // namespace hf_int8::cpu
