@@ -20,10 +20,9 @@ namespace {
 // Rows the tensor-core kernel's grid can cover (gridDim.y <= 65535 tiles of 128 rows).
 constexpr int64_t kMaxRows = int64_t(65535) * 128;
 
-void check_int8_pair(const at::Tensor& a, const at::Tensor& b) {
-  check_cuda(a, "a");
-  check_cuda(b, "b");
-  check_same_device(b, "b", a, "a");
+// Shapes and dtypes are checked before devices (check_int8_devices), so that every message can be exercised
+// without a GPU (tests/test_cuda_build.py redispatches CPU tensors to these kernels).
+void check_int8_shapes(const at::Tensor& a, const at::Tensor& b) {
   check_dtype(a, "a", at::kChar);
   check_dtype(b, "b", at::kChar);
   check_dim(a, "a", 2);
@@ -34,22 +33,28 @@ void check_int8_pair(const at::Tensor& a, const at::Tensor& b) {
   check_k(a.size(1));
 }
 
+void check_int8_devices(const at::Tensor& a, const at::Tensor& b) {
+  check_cuda(a, "a");
+  check_cuda(b, "b");
+  check_same_device(b, "b", a, "a");
+}
+
 at::Tensor float_vector(const at::Tensor& t, const char* name, int64_t len, const at::Tensor& ref) {
-  check_cuda(t, name);
-  check_same_device(t, name, ref, "the int8 operand");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == len, "hf_int8 (CUDA): ", name, " must have shape (", len, ",), got ",
               t.sizes());
   float_dtype(t, name);
+  check_cuda(t, name);
+  check_same_device(t, name, ref, "the int8 operand");
   return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
 }
 
 at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& ref) {
   if (!bias.has_value()) return at::Tensor();
   const at::Tensor& b = *bias;
-  check_cuda(b, "bias");
-  check_same_device(b, "bias", ref, "the int8 operand");
   TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "hf_int8 (CUDA): bias must have shape (", n, ",), got ", b.sizes());
   float_dtype(b, "bias");
+  check_cuda(b, "bias");
+  check_same_device(b, "bias", ref, "the int8 operand");
   return b.contiguous();
 }
 
@@ -61,7 +66,8 @@ void set_bias(GemmArgs& args, const at::Tensor& bias) {
 }
 
 at::Tensor int8_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
-  check_int8_pair(a, b);
+  check_int8_shapes(a, b);
+  check_int8_devices(a, b);
   const c10::cuda::CUDAGuard guard(a.device());
   const DeviceInfo info = require_turing(a.get_device());
   const at::Tensor ac = a.contiguous();
@@ -83,8 +89,20 @@ at::Tensor int8_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor int8_scaled_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_scale,
                                    const at::Tensor& col_scale, const std::optional<at::Tensor>& bias,
                                    at::ScalarType out_dtype) {
-  check_int8_pair(a, b);
   const DType out_tag = out_dtype_tag(out_dtype);
+  check_int8_shapes(a, b);
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == a.size(0), "hf_int8 (CUDA): row_scale must have shape (",
+              a.size(0), ",), got ", row_scale.sizes());
+  TORCH_CHECK(col_scale.dim() == 1 && col_scale.size(0) == b.size(0), "hf_int8 (CUDA): col_scale must have shape (",
+              b.size(0), ",), got ", col_scale.sizes());
+  float_dtype(row_scale, "row_scale");
+  float_dtype(col_scale, "col_scale");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == b.size(0), "hf_int8 (CUDA): bias must have shape (", b.size(0),
+                ",), got ", bias->sizes());
+    float_dtype(*bias, "bias");
+  }
+  check_int8_devices(a, b);
   const c10::cuda::CUDAGuard guard(a.device());
   const DeviceInfo info = require_turing(a.get_device());
   const at::Tensor ac = a.contiguous();
@@ -111,9 +129,6 @@ at::Tensor int8_scaled_matmul_cuda(const at::Tensor& a, const at::Tensor& b, con
 
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                             const std::optional<at::Tensor>& bias, double threshold) {
-  check_cuda(x, "x");
-  check_cuda(weight, "weight");
-  check_same_device(weight, "weight", x, "x");
   const DType x_tag = float_dtype(x, "x");
   check_dtype(weight, "weight", at::kChar);
   check_dim(weight, "weight", 2);
@@ -122,6 +137,17 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t n = weight.size(0);
   const int64_t k = weight.size(1);
   check_k(k);
+  TORCH_CHECK(weight_scale.dim() == 1 && weight_scale.size(0) == n,
+              "hf_int8 (CUDA): weight_scale must have shape (", n, ",), got ", weight_scale.sizes());
+  float_dtype(weight_scale, "weight_scale");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "hf_int8 (CUDA): bias must have shape (", n, ",), got ",
+                bias->sizes());
+    float_dtype(*bias, "bias");
+  }
+  check_cuda(x, "x");
+  check_cuda(weight, "weight");
+  check_same_device(weight, "weight", x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo info = require_turing(x.get_device());
   const at::Tensor xc = x.contiguous();

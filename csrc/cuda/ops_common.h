@@ -19,6 +19,32 @@
 namespace hf_int8 {
 namespace cuda {
 
+// torch-style dtype names for error messages ("torch.int8", not ATen's "Char").
+inline const char* dtype_name(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat:
+      return "torch.float32";
+    case at::kHalf:
+      return "torch.float16";
+    case at::kBFloat16:
+      return "torch.bfloat16";
+    case at::kDouble:
+      return "torch.float64";
+    case at::kChar:
+      return "torch.int8";
+    case at::kByte:
+      return "torch.uint8";
+    case at::kInt:
+      return "torch.int32";
+    case at::kLong:
+      return "torch.int64";
+    case at::kBool:
+      return "torch.bool";
+    default:
+      return c10::toString(s);
+  }
+}
+
 inline DType float_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -28,7 +54,7 @@ inline DType float_dtype(const at::Tensor& t, const char* name) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "hf_int8 (CUDA): ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+      TORCH_CHECK(false, "hf_int8 (CUDA): ", name, " must be float32, bfloat16 or float16, got ", dtype_name(t.scalar_type()));
   }
   return DType::kFloat32;
 }
@@ -42,7 +68,7 @@ inline DType out_dtype_tag(at::ScalarType s) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "hf_int8 (CUDA): out_dtype must be float32, bfloat16 or float16, got ", s);
+      TORCH_CHECK(false, "hf_int8 (CUDA): out_dtype must be float32, bfloat16 or float16, got ", dtype_name(s));
   }
   return DType::kFloat32;
 }
@@ -61,7 +87,8 @@ inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType s) {
-  TORCH_CHECK(t.scalar_type() == s, "hf_int8 (CUDA): ", name, " must have dtype ", s, ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == s, "hf_int8 (CUDA): ", name, " must have dtype ", dtype_name(s), ", got ",
+              dtype_name(t.scalar_type()));
 }
 
 // The kernels index columns with 32-bit integers in a few places (outlier column lists).

@@ -16,9 +16,9 @@ namespace cuda {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_weight_cuda(const at::Tensor& weight) {
-  check_cuda(weight, "weight");
   check_dim(weight, "weight", 2);
   const DType dtype = float_dtype(weight, "weight");
+  check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
   const int64_t n = w.size(0);
@@ -32,9 +32,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_weight_cuda(const at::Tensor& weight
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation_cuda(const at::Tensor& x, double threshold) {
-  check_cuda(x, "x");
   check_dim(x, "x", 2);
   const DType dtype = float_dtype(x, "x");
+  check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.size(0);
