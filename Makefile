@@ -8,7 +8,12 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 TRANSFORMERS_SPEC ?= transformers==5.23.0
 CUDA_HOME ?= /usr/local/cuda
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# CUDA archs: sm_80 + sm_90 keep CI's GPU-less build short; on a machine with GPUs their own archs are added, so
+# `make test-gpu` / `make bench-gpu` run there with nothing to set (sm_80 stays: scripts/check_cuda.py inspects it).
+GPU_ARCHS := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -E '^[0-9]+\.[0-9]+$$')
+empty :=
+space := $(empty) $(empty)
+TORCH_CUDA_ARCH_LIST ?= $(subst $(space),;,$(sort 8.0 9.0 $(GPU_ARCHS)))
 PYTEST_ARGS ?=
 MODEL ?=
 
@@ -56,6 +61,13 @@ test: setup
 
 test-gpu: setup
 	$(PY) -m pytest -q -ra -m gpu tests
+
+$(STAMPS)/bench-deps: $(STAMPS)/deps
+	$(PIP) install -q "bitsandbytes==0.50.2" matplotlib
+	@touch $@
+
+bench-gpu: setup $(STAMPS)/bench-deps
+	$(PY) scripts/bench_linear.py --device cuda
 
 lint: $(STAMPS)/deps
 	$(PY) -m ruff check hf_int8 tests scripts
