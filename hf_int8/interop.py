@@ -17,8 +17,10 @@ How exact each direction is (checked in ``tests/test_interop.py``):
 
 * int8 codes are copied bit for bit both ways (only reshaped).
 * bitsandbytes -> llmint8: ``weight_scale = fp32(SCB / 127)``, correctly rounded: exactly the scale hf_int8's own
-  quantizer computes from the same row absmax, so the result is bit-identical to quantizing with hf_int8 whenever the
-  codes agree (they do for fp16/bf16 source weights; bitsandbytes casts fp32 weights to fp16 before quantizing).
+  quantizer computes from the same row absmax. The codes are bitsandbytes' own; they equal what hf_int8 would have
+  written except at rounding ties (bitsandbytes multiplies by ``127 / absmax`` computed as a reciprocal times 127,
+  hf_int8 by the correctly rounded quotient): ~1e-4 of the codes, one step apart, for fp16 source weights.
+  bitsandbytes casts fp32 source weights to fp16 before quantizing, so from an fp32 source more codes differ.
 * llmint8 -> bitsandbytes: ``SCB = fp32(weight_scale * 127)``, correctly rounded. That is the original row absmax for
   ~99.4% of rows and one fp32 ulp away (2^-23 relative) for the rest, because ``absmax -> absmax / 127`` is not
   one-to-one in fp32. The dequantized weights bitsandbytes computes differ from hf_int8's by at most ~1.2e-7 relative.
@@ -188,7 +190,7 @@ def _llmint8_selection(config_dict: dict[str, Any], threshold: float, skip: list
     from .quantizer import Int8HfQuantizer
 
     model = _meta_model(config_dict)
-    quantizer = Int8HfQuantizer(Int8Config(threshold=threshold, skip_modules=skip or None))
+    quantizer = Int8HfQuantizer(Int8Config(threshold=threshold, skip_modules=skip or None), pre_quantized=False)
     quantizer._process_model_before_weight_loading(model)
     return sorted(quantizer.quantized_module_names)
 
