@@ -140,10 +140,23 @@ def _check_threshold(threshold: float) -> None:
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise absmax int8 quantization of a 2-D float weight: ``(codes int8 [N, K], scale fp32 [N])``."""
+    """Row-wise absmax int8 quantization of a 2-D float weight: ``(codes int8 [N, K], scale fp32 [N])``.
+
+    A weight holding NaN or Inf is refused with ``ValueError`` (its row could only quantize to a NaN or infinite
+    scale). The op underneath, ``torch.ops.hf_int8.quantize_weight``, does not check: there such a row gets all-zero
+    codes and a non-finite scale, so only that output feature is NaN.
+    """
     _check_float("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if weight.device.type != "meta" and not torch.compiler.is_compiling():
+        bad = ~torch.isfinite(weight)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"weight holds {int(bad.sum())} NaN/Inf values (first: {weight[row, col].item()!r} at row {row}, "
+                f"column {col}); int8 quantization needs finite weights"
+            )
     return torch.ops.hf_int8.quantize_weight(weight.contiguous())
 
 
@@ -215,8 +228,14 @@ def int8_linear(
         )
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the int8 weight is on {weight.device}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if weight_scale.device != weight.device:
+        raise ValueError(f"weight_scale is on {weight_scale.device} but the int8 weight is on {weight.device}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but the int8 weight is on {weight.device}")
     return torch.ops.hf_int8.int8_linear(x.contiguous(), weight, weight_scale, bias, float(threshold))
 
 
