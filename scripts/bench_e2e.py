@@ -1,0 +1,378 @@
+#!/usr/bin/env python
+"""End-to-end cost of llmint8 next to the alternatives: loading, memory, prefill and decode speed.
+
+Each (model, method) runs in a fresh subprocess, so its peak resident memory while loading is its own:
+
+* load time of ``from_pretrained`` (plus the module swap for naive int8);
+* peak resident memory while loading: ``ru_maxrss`` of the worker after loading (interpreter and imports included;
+  file pages of the memory-mapped checkpoint count too), the resident memory just before loading, and the peak of
+  anonymous memory sampled every few milliseconds by a thread (``RssAnon``: memory the process owns);
+* ``model.get_memory_footprint()`` and the bytes actually stored;
+* prefill tokens/s: one forward of a ``--prompt-tokens`` prompt (batch 1, median of ``--repeats``);
+* decode tokens/s at batch 1 and 8: greedy ``generate`` of ``--new-tokens`` tokens after a 32-token prompt, the time
+  of a 1-token ``generate`` (prefill) subtracted: ``batch * (new - 1) / (t(new) - t(1))``;
+
+each with its ratio to fp32 and bf16 measured in the same run. Writes ``<out-dir>/<prefix>.json``, ``.md`` and PNG
+charts and prints the markdown, including the issue's targets evaluated on the figures.
+
+    python scripts/bench_e2e.py --models smollm2 --quick
+    python scripts/bench_e2e.py --models qwen --methods fp32,bf16,llmint8-t6,bnb-t6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+DEFAULT_METHODS = "fp32,bf16,llmint8-t6,llmint8-t0,naive-int8,bnb-t6,bnb-t0,torchao-int8wo,torchao-int8dyn"
+DECODE_PROMPT_TOKENS = 32
+SAMPLE_INTERVAL_S = 0.005
+METRICS = ("load_s", "peak_rss_load_bytes", "peak_anon_load_bytes", "footprint_bytes", "storage_bytes",
+           "prefill_tps", "decode_b1_tps", "decode_b8_tps")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker
+# ---------------------------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """Samples the process's resident (``VmRSS``) and anonymous (``RssAnon``) memory; keeps the peaks."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_rss = 0
+        self.peak_anon = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak_rss = max(self.peak_rss, _status_kb("VmRSS"))
+            self.peak_anon = max(self.peak_anon, _status_kb("RssAnon"))
+            self._stop_event.wait(SAMPLE_INTERVAL_S)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    C.quiet_library_warnings()
+    C.seed_everything()
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    spec = C.parse_models(job["model_arg"])[0]
+    method = C.parse_methods(job["method"], "fp32")[0]
+    result: dict[str, Any] = {"model": spec.name, "method": method.key, "dtype": method.dtype, "status": "ok",
+                              "threads": torch.get_num_threads()}
+    try:
+        # Import what loading needs before measuring, so the peak is loading's, not the imports'.
+        import transformers  # noqa: F401
+
+        import hf_int8  # noqa: F401
+
+        if method.family == "bnb":
+            import bitsandbytes  # noqa: F401
+        if method.family.startswith("torchao"):
+            import torchao  # noqa: F401
+        tokenizer = C.load_tokenizer(spec)
+        text = job["text"]
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        result["rss_before_load_bytes"] = _status_kb("VmRSS")
+        sampler = RssSampler()
+        sampler.start()
+        start = time.perf_counter()
+        model = C.load_model(spec, method)
+        result["load_s"] = time.perf_counter() - start
+        sampler.stop()
+        result["peak_rss_load_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["peak_anon_load_bytes"] = sampler.peak_anon
+        result["rss_after_load_bytes"] = _status_kb("VmRSS")
+        result["footprint_bytes"] = int(model.get_memory_footprint())
+        result["storage_bytes"] = C.storage_bytes(model)
+        result["kernels"] = C.kernels_in_use()
+        if job["no_speed"]:
+            return result
+
+        prompt_tokens = job["prompt_tokens"]
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos:
+            prompt_tokens = min(prompt_tokens, max_pos)
+        if len(ids) < prompt_tokens + 8 * DECODE_PROMPT_TOKENS:
+            raise ValueError(f"the text has {len(ids)} tokens; the benchmark needs "
+                             f"{prompt_tokens + 8 * DECODE_PROMPT_TOKENS}")
+        prompt = torch.tensor([ids[:prompt_tokens]])
+        result["prompt_tokens"] = prompt_tokens
+        with torch.inference_mode():
+            model(input_ids=prompt[:, :16])  # warm-up (allocator, oneDNN primitives)
+            prefill = _median_time(lambda: model(input_ids=prompt), job["repeats"])
+        result["prefill_s"] = prefill
+        result["prefill_tps"] = prompt_tokens / prefill
+        if spec.kind != "causal":
+            return result
+
+        new_tokens = job["new_tokens"]
+        result["new_tokens"] = new_tokens
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for batch in job["batches"]:
+            # Fixed prompts: consecutive 32-token slices of the text after the prefill prompt, one per sequence.
+            rows = [ids[prompt_tokens + i * DECODE_PROMPT_TOKENS : prompt_tokens + (i + 1) * DECODE_PROMPT_TOKENS]
+                    for i in range(batch)]
+            input_ids = torch.tensor(rows)
+            mask = torch.ones_like(input_ids)
+
+            def generate(n: int, input_ids=input_ids, mask=mask) -> None:
+                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                     do_sample=False, pad_token_id=pad)
+                if out.shape[1] != input_ids.shape[1] + n:
+                    raise RuntimeError(f"generate returned {out.shape[1] - input_ids.shape[1]} tokens, not {n}")
+
+            generate(2)  # warm-up
+            first = _median_time(lambda: generate(1), job["repeats"])
+            full = _median_time(lambda: generate(new_tokens), job["decode_repeats"])
+            if full <= first:
+                raise RuntimeError(f"decode time not measurable: t({new_tokens})={full:.4f}s <= t(1)={first:.4f}s")
+            result[f"decode_b{batch}_s"] = full - first
+            result[f"decode_b{batch}_tps"] = batch * (new_tokens - 1) / (full - first)
+    except Exception as exc:  # recorded in the table, per the issue: a method that cannot run is reported, not fatal
+        result.update(status="error", error=C.error_string(exc))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parent
+# ---------------------------------------------------------------------------------------------------------------
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """``ratio_fp32``/``ratio_bf16`` per metric, against the fp32/bf16 rows of the same model in this run."""
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        refs = {name: next((r for r in rows if r["model"] == row["model"] and r["method"] == name
+                            and r.get("status") == "ok"), None) for name in ("fp32", "bf16")}
+        for name, ref in refs.items():
+            row[f"ratio_{name}"] = {
+                m: row[m] / ref[m] for m in METRICS if ref and row.get(m) and ref.get(m)
+            }
+
+
+def _find(rows: list[dict[str, Any]], model: str, base: str, dtype: str | None = None) -> dict[str, Any] | None:
+    for r in rows:
+        if r["model"] == model and r["method"].split("@")[0] == base and r.get("status") == "ok":
+            if dtype is None or r["dtype"] == dtype:
+                return r
+    return None
+
+
+def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict[str, Any]]:
+    """The issue's speed and memory targets, evaluated on every model where the methods involved were measured."""
+    checks = []
+    models = []
+    for r in rows:
+        if r["model"] not in models:
+            models.append(r["model"])
+
+    def check(model: str, target: str, value: float | None, bound: float | None, ok) -> None:
+        if value is not None and bound is not None:
+            checks.append({"model": model, "target": target, "value": value, "bound": bound, "pass": bool(ok(value,
+                                                                                                          bound))})
+
+    for model in models:
+        ours = _find(rows, model, "llmint8-t6")
+        if ours is None:
+            continue
+        bf16, bnb = _find(rows, model, "bf16"), _find(rows, model, "bnb-t6", ours["dtype"])
+        for batch in (1, 8):
+            key = f"decode_b{batch}_tps"
+            if bf16 and ours.get(key) and bf16.get(key):
+                check(model, f"decode b{batch} >= 2x bf16 (ratio)", ours[key] / bf16[key], 2.0, lambda v, b: v >= b)
+            if bnb and ours.get(key) and bnb.get(key):
+                check(model, f"decode b{batch} >= 1.3x bitsandbytes t=6 (ratio)", ours[key] / bnb[key], 1.3,
+                      lambda v, b: v >= b)
+        if bf16 and ours.get("prefill_tps") and bf16.get("prefill_tps"):
+            check(model, "prefill >= 1.5x bf16 (ratio)", ours["prefill_tps"] / bf16["prefill_tps"], 1.5,
+                  lambda v, b: v >= b)
+        if model in fp16_bytes:
+            check(model, "peak RSS while loading < fp16 checkpoint (MB)", ours["peak_rss_load_bytes"] / C.MB,
+                  fp16_bytes[model] / C.MB, lambda v, b: v < b)
+            check(model, "peak anonymous memory while loading < fp16 checkpoint (MB)",
+                  ours["peak_anon_load_bytes"] / C.MB, fp16_bytes[model] / C.MB, lambda v, b: v < b)
+        if bnb:
+            check(model, f"footprint <= bitsandbytes t=6 at {ours['dtype']} (MB)", ours["footprint_bytes"] / C.MB,
+                  bnb["footprint_bytes"] / C.MB, lambda v, b: v <= b)
+    return checks
+
+
+def _cell(row: dict[str, Any], key: str, scale: float = 1.0, spec: str = ".1f") -> str:
+    if row.get(key) is None:
+        return "—"
+    value = format(row[key] / scale, spec)
+    r32, r16 = row.get("ratio_fp32", {}).get(key), row.get("ratio_bf16", {}).get(key)
+    if r32 is None and r16 is None:
+        return value
+    return f"{value} ({C.fmt(r32, '.2f')}x, {C.fmt(r16, '.2f')}x)"
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    meta, rows, s = data["meta"], data["results"], data["settings"]
+    out = ["# End-to-end: loading, memory and speed\n", f"Command: `{meta['command']}`\n", C.machine_markdown(meta),
+           "", C.kernels_markdown(meta["kernels"]), "",
+           f"Prefill: one forward of a {s['prompt_tokens']}-token prompt, batch 1, median of {s['repeats']}. Decode: "
+           f"greedy generate of {s['new_tokens']} tokens after a {DECODE_PROMPT_TOKENS}-token prompt, batch "
+           f"{' and '.join(map(str, s['batches']))}, prefill time subtracted. Every cell: value (x fp32, x bf16) "
+           "from the same run. Peak RSS = ru_maxrss of a fresh process after loading (imports and mapped "
+           "checkpoint pages included); anon = peak anonymous memory sampled while loading."
+           + (" **--quick run: fewer tokens, noisier.**" if s.get("quick") else "")
+           + (" **--in-process run: memory figures are not per method.**"
+              if any(r.get("in_process") for r in rows) else ""), ""]
+    models = []
+    for r in rows:
+        if r["model"] not in models:
+            models.append(r["model"])
+    headers = ["method", "load s", "peak RSS load MB", "peak anon load MB", "footprint MB", "storage MB",
+               "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s"]
+    for model in models:
+        label = data["model_labels"].get(model, model)
+        fp16 = data["fp16_checkpoint_bytes"].get(model)
+        out.append(f"## {label}" + (f" (fp16 checkpoint: {fp16 / C.MB:.0f} MB)" if fp16 else "") + "\n")
+        table = []
+        for r in [r for r in rows if r["model"] == model]:
+            if r.get("status") != "ok":
+                table.append([r["method"], f"error: {r.get('error')}"] + [""] * (len(headers) - 2))
+                continue
+            table.append([r["method"], _cell(r, "load_s", spec=".2f"), _cell(r, "peak_rss_load_bytes", C.MB, ".0f"),
+                          _cell(r, "peak_anon_load_bytes", C.MB, ".0f"), _cell(r, "footprint_bytes", C.MB, ".1f"),
+                          _cell(r, "storage_bytes", C.MB, ".1f"), _cell(r, "prefill_tps"),
+                          _cell(r, "decode_b1_tps", spec=".2f"), _cell(r, "decode_b8_tps", spec=".2f")])
+        out += [C.markdown_table(headers, table), ""]
+    if data["checks"]:
+        out.append("## Targets (issue 5), on these figures\n")
+        table = [[c["model"], c["target"], f"{c['value']:.2f}", f"{c['bound']:.2f}", "PASS" if c["pass"] else "FAIL"]
+                 for c in data["checks"]]
+        out += [C.markdown_table(["model", "target", "llmint8 t=6", "bound", "result"], table), ""]
+    if data.get("charts"):
+        out.append("Charts: " + ", ".join(f"`{p}`" for p in data["charts"]) + "\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        job = json.loads(Path(argv[1]).read_text())
+        C.write_json(Path(job["result_file"]), worker(job))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--models", default="smollm2,qwen,minilm",
+                        help="comma list of smollm2, qwen, minilm or NAME=FOLDER[:causal|encoder]")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma list of {', '.join(C.BASE_METHODS)}; KEY@fp32 picks a dtype (default: --dtype)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES),
+                        help="dtype the quantized methods load and compute in (default bf16, the usual deployment)")
+    parser.add_argument("--text", default=None, help="text file for the prompts (default: lee_background.cor)")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated")
+    parser.add_argument("--batches", default="1,8", help="decode batch sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="prefill and 1-token generate: median of N")
+    parser.add_argument("--decode-repeats", type=int, default=1, help="full generate: median of N")
+    parser.add_argument("--quick", action="store_true",
+                        help="128-token prompt, 16 new tokens, 1 repeat: a fast, noisier look")
+    parser.add_argument("--no-speed", action="store_true", help="loading and memory only")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
+    parser.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
+    parser.add_argument("--prefix", default="bench", help="output file names: PREFIX.json, PREFIX.md, PREFIX_*.png")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per (model, method) job")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every job in this process (smoke tests; no isolation, memory figures shared)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompt_tokens, args.new_tokens, args.repeats, args.decode_repeats = 128, 16, 1, 1
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if not batches or any(b < 1 or b > 8 for b in batches):
+        raise ValueError(f"--batches must list sizes between 1 and 8, got {args.batches!r}")
+    if args.new_tokens < 2 or args.prompt_tokens < 16:
+        raise ValueError(f"need --new-tokens >= 2 and --prompt-tokens >= 16, got {args.new_tokens}, "
+                         f"{args.prompt_tokens}")
+
+    models = C.parse_models(args.models)
+    methods = C.parse_methods(args.methods, args.dtype)
+    from eval_quality import read_text
+
+    text, text_name = read_text(args.text)
+    C.seed_everything()
+    settings = {"text_name": text_name, "text_sha256": C.sha256_text(text), "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens, "batches": batches, "repeats": args.repeats,
+                "decode_repeats": args.decode_repeats, "quick": args.quick, "dtype": args.dtype}
+    data: dict[str, Any] = {
+        "kind": "bench", "meta": C.run_metadata(["scripts/bench_e2e.py", *argv]), "settings": settings,
+        "model_labels": {m.name: m.label for m in models}, "fp16_checkpoint_bytes": {}, "results": [], "checks": [],
+        "charts": [],
+    }
+    for spec in models:
+        data["fp16_checkpoint_bytes"][spec.name] = 2 * C.checkpoint_param_count(spec.path())
+    from tqdm.auto import tqdm
+
+    bar = tqdm([(m, meth) for m in models for meth in methods], desc="bench jobs", unit="job")
+    for spec, method in bar:
+        bar.set_postfix_str(f"{spec.name} {method.key}")
+        model_arg = spec.name if spec.name in C.KNOWN_MODELS else f"{spec.name}={spec.path()}:{spec.kind}"
+        job = {"model_arg": model_arg, "method": method.key, "text": text, "prompt_tokens": args.prompt_tokens,
+               "new_tokens": args.new_tokens, "batches": batches if spec.kind == "causal" else [],
+               "repeats": args.repeats, "decode_repeats": args.decode_repeats, "no_speed": args.no_speed,
+               "threads": args.threads}
+        row = C.run_worker(SCRIPT, job, args.timeout, worker if args.in_process else None)
+        row.setdefault("model", spec.name)
+        row.setdefault("method", method.key)
+        row.setdefault("dtype", method.dtype)
+        data["results"].append(row)
+        shown = {k: round(row[k], 2) for k in ("load_s", "prefill_tps", "decode_b1_tps", "decode_b8_tps") if k in row}
+        tqdm.write(f"[bench_e2e] {spec.name} {method.key}: {shown or row.get('error')}")
+        _write_outputs(data, args, final=False)
+    _write_outputs(data, args, final=True)
+    print(render_markdown(data))
+    return 0
+
+
+def _write_outputs(data: dict[str, Any], args, final: bool) -> None:
+    add_ratios(data["results"])
+    data["checks"] = targets(data["results"], data["fp16_checkpoint_bytes"])
+    if final and not args.no_plots:
+        import plots
+
+        data["charts"] = [str(p.relative_to(C.REPO) if p.is_relative_to(C.REPO) else p)
+                          for p in plots.plot_bench(data, args.out_dir, args.prefix)]
+    C.write_json(args.out_dir / f"{args.prefix}.json", data)
+    (args.out_dir / f"{args.prefix}.md").write_text(render_markdown(data) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Smoke tests of the evaluation scripts (scripts/eval_quality.py, bench_e2e.py, plots.py) on tiny random models.
+
+The real runs take minutes to hours (``make eval`` / ``make bench``); these check, in seconds, that each script runs
+end to end and writes its JSON, markdown and PNG charts with the expected fields and columns, that a method that
+cannot load is reported as an error row instead of stopping the run, and that the naive int8 baseline computes what
+it claims. Jobs run in-process (``--in-process``) except one, which goes through the real worker subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import _common as C  # noqa: E402
+import bench_e2e  # noqa: E402
+import eval_quality  # noqa: E402
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+NEEDS_MATPLOTLIB = "matplotlib is not installed (make eval / make bench install it); charts not checked"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WORDS = "the cat sat on a mat while dogs ran far away from home . it was late and cold ! who knew ?".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random llama (causal) and bert (encoder) sharing a character-level tokenizer, and a small text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = ["[PAD]", "[UNK]", " "] + [chr(c) for c in range(33, 127)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        eos_token="[PAD]")
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False))
+    with torch.no_grad():  # one large input feature, so the outlier path and its statistics get exercised
+        llama.model.layers[0].input_layernorm.weight[5] = 40.0
+    llama.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    bert = AutoModel.from_config(BertConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=96,
+                                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512))
+    bert.save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(40)]
+    (root / "text.txt").write_text("\n".join(lines), encoding="utf-8")
+    (root / "empty_model").mkdir()
+    return {"llama": root / "llama", "bert": root / "bert", "text": root / "text.txt", "broken": root / "empty_model"}
+
+
+def _check_pngs(paths: list[str], names: list[str]) -> None:
+    assert sorted(Path(p).name for p in paths) == sorted(names)
+    for p in paths:
+        data = Path(p).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, p
+
+
+def _table_header(markdown: str, first_column: str) -> list[str]:
+    for line in markdown.splitlines():
+        if line.startswith(f"| {first_column} |"):
+            return [cell.strip() for cell in line.strip("|").split("|")]
+    raise AssertionError(f"no table starting with {first_column!r} in:\n{markdown}")
+
+
+def test_eval_quality_writes_json_markdown_and_charts(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = ["--models", f"tl={tiny['llama']},tb={tiny['bert']}:encoder,broken={tiny['broken']}",
+            "--methods", "fp32,bf16,llmint8-t6,llmint8-t0,naive-int8", "--text", str(tiny["text"]),
+            "--max-tokens", "300", "--window", "100", "--sentences", "6", "--out-dir", str(out), "--in-process"]
+    if not HAS_MATPLOTLIB:
+        argv.append("--no-plots")
+    assert eval_quality.main(argv) == 0
+    data = json.loads((out / "quality.json").read_text())
+    assert data["meta"]["kernels"]["implementations"]["int8_linear[cpu]"]
+    assert data["settings"]["max_tokens"] == {"tl": 300, "tb": 300, "broken": 300}
+    rows = {(r["model"], r["method"]): r for r in data["results"]}
+    assert len(rows) == 15
+
+    fp32 = rows[("tl", "fp32")]
+    assert fp32["status"] == "ok" and fp32["num_tokens"] == 300 and fp32["num_windows"] == 3
+    assert fp32["ppl_delta_pct"] == 0.0 and fp32["storage_vs_fp32"] == 1.0
+    for method in ("bf16", "llmint8-t6@fp32", "llmint8-t0@fp32", "naive-int8@fp32"):
+        row = rows[("tl", method)]
+        assert row["status"] == "ok", row
+        assert row["perplexity"] > 1 and row["storage_bytes"] < fp32["storage_bytes"]
+        assert row["ppl_delta_pct"] == pytest.approx(100 * (row["perplexity"] / fp32["perplexity"] - 1))
+    outliers = rows[("tl", "llmint8-t6@fp32")]["outliers"]
+    assert outliers["int8_layers"] == 14 and outliers["layers_with_outliers"] >= 1  # the planted feature
+    assert 0 < outliers["value_fraction"] < 1 and len(outliers["per_layer"]) == 14
+    assert "outliers" not in rows[("tl", "llmint8-t0@fp32")]  # no outlier path at threshold 0
+
+    for method in ("bf16", "llmint8-t6@fp32", "naive-int8@fp32"):
+        row = rows[("tb", method)]
+        assert row["status"] == "ok" and row["num_sentences"] == 6 and 0.9 < row["mean_cosine"] <= 1.0 + 1e-9
+        assert row["min_cosine"] <= row["mean_cosine"]
+    assert rows[("tb", "fp32")]["mean_cosine"] == pytest.approx(1.0)
+    assert all("embeddings" not in r for r in data["results"])  # kept out of the committed JSON
+
+    broken = rows[("broken", "llmint8-t6@fp32")]
+    assert broken["status"] == "error" and broken["error"]  # reported, not fatal
+
+    markdown = (out / "quality.md").read_text()
+    assert markdown.strip() in capsys.readouterr().out  # the table is also printed
+    assert _table_header(markdown, "method")[:4] == ["method", "dtype", "perplexity", "vs fp32"]
+    assert "| method | dtype | mean cosine | min cosine |" in markdown
+    assert "error: " in markdown and "(trimmed with --max-tokens: 300" in markdown
+    assert "| tl | llmint8-t6@fp32 | 14 |" in markdown
+    assert "hf_int8 CPU kernels:" in markdown
+    if HAS_MATPLOTLIB:
+        _check_pngs(data["charts"], ["quality_vs_memory.png", "quality_outliers.png"])
+
+
+def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
+    out = tmp_path / "b"
+    argv = ["--models", f"tl={tiny['llama']},tb={tiny['bert']}:encoder", "--methods", "fp32,bf16,llmint8-t6",
+            "--text", str(tiny["text"]), "--prompt-tokens", "64", "--new-tokens", "4", "--repeats", "1",
+            "--out-dir", str(out), "--in-process"]
+    if not HAS_MATPLOTLIB:
+        argv.append("--no-plots")
+    assert bench_e2e.main(argv) == 0
+    data = json.loads((out / "bench.json").read_text())
+    rows = {(r["model"], r["method"]): r for r in data["results"]}
+    assert set(rows) == {(m, k) for m in ("tl", "tb") for k in ("fp32", "bf16", "llmint8-t6@bf16")}
+    for (model, method), row in rows.items():
+        assert row["status"] == "ok", row
+        for key in ("load_s", "peak_rss_load_bytes", "peak_anon_load_bytes", "footprint_bytes", "storage_bytes",
+                    "prefill_tps"):
+            assert row[key] > 0, (model, method, key)
+        if model == "tl":
+            assert row["decode_b1_tps"] > 0 and row["decode_b8_tps"] > 0
+            assert row["ratio_bf16"]["decode_b8_tps"] == pytest.approx(
+                row["decode_b8_tps"] / rows[("tl", "bf16")]["decode_b8_tps"])
+        else:
+            assert "decode_b1_tps" not in row  # an encoder does not decode
+        assert row["ratio_fp32"]["footprint_bytes"] == pytest.approx(
+            row["footprint_bytes"] / rows[(model, "fp32")]["footprint_bytes"])
+    assert rows[("tl", "fp32")]["ratio_fp32"]["prefill_tps"] == 1.0
+    assert rows[("tl", "llmint8-t6@bf16")]["footprint_bytes"] < rows[("tl", "bf16")]["footprint_bytes"]
+    assert data["fp16_checkpoint_bytes"]["tl"] == 2 * sum(p.numel() for p in _load_params(tiny["llama"]))
+    targets = {c["target"] for c in data["checks"] if c["model"] == "tl"}
+    assert {"decode b1 >= 2x bf16 (ratio)", "prefill >= 1.5x bf16 (ratio)",
+            "peak RSS while loading < fp16 checkpoint (MB)"} <= targets
+
+    markdown = (out / "bench.md").read_text()
+    assert _table_header(markdown, "method") == ["method", "load s", "peak RSS load MB", "peak anon load MB",
+                                                 "footprint MB", "storage MB", "prefill tok/s", "decode b1 tok/s",
+                                                 "decode b8 tok/s"]
+    assert "## Targets (issue 5)" in markdown and "in-process run" in markdown
+    if HAS_MATPLOTLIB:
+        _check_pngs(data["charts"], ["bench_speed.png", "bench_memory.png"])
+        import plots
+
+        assert plots.main([str(out / "bench.json")]) == 0  # the charts redraw from the saved JSON
+
+
+def _load_params(folder: Path) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return list(load_file(str(folder / "model.safetensors")).values())
+
+
+def test_worker_subprocess_round_trip(tiny):
+    """One job through the real path: a fresh interpreter, a job file in, a result file out."""
+    job = {"model_arg": f"tl={tiny['llama']}:causal", "method": "llmint8-t6@fp32", "text": str(tiny["text"]),
+           "max_tokens": 64, "window": 32, "sentences": 2, "no_outlier_stats": True}
+    row = C.run_worker(SCRIPTS / "eval_quality.py", job, timeout=300)
+    assert row["status"] == "ok", row
+    assert row["num_tokens"] == 64 and row["perplexity"] > 1 and "in_process" not in row
+    assert row["kernels"]["implementations"]["int8_linear[cpu]"]
+
+
+def test_naive_int8_is_per_tensor_and_hurt_by_one_outlier():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    naive = C.NaiveInt8Linear(linear)
+    assert naive.weight.dtype == torch.int8 and naive.weight_scale.shape == ()
+    assert naive.weight.abs().max() == C.INT8_MAX
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ref = linear(x)
+        assert (naive(x) - ref).abs().max() < 0.05 * ref.abs().max()
+        x_out = x.clone()
+        x_out[0, 3] = 300.0  # one outlier sets the activation scale of every token
+        err_clean_rows = (naive(x_out)[1:] - linear(x_out)[1:]).abs().max()
+    assert err_clean_rows > 5 * (naive(x)[1:] - ref[1:]).abs().max()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    assert C.swap_naive_int8(model) == 2 and isinstance(model[2], C.NaiveInt8Linear)
+
+
+def test_method_and_model_parsing_reject_bad_values(tmp_path):
+    specs = C.parse_methods("fp32,llmint8-t6@bf16,bnb-t0", "fp32")
+    assert [(s.key, s.dtype, s.threshold) for s in specs] == [("fp32", "fp32", None), ("llmint8-t6@bf16", "bf16", 6.0),
+                                                              ("bnb-t0@fp32", "fp32", 0.0)]
+    with pytest.raises(ValueError, match="'int4'"):
+        C.parse_methods("int4", "fp32")
+    with pytest.raises(ValueError, match="'fp8'"):
+        C.parse_methods("llmint8-t6@fp8", "fp32")
+    with pytest.raises(ValueError, match="'nope'"):
+        C.parse_models("nope")
+    with pytest.raises(ValueError, match="missing"):
+        C.parse_models(f"x={tmp_path / 'missing'}")
