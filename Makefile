@@ -69,6 +69,22 @@ $(STAMPS)/bench-deps: $(STAMPS)/deps
 bench-gpu: setup $(STAMPS)/bench-deps
 	$(PY) scripts/bench_linear.py --device cuda
 
+# Evidence (issue 5): real models vs fp32/bf16/naive int8/bitsandbytes/torchao; JSON + markdown + PNG in
+# docs/results. Long (Qwen2.5-1.5B is prepared, ~9 GB peak once). EVAL_ARGS / BENCH_ARGS pass options through.
+EVAL_ARGS ?=
+BENCH_ARGS ?=
+$(STAMPS)/eval-deps: $(STAMPS)/deps
+	$(PIP) install -q "bitsandbytes==0.50.2" "torchao==0.18.0" matplotlib
+	@touch $@
+
+eval: setup $(STAMPS)/eval-deps
+	$(PY) -m hf_int8.assets prepare --qwen
+	$(PY) scripts/eval_quality.py $(EVAL_ARGS)
+
+bench: setup $(STAMPS)/eval-deps
+	$(PY) -m hf_int8.assets prepare --qwen
+	$(PY) scripts/bench_e2e.py $(BENCH_ARGS)
+
 lint: $(STAMPS)/deps
 	$(PY) -m ruff check hf_int8 tests scripts
 
