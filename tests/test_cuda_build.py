@@ -78,7 +78,8 @@ def test_compiled_architectures_follow_torch_cuda_arch_list():
     assert built and min(built) >= 750, f"kernels need sm_75+, built for {built}"
     wanted = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if wanted:  # make test exports the CI list (8.0;9.0): the build must have used it
-        expected = sorted(int(float(a.split("+")[0]) * 10) * 10 for a in re.split(r"[;\s,]+", wanted.strip()) if a)
+        entries = re.findall(r"(\d+)\.(\d+)", wanted)
+        expected = sorted({int(major) * 100 + int(minor) * 10 for major, minor in entries})
         assert built == expected, f"built for {built}, TORCH_CUDA_ARCH_LIST={wanted!r}"
 
 
