@@ -280,7 +280,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                 if r.get("status") != "ok":
                     table.append([r["method"], r.get("dtype", ""), f"error: {r.get('error')}", "", "", "", "", ""])
                     continue
-                table.append([r["method"], r["dtype"], C.fmt(r.get("perplexity"), ".3f"),
+                table.append([r["method"] + ("*" if r.get("measured_in") else ""), r["dtype"],
+                              C.fmt(r.get("perplexity"), ".3f"),
                               C.fmt(r.get("ppl_delta_pct"), "+.2f") + ("%" if "ppl_delta_pct" in r else ""),
                               C.fmt(r["footprint_bytes"] / C.MB, ".1f"), C.fmt(r["storage_bytes"] / C.MB, ".1f"),
                               C.fmt(r.get("storage_vs_fp32"), ".3f"), C.fmt(r.get("eval_s"), ".1f")])
@@ -299,6 +300,13 @@ def render_markdown(data: dict[str, Any]) -> str:
                               C.fmt(r["storage_bytes"] / C.MB, ".1f"), C.fmt(r.get("storage_vs_fp32"), ".3f"),
                               C.fmt(r.get("eval_s"), ".1f")])
         out += [C.markdown_table(headers, table), ""]
+    sources = []
+    for r in rows:
+        if r.get("measured_in") and r["measured_in"] not in sources:
+            sources.append(r["measured_in"])
+    for source in sources:
+        out.append(f"\\* measured in an earlier run on the same text slice: `{source['command']}` "
+                   f"({source['date_utc']} UTC)\n")
     out.append("footprint = `model.get_memory_footprint()` (counts torchao's tensor subclasses at their outer dtype); "
                "storage = bytes actually held by parameters and buffers (inner tensors of subclasses, bitsandbytes' "
                "SCB included).\n")
@@ -328,6 +336,28 @@ def render_markdown(data: dict[str, Any]) -> str:
     if data.get("charts"):
         out.append("Charts: " + ", ".join(f"`{p}`" for p in data["charts"]) + "\n")
     return "\n".join(out)
+
+
+def load_previous(files: list[Path], settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Successful perplexity rows of earlier runs measured on the same text slice, to reuse instead of re-running.
+
+    Encoder rows are never reused (their cosines need this run's fp32 embeddings, and they take seconds).
+    """
+    previous: dict[tuple[str, str], dict[str, Any]] = {}
+    for file in files:
+        if not Path(file).is_file():
+            raise ValueError(f"--resume-from must name an existing results JSON, got {str(file)!r}")
+        old = json.loads(Path(file).read_text())
+        same_text = (old["settings"]["text_sha256"] == settings["text_sha256"]
+                     and old["settings"]["window"] == settings["window"])
+        for row in old.get("results", []):
+            same = same_text and old["settings"]["max_tokens"].get(row["model"]) == settings["max_tokens"].get(
+                row["model"])
+            if same and row.get("status") == "ok" and "perplexity" in row:
+                source = row.get("measured_in") or {"command": old["meta"]["command"],
+                                                    "date_utc": old["meta"]["date_utc"]}
+                previous[(row["model"], row["method"])] = {**row, "measured_in": source}
+    return previous
 
 
 def parse_max_tokens(default: int, overrides: list[str]) -> dict[str, int]:
@@ -364,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
     parser.add_argument("--prefix", default="quality", help="output file names: PREFIX.json, PREFIX.md, PREFIX_*.png")
     parser.add_argument("--resume", action="store_true",
-                        help="keep successful rows of an existing PREFIX.json measured with the same settings")
+                        help="keep successful perplexity rows of an existing PREFIX.json (same text slice)")
+    parser.add_argument("--resume-from", action="append", default=[], type=Path, metavar="JSON",
+                        help="also keep successful perplexity rows of this earlier results file (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per (model, method) job")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--in-process", action="store_true",
@@ -383,17 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         "sentences": args.sentences, "max_tokens": {m.name: max_tokens.get(m.name, max_tokens["*"]) for m in models},
         "dtype": args.dtype,
     }
-    json_path = args.out_dir / f"{args.prefix}.json"
-    previous: dict[tuple[str, str], dict[str, Any]] = {}
-    if args.resume and json_path.is_file():
-        old = json.loads(json_path.read_text())
-        for row in old.get("results", []):
-            same = (old["settings"]["text_sha256"] == settings["text_sha256"]
-                    and old["settings"]["window"] == settings["window"]
-                    and old["settings"]["sentences"] == settings["sentences"]
-                    and old["settings"]["max_tokens"].get(row["model"]) == settings["max_tokens"].get(row["model"]))
-            if same and row.get("status") == "ok":
-                previous[(row["model"], row["method"])] = row
+    resume_files = list(args.resume_from)
+    if args.resume and (args.out_dir / f"{args.prefix}.json").is_file():
+        resume_files.append(args.out_dir / f"{args.prefix}.json")
+    previous = load_previous(resume_files, settings)
 
     data: dict[str, Any] = {
         "meta": C.run_metadata(["scripts/eval_quality.py", *argv]), "settings": settings,
@@ -403,16 +428,11 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = [(m, meth) for m in models for meth in methods]
     bar = tqdm(jobs, desc="quality jobs", unit="job")
-    embeddings_store = C.work_file(args.out_dir, f"{args.prefix}_embeddings.json")
-    stored_embeddings = json.loads(embeddings_store.read_text()) if args.resume and embeddings_store.is_file() else {}
     for spec, method in bar:
         bar.set_postfix_str(f"{spec.name} {method.key}")
         key = (spec.name, method.key)
-        if key in previous and (spec.kind == "causal" or f"{spec.name}|{method.key}" in stored_embeddings):
+        if key in previous and spec.kind == "causal":
             row = dict(previous[key])
-            if spec.kind != "causal":
-                row["embeddings"] = stored_embeddings[f"{spec.name}|{method.key}"]
-            row["resumed"] = True
         else:
             model_arg = spec.name if spec.name in C.KNOWN_MODELS else f"{spec.name}={spec.path()}:{spec.kind}"
             job = {"model_arg": model_arg, "method": method.key, "text": args.text,
@@ -426,20 +446,19 @@ def main(argv: list[str] | None = None) -> int:
         data["results"].append(row)
         summary = row.get("perplexity", row.get("error", "embeddings" if "embeddings" in row else "?"))
         tqdm.write(f"[eval_quality] {spec.name} {method.key}: {summary}")
-        _write_outputs(data, args, embeddings_store, final=False)
-    _write_outputs(data, args, embeddings_store, final=True)
+        _write_outputs(data, args, final=False)
+    _write_outputs(data, args, final=True)
     print(render_markdown(data))
     return 0
 
 
-def _write_outputs(data: dict[str, Any], args, embeddings_store: Path, final: bool) -> None:
-    """Write JSON (embeddings kept aside, not in the committed JSON) and markdown; charts at the end."""
+def _write_outputs(data: dict[str, Any], args, final: bool) -> None:
+    """Write JSON (without the raw embeddings) and markdown; charts at the end."""
     rows = data["results"]
     for row in rows:
         row.pop("ppl_delta_pct", None)
     finalize(rows)
     data["checks"] = fidelity_checks(rows)
-    embeddings = {f"{r['model']}|{r['method']}": r["embeddings"] for r in rows if "embeddings" in r}
     if final and not args.no_plots:
         import plots
 
@@ -447,8 +466,6 @@ def _write_outputs(data: dict[str, Any], args, embeddings_store: Path, final: bo
                           for p in plots.plot_quality(data, args.out_dir, args.prefix)]
     public = {**data, "results": [{k: v for k, v in r.items() if k != "embeddings"} for r in rows]}
     C.write_json(args.out_dir / f"{args.prefix}.json", public)
-    if embeddings:
-        C.write_json(embeddings_store, embeddings)
     (args.out_dir / f"{args.prefix}.md").write_text(render_markdown(public) + "\n")
 
 

@@ -213,3 +213,22 @@ def test_method_and_model_parsing_reject_bad_values(tmp_path):
         C.parse_models("nope")
     with pytest.raises(ValueError, match="missing"):
         C.parse_models(f"x={tmp_path / 'missing'}")
+
+
+def test_eval_quality_resume_reuses_rows_of_the_same_text_slice(tiny, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--models", f"tl={tiny['llama']}", "--methods", "fp32,naive-int8", "--text", str(tiny["text"]),
+              "--window", "50", "--in-process", "--no-plots", "--no-outlier-stats"]
+    assert eval_quality.main([*common, "--max-tokens", "100", "--out-dir", str(first)]) == 0
+    before = {r["method"]: r for r in json.loads((first / "quality.json").read_text())["results"]}
+    assert eval_quality.main([*common, "--max-tokens", "100", "--out-dir", str(second),
+                              "--resume-from", str(first / "quality.json")]) == 0
+    after = {r["method"]: r for r in json.loads((second / "quality.json").read_text())["results"]}
+    assert after["naive-int8@fp32"]["perplexity"] == before["naive-int8@fp32"]["perplexity"]
+    assert after["naive-int8@fp32"]["measured_in"]["command"].startswith("python scripts/eval_quality.py")
+    assert "\\* measured in an earlier run" in (second / "quality.md").read_text()
+    # another text slice is measured again, not reused
+    assert eval_quality.main([*common, "--max-tokens", "60", "--out-dir", str(second),
+                              "--resume-from", str(first / "quality.json")]) == 0
+    again = json.loads((second / "quality.json").read_text())["results"]
+    assert all("measured_in" not in r and r["num_tokens"] == 60 for r in again)
