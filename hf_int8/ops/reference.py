@@ -96,6 +96,10 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    if k == 1:
+        # torch._int_mm on CPU misreads b.t() when K == 1 (a [1, N] view with strides (1, 1)) and returns
+        # uninitialised memory; with one column the product is an outer product anyway.
+        return a.int() * b.int().t()
     if a.device.type == "cpu":
         return torch._int_mm(a.contiguous(), b.t())
     if a.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:
