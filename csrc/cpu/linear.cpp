@@ -50,8 +50,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  const at::Tensor x2d = x.contiguous().view({-1, K});
-  const int64_t M = x2d.size(0);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  const at::Tensor x2d = x.contiguous().view({M, K});
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out.view(out_shape);
 

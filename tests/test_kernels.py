@@ -1,0 +1,418 @@
+"""Native kernels against the pure-PyTorch reference (the oracle), on CPU and, where a GPU exists, on CUDA.
+
+Every comparison runs on each CPU instruction-set path this machine can take (HF_INT8_CPU_ISA caps the choice at
+run time: ``amx``, ``avx512-vnni``, ``avx2``, ``none``), so the fallbacks are tested here too, not only the path the
+machine picks; on CUDA it runs whatever the CUDA extension registered. The oracle always runs on the CPU, from
+:mod:`hf_int8.ops.reference` directly.
+
+What must hold (README, "Native CPU kernels"):
+* int8 codes, row scales, outlier masks and int32 accumulators: identical to the reference;
+* dequantized outputs: ``|native - reference| <= (eps_out + 1e-6) * magnitude`` elementwise, where ``eps_out`` is one
+  rounding step of the output dtype (2^-7 bf16, 2^-10 fp16, 0 fp32) and ``magnitude`` is the sum of the absolute
+  values of the terms (``|acc * scale| + |x_outlier| @ |w_outlier|.T + |bias|``), computed in fp64. The only
+  freedom is the summation order of the fp32 outlier product and where the final rounding lands; on CPU the
+  result is in fact bit-identical whenever no column is an outlier (checked too).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import hf_int8
+from hf_int8 import ops
+from hf_int8._extension import cpu_module
+from hf_int8.ops import reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ISA_ENV = "HF_INT8_CPU_ISA"
+CPU_ISAS = ["amx", "avx512-vnni", "avx2", "none"]
+NO_CUDA = "no CUDA device present (torch.cuda.is_available() is False)"
+
+# (tokens, in_features K, out_features N): feature sizes that are not multiples of 16 or 64, plus one K long enough
+# for several full 64-byte steps and a tail. 4096 tokens stay cheap with small K and N.
+SHAPES = [(1, 200, 75), (1, 1000, 130), (7, 200, 75), (7, 1000, 130), (83, 200, 75), (83, 1000, 130), (4096, 72, 40)]
+# K multiple of 16: the CUDA kernels' 16-byte vector paths (decode with K split over warps, M = 8 decode, 128x128
+# tensor-core tiles with partial edge tiles); the shapes above take their byte-wise paths.
+SHAPES += [(1, 4096, 75), (8, 512, 130), (130, 1024, 136)]
+SHAPE_IDS = [f"M{m}-K{k}-N{n}" for m, k, n in SHAPES]
+
+
+def _native_key(device: str) -> str:
+    return "CPU" if device == "cpu" else "CUDA"
+
+
+def _has_native(device: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("hf_int8::int8_linear", _native_key(device))
+
+
+@contextmanager
+def _isa(value: str | None):
+    """Caps the CPU kernels' ISA for the duration (the C++ side reads the variable on every call)."""
+    old = os.environ.get(ISA_ENV)
+    if value is None:
+        os.environ.pop(ISA_ENV, None)
+    else:
+        os.environ[ISA_ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ISA_ENV, None)
+        else:
+            os.environ[ISA_ENV] = old
+
+
+CUDA_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
+
+
+@pytest.fixture(
+    params=[pytest.param(("cpu", isa), id=f"cpu-{isa}") for isa in CPU_ISAS]
+    + [pytest.param(("cuda", None), id="cuda", marks=CUDA_MARKS)]
+)
+def target(request):
+    """(device, isa): skips when the native kernels are not built, or this CPU cannot run the requested ISA."""
+    device, isa = request.param
+    if not _has_native(device):
+        pytest.skip(f"no native {device} kernels registered (extension not built): {hf_int8.extension_status()}")
+    if device == "cpu":
+        with _isa(isa):
+            got = cpu_module().cpu_isa()
+            if got != isa:
+                pytest.skip(f"this CPU cannot run the {isa} kernels (best available: {got})")
+            yield device, isa
+    else:
+        yield device, isa
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
+def device(request):
+    """Device for the checks that do not depend on the CPU ISA (opcheck)."""
+    if not _has_native(request.param):
+        reason = f"no native {request.param} kernels registered (extension not built): {hf_int8.extension_status()}"
+        pytest.skip(reason)
+    return request.param
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _int8(shape, seed: int) -> torch.Tensor:
+    return torch.randint(-128, 128, shape, generator=_gen(seed), dtype=torch.int8)
+
+
+def _activations(m: int, k: int, dtype: torch.dtype, case: str, seed: int = 0) -> torch.Tensor:
+    """x [m, k]: values below 6 in magnitude, row 5 all zeros (when m > 5), and for ``outliers`` three columns
+    scaled by 20 (so some of their values cross the threshold and some stay below it)."""
+    x = torch.randn(m, k, generator=_gen(seed)).clamp_(-5.5, 5.5)
+    if m > 5:
+        x[5] = 0.0
+    if case != "none":
+        cols = torch.randperm(k, generator=_gen(seed + 1))[:3]
+        x[:, cols] *= 20.0
+    return x.to(dtype)
+
+
+def _weight(n: int, k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, generator=_gen(seed)) * 0.05
+    w[n // 2] = 0.0  # a zero weight row
+    return ref.quantize_weight(w)
+
+
+def _eps_out(dtype: torch.dtype) -> float:
+    return {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+
+
+def _assert_within_tolerance(
+    got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype, what: str = ""
+):
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape, what
+    assert torch.equal(got.isnan(), want.isnan()), f"NaN positions differ ({what})"
+    finite = ~want.isnan()
+    diff = (got.double() - want.double()).abs()[finite]
+    bound = ((_eps_out(dtype) + 1e-6) * magnitude.double())[finite] + torch.finfo(dtype).smallest_normal
+    excess = diff - bound
+    assert (excess <= 0).all(), (
+        f"{what}: {int((excess > 0).sum())} of {diff.numel()} elements outside the tolerance; worst diff "
+        f"{float(diff.max()):.3g} (bound there {float(bound[excess.argmax()]):.3g})"
+    )
+
+
+def _linear_magnitude(x2d, weight, scale, bias, threshold) -> torch.Tensor:
+    """fp64 sum of the absolute values of the terms each output adds up (the tolerance scale)."""
+    codes, row_scale, mask = ref.quantize_activation(x2d, threshold)
+    acc = ref.int8_matmul(codes, weight).double()
+    mag = acc.abs() * (row_scale.double().unsqueeze(1) * scale.double().unsqueeze(0))
+    if mask.any():
+        cols = mask.nonzero().squeeze(1)
+        w_o = ref.dequantize_weight(weight.index_select(1, cols), scale).double()
+        mag = mag + x2d.index_select(1, cols).double().abs() @ w_o.abs().t()
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    return mag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact parts: int32 accumulators, codes, scales, masks.
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "m,k,n", SHAPES + [(9, 200, 75), (16, 64, 33)], ids=SHAPE_IDS + ["M9-K200-N75", "M16-K64-N33"]
+)
+def test_int8_matmul_exact(target, m, k, n):
+    device, _ = target
+    a, b = _int8((m, k), 0), _int8((n, k), 1)
+    a[0, :] = -128  # extremes, -128 included: the u8-shift and s16 tricks must stay exact
+    b[0, :] = -128
+    b[1, :] = 127
+    got = torch.ops.hf_int8.int8_matmul(a.to(device), b.to(device))
+    assert got.dtype == torch.int32 and got.device.type == device
+    assert torch.equal(got.cpu(), ref.int8_matmul(a, b))
+
+
+CASES = [("outliers", 6.0), ("none", 6.0), ("outliers", 0.0)]
+CASE_IDS = ["outliers-t6", "no-outliers-t6", "t0"]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=SHAPE_IDS)
+def test_quantize_activation_exact(target, m, k, n):
+    device, _ = target
+    for dtype in DTYPES:
+        for case, threshold in CASES:
+            what = f"{dtype}, {case}, threshold {threshold}"
+            x = _activations(m, k, dtype, case)
+            codes, row_scale, mask = ops.quantize_activation(x.to(device), threshold)
+            want_codes, want_scale, want_mask = ref.quantize_activation(x, threshold)
+            assert bool(want_mask.any()) == (case == "outliers" and threshold > 0), what  # the case is what it says
+            assert torch.equal(codes.cpu(), want_codes), what
+            assert torch.equal(row_scale.cpu(), want_scale), what
+            assert torch.equal(mask.cpu(), want_mask), what
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (75, 200), (130, 1000), (33, 4096)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_weight_exact(target, shape, dtype):
+    device, _ = target
+    w = (torch.randn(shape, generator=_gen(3)) * torch.logspace(-3, 2, shape[0]).unsqueeze(1)).to(dtype)
+    w[shape[0] // 2] = 0.0
+    codes, scale = ops.quantize_weight(w.to(device))
+    want_codes, want_scale = ref.quantize_weight(w)
+    assert torch.equal(codes.cpu(), want_codes)
+    assert torch.equal(scale.cpu(), want_scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dequantized outputs.
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=SHAPE_IDS)
+def test_int8_scaled_matmul(target, m, k, n):
+    device, _ = target
+    a, b = _int8((m, k), 4), _int8((n, k), 5)
+    row_scale = torch.rand(m, generator=_gen(6)) * 0.05
+    col_scale = torch.rand(n, generator=_gen(7)) * 0.01
+    acc = ref.int8_matmul(a, b).double().abs() * (row_scale.double()[:, None] * col_scale.double()[None, :])
+    for out_dtype in DTYPES:
+        for bias in (torch.randn(n, generator=_gen(8)), None):
+            got = ops.int8_scaled_matmul(
+                a.to(device), b.to(device), row_scale.to(device), col_scale.to(device),
+                None if bias is None else bias.to(device), out_dtype,
+            ).cpu()
+            want = ref.int8_scaled_matmul(a, b, row_scale, col_scale, bias, out_dtype)
+            mag = acc if bias is None else acc + bias.double().abs()
+            _assert_within_tolerance(got, want, mag, out_dtype, f"{out_dtype}, bias {bias is not None}")
+            if device == "cpu":
+                assert torch.equal(got, want), f"CPU computes the reference's fp32 operations ({out_dtype})"
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("case,threshold", CASES, ids=CASE_IDS)
+def test_int8_linear(target, m, k, n, case, threshold):
+    device, _ = target
+    weight, scale = _weight(n, k)
+    for dtype in DTYPES:
+        what = f"{dtype}, {case}, threshold {threshold}"
+        x = _activations(m, k, dtype, case, seed=m)
+        bias = torch.randn(n, generator=_gen(9)).to(dtype)
+        got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), bias.to(device), threshold).cpu()
+        want = ref.int8_linear(x, weight, scale, bias, threshold)
+        _assert_within_tolerance(got, want, _linear_magnitude(x, weight, scale, bias, threshold), dtype, what)
+        if device == "cpu" and not (case == "outliers" and threshold > 0):
+            assert torch.equal(got, want), f"without outlier columns CPU is bit-identical to the reference ({what})"
+        if m > 5:  # a zero input row gives exactly the bias (after the cast)
+            assert torch.equal(got[5], bias), what
+
+
+def test_int8_linear_leading_dims_and_no_bias(target):
+    device, _ = target
+    weight, scale = _weight(45, 100)
+    for dtype in DTYPES:
+        x = _activations(2 * 3 * 7, 100, dtype, "outliers").reshape(2, 3, 7, 100)
+        got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), None, 6.0).cpu()
+        want = ref.int8_linear(x, weight, scale, None, 6.0)
+        assert got.shape == (2, 3, 7, 45)
+        mag = _linear_magnitude(x.reshape(-1, 100), weight, scale, None, 6.0).reshape(2, 3, 7, 45)
+        _assert_within_tolerance(got, want, mag, dtype, str(dtype))
+
+
+def test_non_finite_inputs_match_reference(target):
+    device, _ = target
+    x = _activations(9, 70, torch.float32, "none")
+    x[1, 3] = float("nan")  # NaN in an inlier column: that row's scale is NaN, its codes 0
+    x[2, 4] = float("inf")  # inf makes column 4 an outlier column
+    weight, scale = _weight(20, 70)
+    for threshold in (6.0, 0.0):
+        codes, row_scale, mask = ops.quantize_activation(x.to(device), threshold)
+        want = ref.quantize_activation(x, threshold)
+        assert torch.equal(codes.cpu(), want[0]) and torch.equal(mask.cpu(), want[2])
+        torch.testing.assert_close(row_scale.cpu(), want[1], rtol=0, atol=0, equal_nan=True)
+        got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), None, threshold).cpu()
+        torch.testing.assert_close(got, ref.int8_linear(x, weight, scale, None, threshold), equal_nan=True)
+
+
+def test_zero_tokens_and_empty_dims(target):
+    device, _ = target
+    weight, scale = _weight(30, 50)
+    for dtype in DTYPES:
+        for shape in [(0, 50), (2, 0, 50)]:
+            x = torch.zeros(shape, dtype=dtype, device=device)
+            out = ops.int8_linear(x, weight.to(device), scale.to(device), None, 6.0)
+            assert out.shape == (*shape[:-1], 30) and out.dtype == dtype and out.device.type == device
+    codes, row_scale, mask = torch.ops.hf_int8.quantize_activation(torch.zeros(0, 50, device=device), 6.0)
+    assert codes.shape == (0, 50) and row_scale.shape == (0,) and mask.shape == (50,) and not mask.cpu().any()
+    a, b = torch.zeros(0, 50, dtype=torch.int8, device=device), weight.to(device)
+    assert torch.ops.hf_int8.int8_matmul(a, b).shape == (0, 30)
+    # K == 0: every accumulator is zero, the output is the bias.
+    x = torch.zeros(4, 0, device=device)
+    w0, s0 = torch.zeros(3, 0, dtype=torch.int8, device=device), torch.ones(3, device=device)
+    bias = torch.tensor([1.0, 2.0, 3.0], device=device)
+    out = torch.ops.hf_int8.int8_linear(x, w0, s0, bias, 6.0).cpu()
+    assert torch.equal(out, bias.cpu().expand(4, 3))
+    assert torch.equal(torch.ops.hf_int8.int8_matmul(w0, w0).cpu(), torch.zeros(3, 3, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library.opcheck: schema, fake tensors, autograd registration, AOT dispatch, on the native kernels.
+# ---------------------------------------------------------------------------------------------------------------
+def _opcheck_samples(device: str):
+    weight, scale = _weight(33, 70)
+    weight, scale = weight.to(device), scale.to(device)
+    x = _activations(9, 70, torch.float32, "outliers").to(device)
+    a = _int8((9, 70), 2).to(device)
+    return {
+        "quantize_weight": [(torch.randn(33, 70, device=device).to(torch.bfloat16),)],
+        "quantize_activation": [(x, 6.0), (x.half(), 0.0)],
+        "int8_matmul": [(a, weight)],
+        "int8_scaled_matmul": [
+            (a, weight, torch.rand(9, device=device), scale, torch.randn(33, device=device), torch.bfloat16),
+            (a, weight, torch.rand(9, device=device), scale, None, torch.float32),
+        ],
+        "int8_linear": [
+            (x.clone().requires_grad_(True), weight, scale, torch.randn(33, device=device), 6.0),
+            (x.reshape(3, 3, 70).half(), weight, scale, None, 0.0),
+        ],
+    }
+
+
+@pytest.mark.parametrize("op_name", ops.OP_NAMES)
+def test_opcheck(device, op_name):
+    op = getattr(torch.ops.hf_int8, op_name)
+    for args in _opcheck_samples(device)[op_name]:
+        torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU specifics: thread-count independence, ISA selection, argument errors.
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def cpu_native():
+    if not _has_native("cpu"):
+        pytest.skip(f"native CPU kernels not built: {hf_int8.extension_status()}")
+    return cpu_module()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_results_do_not_depend_on_thread_count(cpu_native, isa):
+    with _isa(isa):
+        if cpu_native.cpu_isa() != isa:
+            pytest.skip(f"this CPU cannot run the {isa} kernels (best available: {cpu_native.cpu_isa()})")
+        weight, scale = _weight(300, 1000)
+        bias = torch.randn(300, generator=_gen(2))
+        results = {}
+        old = torch.get_num_threads()
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                results[threads] = [
+                    ops.int8_linear(_activations(m, 1000, torch.float32, "outliers"), weight, scale, bias, 6.0)
+                    for m in (1, 7, 100)
+                ] + [ops.quantize_activation(_activations(300, 1000, torch.bfloat16, "outliers"), 6.0)[0]]
+        finally:
+            torch.set_num_threads(old)
+        for threads in (2, 3):
+            for got, want in zip(results[threads], results[1], strict=True):
+                assert torch.equal(got, want), f"{threads} threads differ from 1 thread"
+
+
+def test_isa_is_chosen_at_run_time_and_reported(cpu_native):
+    best = cpu_native.cpu_isa()
+    assert best in CPU_ISAS
+    assert all(v.startswith("native") for k, v in hf_int8.implementations().items() if k.endswith("[cpu]"))
+    with _isa("avx2"):
+        if best == "none":
+            pytest.skip("this CPU has no AVX2")
+        assert cpu_native.cpu_isa() == "avx2"
+        assert hf_int8.implementations()["int8_linear[cpu]"] == "native (avx2)"
+        assert cpu_native.gemm_path(1) == cpu_native.gemm_path(4096) == "avx2"
+    with _isa("none"):
+        assert cpu_native.gemm_path(83) == "generic"
+    if best in ("amx", "avx512-vnni"):
+        with _isa("avx512-vnni"):
+            assert cpu_native.gemm_path(1) == cpu_native.gemm_path(8) == "avx512-vnni small-M"
+            assert cpu_native.gemm_path(9) == cpu_native.gemm_path(4096) == "avx512-vnni packed"
+    if best == "amx":
+        assert cpu_native.gemm_path(4096) == "amx"
+    assert cpu_native.cpu_isa() == best  # the cap is lifted again
+    with _isa("sse9"):
+        with pytest.raises(ValueError, match="sse9"):
+            cpu_native.cpu_isa()
+
+
+def test_cpu_kernels_name_offending_arguments(cpu_native):
+    w = torch.zeros(5, 8, dtype=torch.int8)
+    s = torch.ones(5)
+    with pytest.raises(ValueError, match="Float"):
+        torch.ops.hf_int8.int8_matmul(torch.zeros(2, 8), w)
+    with pytest.raises(ValueError, match=r"\[2, 7\].*\[5, 8\]"):
+        torch.ops.hf_int8.int8_matmul(torch.zeros(2, 7, dtype=torch.int8), w)
+    with pytest.raises(ValueError, match="Int"):
+        torch.ops.hf_int8.int8_scaled_matmul(torch.zeros(2, 8, dtype=torch.int8), w, s[:2], s, None, torch.int32)
+    with pytest.raises(ValueError, match=r"row_scale must have shape \(2,\), got \[3\]"):
+        torch.ops.hf_int8.int8_scaled_matmul(torch.zeros(2, 8, dtype=torch.int8), w, s[:3], s, None, torch.float32)
+    with pytest.raises(ValueError, match="8 features.*got shape \\[3, 9\\]"):
+        torch.ops.hf_int8.int8_linear(torch.zeros(3, 9), w, s, None, 6.0)
+    with pytest.raises(ValueError, match="Double"):
+        torch.ops.hf_int8.int8_linear(torch.zeros(3, 8, dtype=torch.float64), w, s, None, 6.0)
+    with pytest.raises(ValueError, match=r"weight_scale must be a float tensor of shape \(5,\)"):
+        torch.ops.hf_int8.int8_linear(torch.zeros(3, 8), w, s[:4], None, 6.0)
+    with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \(5,\)"):
+        torch.ops.hf_int8.int8_linear(torch.zeros(3, 8), w, s, torch.zeros(4), 6.0)
+    with pytest.raises(ValueError, match="Long"):
+        torch.ops.hf_int8.quantize_weight(torch.zeros(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"2-D.*\[3\]"):
+        torch.ops.hf_int8.quantize_activation(torch.zeros(3), 6.0)
+
+
+def test_non_contiguous_inputs(target):
+    device, _ = target
+    x = _activations(150, 40, torch.bfloat16, "outliers").to(device).t()  # [40, 150], column-major
+    assert not x.is_contiguous()
+    weight, scale = _weight(30, 150)
+    got = torch.ops.hf_int8.int8_linear(x, weight.to(device), scale.to(device), None, 6.0).cpu()
+    want = ref.int8_linear(x.cpu(), weight, scale, None, 6.0)
+    mag = _linear_magnitude(x.cpu(), weight, scale, None, 6.0)
+    _assert_within_tolerance(got, want, mag, torch.bfloat16, "column-major x")
+    codes = torch.ops.hf_int8.quantize_activation(x, 6.0)[0]
+    assert torch.equal(codes.cpu(), ref.quantize_activation(x.cpu(), 6.0)[0])
