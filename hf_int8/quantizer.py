@@ -122,8 +122,15 @@ class Int8DeserializeOp(ConversionOps):
         tensors = {key: _as_tensor(value) for key, value in input_dict.items()}
         module, _ = get_module_from_name(model, full_layer_name)
         if not isinstance(module, Int8Linear):
-            # The pattern "weight" also matches floating-point layers (norms, embeddings, lm_head): pass them on.
-            return {full_layer_name: tensors["weight"]} if "weight" in tensors else tensors
+            # The pattern "weight" also matches floating-point layers (norms, embeddings, lm_head): pass them on, in
+            # the dtype the model asks for. transformers does not cast tensors that go through a quantizer's load
+            # op, so an fp32 checkpoint reloaded with dtype=torch.bfloat16 would otherwise keep fp32 norms.
+            if "weight" not in tensors:
+                return tensors
+            weight, wanted = tensors["weight"], getattr(getattr(module, "weight", None), "dtype", None)
+            if weight.is_floating_point() and wanted is not None and wanted.is_floating_point:
+                weight = weight.to(wanted)
+            return {full_layer_name: weight}
         prefix = full_layer_name.rpartition(".")[0]
         if "weight" not in tensors or SCALE_NAME not in tensors:
             missing = "weight" if "weight" not in tensors else SCALE_NAME
