@@ -168,22 +168,33 @@ def atomic_save(write: Callable[[str], Any], save_directory: str | os.PathLike) 
             _carry_over(target, staging, precopy=False)
         _fsync_tree(staging)
         if exists:
-            if _exchange(staging, target):
-                retired = staging  # the exchange put the old folder at the staging path
-            else:
-                retired = os.path.join(parent, f".{name}{STAGING_MARK}retired-{uuid.uuid4().hex[:8]}")
-                os.rename(target, retired)
-                os.rename(staging, target)
-            _fsync_path(parent)
-            shutil.rmtree(retired, ignore_errors=True)
+            _swap_in(staging, target)
         else:
-            os.rename(staging, target)
+            try:
+                os.rename(staging, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                _swap_in(staging, target)  # another save created the folder meanwhile: replace it the same way
             _fsync_path(parent)
     except BaseException:
         if os.path.isdir(staging) and os.path.realpath(staging) != target:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return result
+
+
+def _swap_in(staging: str, target: str) -> None:
+    """Replace the folder ``target`` by ``staging`` in one step where possible, then delete the old one."""
+    parent, name = os.path.split(target)
+    if _exchange(staging, target):
+        retired = staging  # the exchange put the old folder at the staging path
+    else:
+        retired = os.path.join(parent, f".{name}{STAGING_MARK}retired-{uuid.uuid4().hex[:8]}")
+        os.rename(target, retired)
+        os.rename(staging, target)
+    _fsync_path(parent)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _save_in_place(write: Callable[[str], Any], target: str) -> Any:
