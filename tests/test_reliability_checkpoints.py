@@ -144,6 +144,19 @@ def test_intact_checkpoint_is_sealed_and_loads(saved, reference_logits):
         assert torch.equal(model(TOKENS).logits, reference_logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reload_in_another_dtype_casts_the_float_layers(saved, reference_logits, dtype):
+    """An fp32 checkpoint loaded with dtype=bf16/fp16: norms, embeddings and lm_head follow, int8 and scales stay."""
+    model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype)
+    kinds = {k: v.dtype for k, v in model.state_dict().items()}
+    assert kinds["model.norm.weight"] == kinds["model.embed_tokens.weight"] == kinds["lm_head.weight"] == dtype
+    assert kinds[f"{LAYER}.weight"] == torch.int8 and kinds[f"{LAYER}.weight_scale"] == torch.float32
+    with torch.no_grad():
+        logits = model(TOKENS).logits
+    assert logits.dtype == dtype
+    assert ((logits.float() - reference_logits).norm() / reference_logits.norm()).item() < 0.05
+
+
 @pytest.mark.parametrize("keep", [0, 5, 8, 100, "half", "minus1"])
 def test_truncated_file_is_refused_before_loading(saved, copy_of, deserialize_calls, keep):
     folder = copy_of(saved)
