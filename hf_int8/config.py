@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -50,7 +51,7 @@ class Int8Config(QuantizationConfigMixin):
     def post_init(self) -> None:
         """Check every field; raise ``ValueError`` naming the first bad value."""
         t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real):  # numpy scalars are welcome, strings are not
             raise ValueError(f"threshold must be a number, got {t!r} of type {type(t).__name__}")
         if not math.isfinite(t) or t < 0:
             raise ValueError(f"threshold must be finite and >= 0 (0 disables the outlier path), got {t!r}")

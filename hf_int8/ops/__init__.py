@@ -11,6 +11,8 @@ The public Python functions below validate user-facing arguments with clear erro
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import reference
@@ -133,7 +135,7 @@ def _check_int8_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> None
 
 
 def _check_threshold(threshold: float) -> None:
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not threshold >= 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
     if threshold == float("inf"):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
