@@ -11,6 +11,7 @@ from the checkpoint, so only one full-precision tensor is alive at a time. Loadi
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import types
@@ -48,7 +49,17 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, list) else value
 
 
-class Int8QuantizeOp(ConversionOps):
+class _SharesQuantizer:
+    """transformers deep-copies a converter, and so its ops, once per checkpoint tensor: share the quantizer (and the
+    checkpoint index it holds) instead of copying it hundreds of times (that was most of a reload's time)."""
+
+    def __deepcopy__(self, memo: dict) -> _SharesQuantizer:
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        return clone
+
+
+class Int8QuantizeOp(_SharesQuantizer, ConversionOps):
     """Quantize one floating-point ``weight`` into int8 codes plus its ``weight_scale`` as it is loaded."""
 
     def __init__(self, hf_quantizer: Int8HfQuantizer) -> None:
@@ -106,7 +117,7 @@ class Int8QuantizeOp(ConversionOps):
         return None, f"cannot quantize {name}: {path} holds {bad} NaN/Inf values in it (damaged checkpoint?)"
 
 
-class Int8DeserializeOp(ConversionOps):
+class Int8DeserializeOp(_SharesQuantizer, ConversionOps):
     """Check and pass through a saved int8 ``weight`` and its ``weight_scale``."""
 
     def __init__(self, hf_quantizer: Int8HfQuantizer) -> None:
@@ -195,11 +206,15 @@ def check_quantized_tensors(prefix: str, codes: torch.Tensor, scale: torch.Tenso
     bad = (~torch.isfinite(scale) | (scale < 0)).sum().item()
     if bad:
         raise ValueError(f"{prefix}.{SCALE_NAME} holds {bad} NaN, infinite or negative scales")
-    if bool((codes == -128).any()):
+    if codes.shape[1] == 0:
+        return
+    # One pass over the codes (aminmax): no -128, and each row's largest magnitude is exactly INT8_MAX (what
+    # quantization maps the row absmax to) or, for an all-zero row (scale 0), zero. A row breaking that was not
+    # written by llmint8, or was damaged since.
+    row_min, row_max = torch.aminmax(codes, dim=1)
+    if bool((row_min == -128).any()):
         raise ValueError(f"{prefix}.weight holds the code -128, which llmint8 never writes (damaged checkpoint?)")
-    # Quantization maps each row's largest magnitude to +-INT8_MAX exactly, and an all-zero row to scale 0 and zero
-    # codes: a row breaking that was not written by llmint8 (or was damaged since).
-    row_max = codes.abs().amax(dim=1) if codes.shape[1] else torch.zeros_like(scale, dtype=torch.int8)
+    row_max = torch.maximum(row_max, -row_min)
     zero_scale = scale == 0
     for bad_rows, what in (
         (zero_scale & (row_max != 0), f"{SCALE_NAME} is 0 but the row's codes are not all zero"),
