@@ -192,7 +192,7 @@ i8 = torch.int8
     ],
 )
 def test_cuda_kernels_name_the_offending_value(op, args, message):
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         _cuda_kernel(op)(*args)
 
 

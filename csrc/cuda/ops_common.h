@@ -54,7 +54,8 @@ inline DType float_dtype(const at::Tensor& t, const char* name) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "hf_int8 (CUDA): ", name, " must be float32, bfloat16 or float16, got ", dtype_name(t.scalar_type()));
+      TORCH_CHECK_VALUE(false, "hf_int8 (CUDA): ", name, " must be float32, bfloat16 or float16, got ",
+                        dtype_name(t.scalar_type()));
   }
   return DType::kFloat32;
 }
@@ -68,32 +69,32 @@ inline DType out_dtype_tag(at::ScalarType s) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "hf_int8 (CUDA): out_dtype must be float32, bfloat16 or float16, got ", dtype_name(s));
+      TORCH_CHECK_VALUE(false, "hf_int8 (CUDA): out_dtype must be float32, bfloat16 or float16, got ", dtype_name(s));
   }
   return DType::kFloat32;
 }
 
 inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "hf_int8 (CUDA): ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.is_cuda(), "hf_int8 (CUDA): ", name, " must be a CUDA tensor, got one on ", t.device());
 }
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), "hf_int8 (CUDA): ", name, " is on ", t.device(), " but ", ref_name,
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "hf_int8 (CUDA): ", name, " is on ", t.device(), " but ", ref_name,
               " is on ", ref.device());
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, "hf_int8 (CUDA): ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == dim, "hf_int8 (CUDA): ", name, " must be ", dim, "-D, got shape ", t.sizes());
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType s) {
-  TORCH_CHECK(t.scalar_type() == s, "hf_int8 (CUDA): ", name, " must have dtype ", dtype_name(s), ", got ",
+  TORCH_CHECK_VALUE(t.scalar_type() == s, "hf_int8 (CUDA): ", name, " must have dtype ", dtype_name(s), ", got ",
               dtype_name(t.scalar_type()));
 }
 
 // The kernels index columns with 32-bit integers in a few places (outlier column lists).
 inline void check_k(int64_t k) {
-  TORCH_CHECK(k < INT_MAX, "hf_int8 (CUDA): the feature dimension must be below 2^31, got ", k);
+  TORCH_CHECK_VALUE(k < INT_MAX, "hf_int8 (CUDA): the feature dimension must be below 2^31, got ", k);
 }
 
 struct DeviceInfo {
