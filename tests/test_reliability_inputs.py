@@ -447,3 +447,23 @@ def test_module_casts_bias_to_the_input_dtype():
     for dtype in DTYPES:
         out = layer(x.to(dtype))
         assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_layers_with_very_few_input_features(impl, k):
+    """in_features == 1 once made the reference return garbage (torch._int_mm misreads a K == 1 operand)."""
+    w = torch.randn(7, k, generator=_gen(16))
+    codes, scale = impl.quantize_weight(w)
+    a = torch.randint(-127, 128, (5, k), dtype=torch.int8, generator=_gen(17))
+    exact_int = (a.long() @ codes.long().t()).int()
+    assert torch.equal(ref.int8_matmul(a, codes), exact_int)
+    if impl.dispatch:
+        assert torch.equal(torch.ops.hf_int8.int8_matmul(a.to(impl.device), codes.to(impl.device)).cpu(), exact_int)
+    x = torch.randn(5, k, generator=_gen(18))
+    x_codes, row_scale, _ = ref.quantize_activation(x, 0.0)
+    expected = (x_codes.double() @ codes.double().t()) * row_scale.double().unsqueeze(1) * scale.double()
+    out = impl.int8_linear(x, codes, scale, None, 0.0)
+    assert torch.allclose(out.double(), expected, rtol=1e-6, atol=1e-7)
+    layer = Int8Linear.from_float(torch.nn.Linear(k, 7))
+    assert torch.isfinite(layer(torch.randn(3, k))).all()
