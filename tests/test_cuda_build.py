@@ -77,10 +77,10 @@ def test_compiled_architectures_follow_torch_cuda_arch_list():
     built = sorted(int(a) for a in module.compiled_archs().split(","))
     assert built and min(built) >= 750, f"kernels need sm_75+, built for {built}"
     wanted = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if wanted:  # make test exports the CI list (8.0;9.0): the build must have used it
+    if wanted:  # make exports the list it builds with (CI: 8.0;9.0, plus the local GPUs' archs): all must be there
         entries = re.findall(r"(\d+)\.(\d+)", wanted)
-        expected = sorted({int(major) * 100 + int(minor) * 10 for major, minor in entries})
-        assert built == expected, f"built for {built}, TORCH_CUDA_ARCH_LIST={wanted!r}"
+        expected = {int(major) * 100 + int(minor) * 10 for major, minor in entries}
+        assert expected <= set(built), f"built for {built}, TORCH_CUDA_ARCH_LIST={wanted!r}"
 
 
 def test_gemm_kernel_choice_by_rows():
