@@ -268,9 +268,12 @@ def collect_outlier_stats(model, input_ids) -> tuple[list[LayerStats], list[floa
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
             hooks.append(module.register_forward_pre_hook(hook_for(name)))
+    inputs = {"input_ids": input_ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = input_ids  # run the decoder's int8 layers on the same text
     try:
         with torch.inference_mode():
-            model(input_ids=input_ids)
+            model(**inputs)
     finally:
         for handle in hooks:
             handle.remove()
