@@ -476,6 +476,13 @@ def fmt(value: Any, spec: str = ".2f", missing: str = "—") -> str:
     return str(value)
 
 
+def row_kernel(row: dict[str, Any]) -> str:
+    """The kernel an llmint8 row's ``int8_linear`` ran on (its worker's own report); empty for other methods."""
+    if not row.get("method", "").startswith("llmint8"):
+        return ""
+    return row.get("kernels", {}).get("implementations", {}).get("int8_linear[cpu]", "?")
+
+
 def kernels_markdown(kernels: dict[str, Any]) -> str:
     impl = kernels.get("implementations", {})
     cpu = {k: v for k, v in impl.items() if k.endswith("[cpu]")}

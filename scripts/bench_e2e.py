@@ -258,7 +258,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         if r["model"] not in models:
             models.append(r["model"])
     headers = ["method", "load s", "peak RSS load MB", "peak anon load MB", "footprint MB", "storage MB",
-               "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s"]
+               "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s", "llmint8 kernel"]
     for model in models:
         label = data["model_labels"].get(model, model)
         fp16 = data["fp16_checkpoint_bytes"].get(model)
@@ -271,7 +271,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             table.append([r["method"], _cell(r, "load_s", spec=".2f"), _cell(r, "peak_rss_load_bytes", C.MB, ".0f"),
                           _cell(r, "peak_anon_load_bytes", C.MB, ".0f"), _cell(r, "footprint_bytes", C.MB, ".1f"),
                           _cell(r, "storage_bytes", C.MB, ".1f"), _cell(r, "prefill_tps"),
-                          _cell(r, "decode_b1_tps", spec=".2f"), _cell(r, "decode_b8_tps", spec=".2f")])
+                          _cell(r, "decode_b1_tps", spec=".2f"), _cell(r, "decode_b8_tps", spec=".2f"),
+                          C.row_kernel(r)])
         out += [C.markdown_table(headers, table), ""]
     if data["checks"]:
         out.append("## Targets (issue 5), on these figures\n")

@@ -274,31 +274,32 @@ def render_markdown(data: dict[str, Any]) -> str:
             out.append(f"## {label}: perplexity on {settings['text_name']}, first {first.get('num_tokens', mt)} tokens"
                        f"{trimmed}, {settings['window']}-token windows, batch 1\n")
             headers = ["method", "dtype", "perplexity", "vs fp32", "footprint MB", "storage MB", "storage vs fp32",
-                       "eval s"]
+                       "eval s", "llmint8 kernel"]
             table = []
             for r in mrows:
                 if r.get("status") != "ok":
-                    table.append([r["method"], r.get("dtype", ""), f"error: {r.get('error')}", "", "", "", "", ""])
+                    table.append([r["method"], r.get("dtype", ""), f"error: {r.get('error')}", "", "", "", "", "", ""])
                     continue
                 table.append([r["method"] + ("*" if r.get("measured_in") else ""), r["dtype"],
                               C.fmt(r.get("perplexity"), ".3f"),
                               C.fmt(r.get("ppl_delta_pct"), "+.2f") + ("%" if "ppl_delta_pct" in r else ""),
                               C.fmt(r["footprint_bytes"] / C.MB, ".1f"), C.fmt(r["storage_bytes"] / C.MB, ".1f"),
-                              C.fmt(r.get("storage_vs_fp32"), ".3f"), C.fmt(r.get("eval_s"), ".1f")])
+                              C.fmt(r.get("storage_vs_fp32"), ".3f"), C.fmt(r.get("eval_s"), ".1f"),
+                              C.row_kernel(r)])
         else:
             out.append(f"## {label}: cosine similarity to fp32 of mean-pooled embeddings of "
                        f"{settings['sentences']} fixed sentences of {settings['text_name']}\n")
             headers = ["method", "dtype", "mean cosine", "min cosine", "footprint MB", "storage MB", "storage vs fp32",
-                       "eval s"]
+                       "eval s", "llmint8 kernel"]
             table = []
             for r in mrows:
                 if r.get("status") != "ok":
-                    table.append([r["method"], r.get("dtype", ""), f"error: {r.get('error')}", "", "", "", "", ""])
+                    table.append([r["method"], r.get("dtype", ""), f"error: {r.get('error')}", "", "", "", "", "", ""])
                     continue
                 table.append([r["method"], r["dtype"], C.fmt(r.get("mean_cosine"), ".6f"),
                               C.fmt(r.get("min_cosine"), ".6f"), C.fmt(r["footprint_bytes"] / C.MB, ".1f"),
                               C.fmt(r["storage_bytes"] / C.MB, ".1f"), C.fmt(r.get("storage_vs_fp32"), ".3f"),
-                              C.fmt(r.get("eval_s"), ".1f")])
+                              C.fmt(r.get("eval_s"), ".1f"), C.row_kernel(r)])
         out += [C.markdown_table(headers, table), ""]
     sources = []
     for r in rows:

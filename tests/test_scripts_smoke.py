@@ -115,7 +115,10 @@ def test_eval_quality_writes_json_markdown_and_charts(tiny, tmp_path, capsys):
 
     markdown = (out / "quality.md").read_text()
     assert markdown.strip() in capsys.readouterr().out  # the table is also printed
-    assert _table_header(markdown, "method")[:4] == ["method", "dtype", "perplexity", "vs fp32"]
+    header = _table_header(markdown, "method")
+    assert header[:4] == ["method", "dtype", "perplexity", "vs fp32"] and header[-1] == "llmint8 kernel"
+    impl = rows[("tl", "llmint8-t6@fp32")]["kernels"]["implementations"]["int8_linear[cpu]"]
+    assert f"| {impl} |" in markdown  # each llmint8 row names the kernel its worker ran
     assert "| method | dtype | mean cosine | min cosine |" in markdown
     assert "error: " in markdown and "(trimmed with --max-tokens: 300" in markdown
     assert "| tl | llmint8-t6@fp32 | 14 |" in markdown
@@ -158,7 +161,7 @@ def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
     markdown = (out / "bench.md").read_text()
     assert _table_header(markdown, "method") == ["method", "load s", "peak RSS load MB", "peak anon load MB",
                                                  "footprint MB", "storage MB", "prefill tok/s", "decode b1 tok/s",
-                                                 "decode b8 tok/s"]
+                                                 "decode b8 tok/s", "llmint8 kernel"]
     assert "## Targets (issue 5)" in markdown and "in-process run" in markdown
     if HAS_MATPLOTLIB:
         _check_pngs(data["charts"], ["bench_speed.png", "bench_memory.png"])
