@@ -41,6 +41,14 @@ def _color(method: str) -> str:
     return COLORS.get(_family(method), "#333333")
 
 
+def _marker(method: str) -> str:
+    base = method.split("@")[0]
+    for suffix, marker in (("-t0", "s"), ("wo", "D"), ("dyn", "^")):
+        if base.endswith(suffix):
+            return marker
+    return "o"
+
+
 def _models(rows: list[dict[str, Any]]) -> list[str]:
     seen: list[str] = []
     for row in rows:
@@ -62,7 +70,7 @@ def plot_quality(data: dict[str, Any], out_dir: Path, prefix: str = "quality") -
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
-    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.8 * len(models), 5.0), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mrows = [r for r in rows if r["model"] == model]
         ok = [r for r in mrows if r.get("status") == "ok" and "storage_bytes" in r]
@@ -71,14 +79,13 @@ def plot_quality(data: dict[str, Any], out_dir: Path, prefix: str = "quality") -
             if causal:
                 y = r.get("perplexity")
             else:
-                y = 1.0 - r["mean_cosine"] if "mean_cosine" in r else None
+                # 1 - cosine; fp32 is the reference itself (0), which a log axis cannot show
+                y = 1.0 - r["mean_cosine"] if "mean_cosine" in r and r["method"] != "fp32" else None
             if y is None:
                 continue
-            if not causal:
-                y = max(y, 1e-9)  # fp32 against itself: plotted at the floor of the log axis
             x = r["storage_bytes"] / 1e6
-            ax.scatter(x, y, s=70, color=_color(r["method"]), edgecolor="black", linewidth=0.6, zorder=3)
-            ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            ax.scatter(x, max(y, 1e-9), s=80, color=_color(r["method"]), marker=_marker(r["method"]),
+                       edgecolor="black", linewidth=0.6, zorder=3, label=f"{r['method']} ({x:.0f} MB, {y:.4g})")
         ax.set_xlabel("model storage (MB, bytes actually held)")
         if causal:
             ax.set_ylabel("perplexity (lower is better)")
@@ -89,6 +96,7 @@ def plot_quality(data: dict[str, Any], out_dir: Path, prefix: str = "quality") -
             ax.set_ylabel("1 - cosine to fp32 embeddings (lower is better)")
             ax.set_yscale("log")
         ax.set_title(labels.get(model, model), fontsize=11)
+        ax.legend(fontsize=7, loc="best", framealpha=0.85)
         note = _failed_note(mrows)
         if note:
             ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="#aa0000", va="bottom")
