@@ -49,6 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import integrity
 from .config import QUANT_METHOD, Int8Config
 from .ops.constants import INT8_MAX
 
@@ -463,6 +464,7 @@ def to_llmint8(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
         readme = src / "README.md"
         existing = readme.read_text(encoding="utf-8") if readme.is_file() else None
         (tmp / "README.md").write_text(merge_card(existing, section), encoding="utf-8")
+        integrity.seal_folder(tmp)  # the same damage detection on load as a folder hf_int8's save_pretrained wrote
     except BaseException:
         reader.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import llama_config, save_fp_model, tiny_tokenizer
+from tiny_models import gpt2_config, llama_config, save_fp_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import hf_int8  # noqa: F401
@@ -78,6 +78,7 @@ def test_bnb_to_llmint8_keeps_bitsandbytes_codes_and_gives_hf_int8_scales(folder
     assert config["quantization_config"] == Int8Config(threshold=6.0).to_dict()
     with safe_open(out / "model.safetensors", "pt") as handle:
         assert handle.metadata()["quant_method"] == "llmint8"
+        assert "hf_int8.seal" in handle.metadata()  # sealed like a folder save_pretrained wrote
     assert "import hf_int8" in (out / "README.md").read_text()
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16)
@@ -216,3 +217,25 @@ def test_refusals_name_what_is_wrong(folders, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         interop.convert(folders["bnb"], tmp_path / "e", "llmint8")
     assert (tmp_path / "e" / "keep.txt").read_text() == "user data"
+
+
+def test_gpt2_conv1d_layers_convert_both_ways(tmp_path):
+    """GPT-2 keeps its projections as transformers Conv1D ([in, out]); both formats store them as [out, in]."""
+    tokenizer = tiny_tokenizer()
+    fp = save_fp_model(tmp_path / "fp", config=gpt2_config(len(tokenizer)), dtype=torch.float16, outlier_scale=20.0)
+    ours = AutoModelForCausalLM.from_pretrained(fp, quantization_config=Int8Config(), dtype=torch.float16)
+    ours.save_pretrained(tmp_path / "q")
+    theirs = AutoModelForCausalLM.from_pretrained(fp, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                  device_map="cpu")
+    theirs.save_pretrained(tmp_path / "b")
+    as_bnb = AutoModelForCausalLM.from_pretrained(interop.convert(tmp_path / "q", tmp_path / "qb", "bnb").output,
+                                                  device_map="cpu")
+    as_int8 = AutoModelForCausalLM.from_pretrained(
+        interop.convert(tmp_path / "b", tmp_path / "bq", "llmint8").output, dtype=torch.float16
+    )
+    assert isinstance(as_bnb.transformer.h[0].mlp.c_fc, bnb.nn.Linear8bitLt)
+    assert isinstance(as_int8.transformer.h[0].mlp.c_fc, Int8Linear)
+    rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm()).item()  # noqa: E731
+    with torch.no_grad():
+        assert rel(as_bnb(IDS).logits, theirs(IDS).logits) < 1e-2
+        assert rel(as_int8(IDS).logits, ours(IDS).logits) < 1e-2
