@@ -4,7 +4,7 @@
 //
 // Paths (see gemm_path_name):
 //   avx512-vnni small-M   M <= 8, streams B once (decode)
-//   amx                   M >= kAmxMinRows on CPUs with AMX-INT8
+//   amx                   M > 8 on CPUs with AMX-INT8
 //   avx512-vnni packed    otherwise with AVX-512 VNNI
 //   avx2                  CPUs with AVX2 but no VNNI (exact 16-bit products)
 //   generic               anything else: at::_int_mm (oneDNN) plus the scalar epilogue
@@ -26,13 +26,12 @@ namespace {
 
 enum class Path { kGeneric, kAvx2, kSmallM, kPackedVnni, kAmx };
 
-constexpr int64_t kAmxMinRows = 16;             // below this the 32-row AMX blocks waste too much
 constexpr int64_t kPackedBlockBytes = 1 << 20;  // packed B per work item: about this many bytes (stays in L2)
 constexpr int64_t kSmallMGrain = 64;            // B rows per thread at least, small-M path
 
 Path choose(Isa isa, int64_t M) {
   if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallMaxM) return Path::kSmallM;
-  if (isa >= Isa::kAmx && M >= kAmxMinRows) return Path::kAmx;
+  if (isa >= Isa::kAmx) return Path::kAmx;
   if (isa >= Isa::kAvx512Vnni) return Path::kPackedVnni;
   if (isa >= Isa::kAvx2) return Path::kAvx2;
   return Path::kGeneric;
@@ -70,25 +69,38 @@ void run_generic(const GemmProblem& p) {
   finish_all(p, acc.data_ptr<int32_t>(), acc.stride(0));
 }
 
-void run_packed(const GemmProblem& p, Path path) {
-  const bool amx = path == Path::kAmx;
-  const int64_t kp = round_up(p.K, amx ? amx::kKAlign : 4);
+// Columns of B per work item: about kPackedBlockBytes of B, a multiple of 32, and at least one item per thread.
+int64_t block_columns(const GemmProblem& p, int64_t kp) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t block = std::clamp<int64_t>(kPackedBlockBytes / kp / 32 * 32, 32, 512);
-  block = std::min(block, round_up(ceil_div(p.N, threads), 32));  // give every thread a share
+  const int64_t block = std::clamp<int64_t>(kPackedBlockBytes / kp / 32 * 32, 32, 512);
+  return std::min(block, round_up(ceil_div(p.N, threads), 32));
+}
+
+void run_packed_vnni(const GemmProblem& p) {
+  const int64_t kp = round_up(p.K, 4);
+  const int64_t block = block_columns(p, kp);
   const int64_t n_blocks = ceil_div(p.N, block);
   const size_t panel_bytes = static_cast<size_t>(ceil_div(block, kPanelCols) * kp * 16);
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     static thread_local std::vector<uint8_t> panels;
     if (panels.size() < panel_bytes) panels.resize(panel_bytes);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = blk * block, n1 = std::min(p.N, n0 + block);
-      if (amx) {
-        amx::packed(p, n0, n1, panels.data());
-      } else {
-        avx512::packed(p, n0, n1, panels.data());
-      }
+      avx512::packed(p, blk * block, std::min(p.N, (blk + 1) * block), panels.data());
     }
+  });
+}
+
+void run_amx(const GemmProblem& p) {
+  const int64_t kp = round_up(p.K, amx::kKAlign);
+  const int64_t m_panels = ceil_div(p.M, kPanelCols);
+  at::Tensor x_panels = at::empty({m_panels * kp * 16}, at::kByte);
+  uint8_t* xp = x_panels.data_ptr<uint8_t>();
+  at::parallel_for(0, m_panels, std::max<int64_t>(1, 4096 / kp),
+                   [&](int64_t q0, int64_t q1) { amx::pack_activations(p, q0, q1, xp); });
+  const int64_t block = block_columns(p, kp);
+  const int64_t n_chunks = ceil_div(p.N, block);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    amx::gemm(p, xp, c0 * block, std::min(p.N, c1 * block), block);
   });
 }
 
@@ -106,7 +118,6 @@ const char* gemm_path_name(Isa isa, int64_t M) {
 
 ALayout gemm_a_layout(Isa isa, int64_t M, int64_t K) {
   switch (choose(isa, M)) {
-    case Path::kAmx: return {round_up(K, amx::kKAlign), round_up(M, amx::kBlockRows)};
     case Path::kPackedVnni: return {round_up(K, 4), M};
     default: return {K, M};
   }
@@ -157,8 +168,8 @@ void gemm(Isa isa, const GemmProblem& p, bool a_padded) {
     case Path::kSmallM:
       at::parallel_for(0, p.N, kSmallMGrain, [&](int64_t n0, int64_t n1) { avx512::small_m(q, n0, n1); });
       break;
-    case Path::kAmx:
-    case Path::kPackedVnni: run_packed(q, path); break;
+    case Path::kAmx: run_amx(q); break;
+    case Path::kPackedVnni: run_packed_vnni(q); break;
     case Path::kAvx2:
       at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) { avx2::gemm(q, n0, n1); });
       break;

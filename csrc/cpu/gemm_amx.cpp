@@ -1,10 +1,14 @@
-// AMX-INT8 GEMM core for many tokens (Sapphire Rapids and later).
+// AMX-INT8 GEMM core for more than a few tokens (Sapphire Rapids and later).
 //
-// TDPBSSD multiplies signed by signed bytes into int32 tiles, so no +128 shift is needed. B is packed per 16 columns
-// into the same [K/4][16][4] layout as the VNNI path (K zero-padded to 64), which is exactly what a B tile holds for
-// 64 bytes of K. A 32 x 32 block of C lives in four accumulator tiles while K is walked 64 bytes at a time (two A tiles
-// read straight from the row-major activation codes, two B tiles from the packed panels); the block is then stored
-// once and finished by the AVX-512 epilogue.
+// TDPBSSD multiplies signed by signed bytes into int32 tiles, so no +128 shift is needed. The operands are swapped
+// with respect to the usual C = A B^T: the int8 weight, row-major [N, K], *is* the A-tile layout (16 rows x 64 bytes
+// of K), so tiles load it straight from memory and the weight is never repacked; the activation codes, small next
+// to the weight, are packed once per call into the B-tile layout [K/4][16 rows][4] (pack_activations). A 32 x 32
+// block of C^T (32 weight rows x 32 tokens) lives in four accumulator tiles while K is walked 64 bytes at a time; it
+// is stored once, transposed 16 x 16 in registers and finished by the AVX-512 epilogue.
+//
+// Blocking: each thread owns a range of weight rows, taken in blocks of about 1 MiB that stay in L2 while every
+// 32-token block of the packed activations passes over them; the first pass prefetches the block from memory.
 #include "hf_int8/cpu_avx512_epilogue.h"
 #include "hf_int8/cpu_kernels.h"
 
@@ -16,6 +20,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace hf_int8::cpu::amx {
 
@@ -51,18 +56,27 @@ HF_INT8_TARGET_AMX void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// C[32][32] = A[32 rows, kp bytes] x panels (b0: columns 0-15, b1: columns 16-31), kp a multiple of 64.
-HF_INT8_TARGET_AMX void block32(const int8_t* a, int64_t lda, const uint8_t* b0, const uint8_t* b1, int64_t kp,
+constexpr int64_t kPrefetchRows = 32;  // weight rows per tile block (two A tiles)
+
+// C^T[32 weight rows][32 tokens] = w[32 rows, kp bytes] x packed activations (x0: tokens 0-15, x1: 16-31).
+// kPrefetch: the weight rows come from memory on this pass; prefetch them a few 64-byte steps ahead.
+template <bool kPrefetch>
+HF_INT8_TARGET_AMX void block32(const int8_t* w, int64_t ldw, const uint8_t* x0, const uint8_t* x1, int64_t kp,
                                 int32_t* c) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t k = 0; k < kp; k += 64) {
-    _tile_loadd(4, a + k, lda);
-    _tile_loadd(5, a + 16 * lda + k, lda);
-    _tile_loadd(6, b0 + k * 16, 64);
-    _tile_loadd(7, b1 + k * 16, 64);
+    if constexpr (kPrefetch) {
+      for (int64_t r = 0; r < kPrefetchRows; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + 256), _MM_HINT_T0);
+      }
+    }
+    _tile_loadd(4, w + k, ldw);
+    _tile_loadd(5, w + 16 * ldw + k, ldw);
+    _tile_loadd(6, x0 + k * 16, 64);
+    _tile_loadd(7, x1 + k * 16, 64);
     _tile_dpbssd(0, 4, 6);
     _tile_dpbssd(1, 4, 7);
     _tile_dpbssd(2, 5, 6);
@@ -74,6 +88,20 @@ HF_INT8_TARGET_AMX void block32(const int8_t* a, int64_t lda, const uint8_t* b0,
   _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
+// Finishes the tokens [m0, m0 + m_valid) x weight rows [n0, n0 + n_valid) of a stored C^T block.
+HF_INT8_TARGET_AMX void finish_block(const GemmProblem& p, const int32_t* c, int64_t m0, int64_t m_valid, int64_t n0,
+                                     int64_t n_valid) {
+  for (int64_t mh = 0; mh < std::min<int64_t>(m_valid, 32); mh += 16) {
+    for (int64_t nh = 0; nh < std::min<int64_t>(n_valid, 32); nh += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + (nh + i) * 32 + mh);
+      avx512::transpose16(r);  // r[i] now holds token mh + i, weight rows nh .. nh + 15
+      const int64_t rows = std::min<int64_t>(16, m_valid - mh);
+      for (int64_t i = 0; i < rows; ++i) avx512::finish16(p, m0 + mh + i, n0 + nh, n_valid - nh, r[i]);
+    }
+  }
+}
+
 }  // namespace
 
 bool available() {
@@ -81,29 +109,50 @@ bool available() {
   return ok;
 }
 
-HF_INT8_TARGET_AMX void packed(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint8_t* panels) {
-  const int64_t kp = ceil_div(p.K, kKAlign) * kKAlign;
-  const int64_t kq = kp / 4;
-  const int64_t panel_bytes = kq * 64;
-  const int64_t n_panels = ceil_div(n_end - n_begin, kPanelCols);
-  for (int64_t q = 0; q < n_panels; ++q) {
-    const int64_t n0 = n_begin + q * kPanelCols;
-    avx512::pack_panel(p.b + n0 * p.ldb, p.ldb, std::min<int64_t>(kPanelCols, n_end - n0), p.K, kq,
-                       /*flip=*/false, panels + q * panel_bytes);
+void pack_activations(const GemmProblem& p, int64_t panel_begin, int64_t panel_end, uint8_t* panels) {
+  const int64_t kq = ceil_div(p.K, kKAlign) * kKAlign / 4;
+  for (int64_t q = panel_begin; q < panel_end; ++q) {
+    const int64_t m0 = q * kPanelCols;
+    avx512::pack_panel(p.a + m0 * p.lda, p.lda, std::min<int64_t>(kPanelCols, p.M - m0), p.K, kq, /*flip=*/false,
+                       panels + q * kq * 64);
   }
-  configure_tiles();
+}
+
+HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int64_t n_begin, int64_t n_end,
+                             int64_t rows_per_block) {
+  const int64_t kp = ceil_div(p.K, kKAlign) * kKAlign;
+  const int64_t panel_bytes = kp * 16;
+  const int64_t m_panels = ceil_div(p.M, kPanelCols);
+  // The last weight rows are copied to a zero-padded block when the tiles would read past the weight (fewer than 32
+  // rows left, or K not a multiple of 64 at the very end); elsewhere reading into the next row is harmless, since the
+  // packed activations are zero past K.
   alignas(64) int32_t c[32 * 32];
-  for (int64_t m0 = 0; m0 < p.M; m0 += kBlockRows) {
-    const int64_t rows = std::min<int64_t>(kBlockRows, p.M - m0);
-    for (int64_t q = 0; q < n_panels; q += 2) {
-      const uint8_t* b0 = panels + q * panel_bytes;
-      const uint8_t* b1 = q + 1 < n_panels ? b0 + panel_bytes : b0;  // odd count: the second half is not stored
-      block32(p.a + m0 * p.lda, p.lda, b0, b1, kp, c);
-      const int64_t n0 = n_begin + q * kPanelCols;
-      const int64_t n_valid = std::min<int64_t>(2 * kPanelCols, n_end - n0);
-      for (int64_t i = 0; i < rows; ++i) {
-        avx512::finish16(p, m0 + i, n0, n_valid, _mm512_load_si512(c + i * 32));
-        if (n_valid > 16) avx512::finish16(p, m0 + i, n0 + 16, n_valid - 16, _mm512_load_si512(c + i * 32 + 16));
+  std::vector<int8_t> padded;
+  configure_tiles();
+  for (int64_t nb = n_begin; nb < n_end; nb += rows_per_block) {
+    const int64_t nb_end = std::min(n_end, nb + rows_per_block);
+    for (int64_t mp = 0; mp < m_panels; mp += 2) {
+      const uint8_t* x0 = x_panels + mp * panel_bytes;
+      const uint8_t* x1 = mp + 1 < m_panels ? x0 + panel_bytes : x0;  // odd count: those results are not stored
+      const int64_t m0 = mp * kPanelCols;
+      for (int64_t ns = nb; ns < nb_end; ns += 32) {
+        const int64_t n_valid = std::min<int64_t>(32, nb_end - ns);
+        const int8_t* w = p.b + ns * p.ldb;
+        int64_t ldw = p.ldb;
+        if (ns + 32 > p.N || (ns + 32 == p.N && p.K % kKAlign != 0)) {
+          padded.assign(static_cast<size_t>(32 * kp), 0);
+          for (int64_t r = 0; r < std::min<int64_t>(32, p.N - ns); ++r) {
+            std::memcpy(padded.data() + r * kp, p.b + (ns + r) * p.ldb, static_cast<size_t>(p.K));
+          }
+          w = padded.data();
+          ldw = kp;
+        }
+        if (mp == 0) {
+          block32<true>(w, ldw, x0, x1, kp, c);
+        } else {
+          block32<false>(w, ldw, x0, x1, kp, c);
+        }
+        finish_block(p, c, m0, p.M - m0, ns, n_valid);
       }
     }
   }
@@ -116,7 +165,8 @@ HF_INT8_TARGET_AMX void packed(const GemmProblem& p, int64_t n_begin, int64_t n_
 
 namespace hf_int8::cpu::amx {
 bool available() { return false; }
-void packed(const GemmProblem&, int64_t, int64_t, uint8_t*) {}
+void pack_activations(const GemmProblem&, int64_t, int64_t, uint8_t*) {}
+void gemm(const GemmProblem&, const uint8_t*, int64_t, int64_t, int64_t) {}
 }  // namespace hf_int8::cpu::amx
 
 #endif  // HF_INT8_X86

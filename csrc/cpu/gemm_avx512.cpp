@@ -101,32 +101,6 @@ HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, i
 // ---------------------------------------------------------------------------------------------------------------
 // packing
 // ---------------------------------------------------------------------------------------------------------------
-// In-register transpose of a 16 x 16 matrix of dwords (r[i] holds row i).
-HF_INT8_TARGET_AVX512 inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int q = 0; q < 8; ++q) {
-    t[2 * q] = _mm512_unpacklo_epi32(r[2 * q], r[2 * q + 1]);
-    t[2 * q + 1] = _mm512_unpackhi_epi32(r[2 * q], r[2 * q + 1]);
-  }
-  for (int q = 0; q < 4; ++q) {
-    u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
-    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
-  }
-  // u[4q + c], 128-bit lane L, holds rows 4q..4q+3 of column 4L + c.
-  for (int c = 0; c < 4; ++c) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
-    const __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
-    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
-    r[0 + c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-    r[8 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-    r[4 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // packed large-M microkernel: MR rows x 32 columns (two panels), full K
 // ---------------------------------------------------------------------------------------------------------------

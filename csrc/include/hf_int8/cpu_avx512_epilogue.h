@@ -1,4 +1,5 @@
-// AVX-512 epilogue of the packed GEMM kernels (VNNI and AMX): 16 accumulators of one row -> output dtype.
+// AVX-512 helpers of the packed GEMM kernels (VNNI and AMX): 16 x 16 dword transpose, and the epilogue that
+// turns 16 accumulators of one row into the output dtype.
 // Same operations, in the same order, as finish_element() in cpu_kernels.h (and as the reference).
 #pragma once
 
@@ -26,6 +27,32 @@ HF_INT8_TARGET_AVX512 inline __m256i to_bf16(__m512 v) {
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
+}
+
+// In-register transpose of a 16 x 16 matrix of dwords (r[i] holds row i).
+HF_INT8_TARGET_AVX512 inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int q = 0; q < 8; ++q) {
+    t[2 * q] = _mm512_unpacklo_epi32(r[2 * q], r[2 * q + 1]);
+    t[2 * q + 1] = _mm512_unpackhi_epi32(r[2 * q], r[2 * q + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  // u[4q + c], 128-bit lane L, holds rows 4q..4q+3 of column 4L + c.
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+    r[0 + c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[4 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
 }
 
 // Finishes out[m, n .. n + n_valid) from the int32 accumulators `acc` (already exact: shift correction applied).

@@ -176,10 +176,11 @@ void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t
 
 namespace amx {
 bool available();  // the CPU has AMX-INT8 and the OS granted this process the tile data state
-constexpr int64_t kBlockRows = 32;  // A rows per tile block: A must have its row count padded to a multiple
-constexpr int64_t kKAlign = 64;     // A and the packed B are zero-padded to a multiple of 64 bytes in K
-// Same contract as avx512::packed, with s8 panels and K padded to 64.
-void packed(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint8_t* panels);
+constexpr int64_t kKAlign = 64;  // the packed activations are zero-padded to a multiple of 64 bytes in K
+// Packs A's rows [16 * panel_begin, 16 * panel_end) into B-tile panels: ceil(K / 64) * 1024 bytes per 16 rows.
+void pack_activations(const GemmProblem& p, int64_t panel_begin, int64_t panel_end, uint8_t* panels);
+// Computes every row of A against weight rows [n_begin, n_end), taken rows_per_block (a multiple of 32) at a time.
+void gemm(const GemmProblem& p, const uint8_t* x_panels, int64_t n_begin, int64_t n_end, int64_t rows_per_block);
 }  // namespace amx
 
 namespace avx2 {
