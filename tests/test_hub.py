@@ -86,6 +86,7 @@ CLIENT = """
         int8_layers=sum(type(m).__name__ == "Int8Linear" for m in again.modules()),
         footprint=again.get_memory_footprint(),
     )
+    model.save_pretrained(out + "-saved", push_to_hub=True, repo_id="via-save")  # the other way to push
 
     # 2. A repo that already has a card: it is kept, the hf_int8 section is added once and refreshed on every push.
     api = HfApi()
@@ -148,6 +149,15 @@ def test_push_to_hub_then_from_pretrained_repo(hub, client_run):
     snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
     assert snippet.splitlines()[0].startswith("import hf_int8")
     assert f'from_pretrained("{repo_id}"' in snippet
+
+
+def test_save_pretrained_push_to_hub_uploads_the_card(hub, client_run):
+    _, out = client_run
+    files = hub.files(f"{USER}/via-save")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    card = files["README.md"].data.decode()
+    assert CARD_BEGIN in card and f'from_pretrained("{USER}/via-save"' in card
+    assert CARD_BEGIN in (Path(f"{out}-saved") / "README.md").read_text()  # and the local folder has it too
 
 
 def test_push_keeps_an_existing_card_and_refreshes_its_section(hub, client_run):
