@@ -296,7 +296,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                 if r.get("status") != "ok":
                     table.append([r["method"], r.get("dtype", ""), f"error: {r.get('error')}", "", "", "", "", "", ""])
                     continue
-                table.append([r["method"], r["dtype"], C.fmt(r.get("mean_cosine"), ".6f"),
+                table.append([r["method"] + ("*" if r.get("measured_in") else ""), r["dtype"],
+                              C.fmt(r.get("mean_cosine"), ".6f"),
                               C.fmt(r.get("min_cosine"), ".6f"), C.fmt(r["footprint_bytes"] / C.MB, ".1f"),
                               C.fmt(r["storage_bytes"] / C.MB, ".1f"), C.fmt(r.get("storage_vs_fp32"), ".3f"),
                               C.fmt(r.get("eval_s"), ".1f"), C.row_kernel(r)])
@@ -340,9 +341,10 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 
 def load_previous(files: list[Path], settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Successful perplexity rows of earlier runs measured on the same text slice, to reuse instead of re-running.
+    """Successful rows of earlier runs measured on the same text slice, to reuse instead of re-running.
 
-    Encoder rows are never reused (their cosines need this run's fp32 embeddings, and they take seconds).
+    Encoder rows are reused only when every selected method of that model is (their cosines were computed against
+    the fp32 embeddings of the run they came from; a new row would need this run's).
     """
     previous: dict[tuple[str, str], dict[str, Any]] = {}
     for file in files:
@@ -352,9 +354,12 @@ def load_previous(files: list[Path], settings: dict[str, Any]) -> dict[tuple[str
         same_text = (old["settings"]["text_sha256"] == settings["text_sha256"]
                      and old["settings"]["window"] == settings["window"])
         for row in old.get("results", []):
-            same = same_text and old["settings"]["max_tokens"].get(row["model"]) == settings["max_tokens"].get(
-                row["model"])
-            if same and row.get("status") == "ok" and "perplexity" in row:
+            if "perplexity" in row:
+                same = same_text and old["settings"]["max_tokens"].get(row["model"]) == settings["max_tokens"].get(
+                    row["model"])
+            else:
+                same = same_text and old["settings"]["sentences"] == settings["sentences"]
+            if same and row.get("status") == "ok" and ("perplexity" in row or "mean_cosine" in row):
                 source = row.get("measured_in") or {"command": old["meta"]["command"],
                                                     "date_utc": old["meta"]["date_utc"]}
                 previous[(row["model"], row["method"])] = {**row, "measured_in": source}
@@ -395,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
     parser.add_argument("--prefix", default="quality", help="output file names: PREFIX.json, PREFIX.md, PREFIX_*.png")
     parser.add_argument("--resume", action="store_true",
-                        help="keep successful perplexity rows of an existing PREFIX.json (same text slice)")
+                        help="keep successful rows of an existing PREFIX.json (same text slice)")
     parser.add_argument("--resume-from", action="append", default=[], type=Path, metavar="JSON",
-                        help="also keep successful perplexity rows of this earlier results file (repeatable)")
+                        help="also keep successful rows of this earlier results file (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per (model, method) job")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--in-process", action="store_true",
@@ -432,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec, method in bar:
         bar.set_postfix_str(f"{spec.name} {method.key}")
         key = (spec.name, method.key)
-        if key in previous and spec.kind == "causal":
+        if key in previous and (spec.kind == "causal" or all((spec.name, m.key) in previous for m in methods)):
             row = dict(previous[key])
         else:
             model_arg = spec.name if spec.name in C.KNOWN_MODELS else f"{spec.name}={spec.path()}:{spec.kind}"

@@ -235,3 +235,17 @@ def test_eval_quality_resume_reuses_rows_of_the_same_text_slice(tiny, tmp_path):
                               "--resume-from", str(first / "quality.json")]) == 0
     again = json.loads((second / "quality.json").read_text())["results"]
     assert all("measured_in" not in r and r["num_tokens"] == 60 for r in again)
+
+
+def test_eval_quality_resumes_encoder_rows_only_as_a_whole(tiny, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--models", f"tb={tiny['bert']}:encoder", "--text", str(tiny["text"]), "--sentences", "3",
+              "--in-process", "--no-plots"]
+    assert eval_quality.main([*common, "--methods", "fp32,naive-int8", "--out-dir", str(first)]) == 0
+    resume = ["--resume-from", str(first / "quality.json")]
+    assert eval_quality.main([*common, "--methods", "naive-int8", "--out-dir", str(second), *resume]) == 0
+    rows = json.loads((second / "quality.json").read_text())["results"]
+    assert len(rows) == 2 and all("measured_in" in r for r in rows)
+    assert eval_quality.main([*common, "--methods", "naive-int8,llmint8-t6", "--out-dir", str(second), *resume]) == 0
+    rows = json.loads((second / "quality.json").read_text())["results"]
+    assert len(rows) == 3 and not any("measured_in" in r for r in rows)  # a new row needs this run's fp32
