@@ -3,7 +3,8 @@
 
 Each (model, method) runs in a fresh subprocess, so its peak resident memory while loading is its own:
 
-* load time of ``from_pretrained`` (plus the module swap for naive int8);
+* load time of ``from_pretrained`` (plus the module swap for naive int8), until every weight page is resident (a
+  checkpoint in the loaded dtype is memory-mapped and would otherwise be read lazily at the first forward);
 * peak resident memory while loading: ``ru_maxrss`` of the worker after loading (interpreter and imports included;
   file pages of the memory-mapped checkpoint count too), the resident memory just before loading, and the peak of
   anonymous memory sampled every few milliseconds by a thread (``RssAnon``: memory the process owns);
@@ -39,6 +40,7 @@ SCRIPT = Path(__file__).resolve()
 DEFAULT_METHODS = "fp32,bf16,llmint8-t6,llmint8-t0,naive-int8,bnb-t6,bnb-t0,torchao-int8wo,torchao-int8dyn"
 DECODE_PROMPT_TOKENS = 32
 SAMPLE_INTERVAL_S = 0.005
+PAGE_BYTES = 4096
 METRICS = ("load_s", "peak_rss_load_bytes", "peak_anon_load_bytes", "footprint_bytes", "storage_bytes",
            "prefill_tps", "decode_b1_tps", "decode_b8_tps")
 
@@ -72,6 +74,34 @@ class RssSampler(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
+
+
+def touch_weights(model) -> int:
+    """Read one value per memory page of every parameter and buffer; return the number of tensors touched.
+
+    A checkpoint stored in the loaded dtype comes back memory-mapped and is only read from disk at the first forward:
+    without this, its "load" would look free and its memory would appear later. With it, every method's load time
+    and peak memory include having all weights resident.
+    """
+    import torch
+
+    def leaves(t):
+        flatten = getattr(type(t), "__tensor_flatten__", None)
+        if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            for name in t.__tensor_flatten__()[0]:
+                yield from leaves(getattr(t, name))
+        else:
+            yield t
+
+    count = 0
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            for leaf in leaves(tensor):
+                if leaf.numel() and leaf.device.type == "cpu":
+                    step = max(1, PAGE_BYTES // leaf.element_size())
+                    leaf.detach().reshape(-1)[::step].float().sum()
+                    count += 1
+    return count
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -108,14 +138,17 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         text = job["text"]
         ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         result["rss_before_load_bytes"] = _status_kb("VmRSS")
+        result["anon_before_load_bytes"] = _status_kb("RssAnon")
         sampler = RssSampler()
         sampler.start()
         start = time.perf_counter()
         model = C.load_model(spec, method)
+        touch_weights(model)
         result["load_s"] = time.perf_counter() - start
         sampler.stop()
         result["peak_rss_load_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         result["peak_anon_load_bytes"] = sampler.peak_anon
+        result["load_anon_increase_bytes"] = sampler.peak_anon - result["anon_before_load_bytes"]
         result["rss_after_load_bytes"] = _status_kb("VmRSS")
         result["footprint_bytes"] = int(model.get_memory_footprint())
         result["storage_bytes"] = C.storage_bytes(model)
@@ -171,6 +204,43 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Parent
 # ---------------------------------------------------------------------------------------------------------------
+def convert_checkpoint(spec: C.ModelSpec, out: Path, dtype: str) -> None:
+    """Save ``spec``'s weights as a ``dtype`` safetensors checkpoint (plus tokenizer) in ``out``, atomically."""
+    import os
+    import shutil
+    import tempfile
+
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    C.quiet_library_warnings()
+    auto = AutoModelForCausalLM if spec.kind == "causal" else AutoModel
+    model = auto.from_pretrained(spec.path(), dtype=C.DTYPES[dtype])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        C.load_tokenizer(spec).save_pretrained(tmp)
+        (tmp / "hf_int8_bench_source.json").write_text(json.dumps({"source": str(spec.path()), "dtype": dtype}))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def checkpoint_in_dtype(spec: C.ModelSpec, dtype: str) -> C.ModelSpec:
+    """``spec`` re-saved with ``dtype`` weights (cached), converted in a subprocess to keep this process small."""
+    import os
+    import subprocess
+
+    root = Path(os.environ.get("HF_INT8_CACHE") or C.REPO / ".cache") / "eval_work" / "checkpoints"
+    out = root / f"{spec.name}-{dtype}"
+    if not (out / "hf_int8_bench_source.json").is_file():
+        model_arg = spec.name if spec is C.KNOWN_MODELS.get(spec.name) else f"{spec.name}={spec.path()}:{spec.kind}"
+        print(f"[bench_e2e] saving a {dtype} copy of {spec.name} in {out}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, str(SCRIPT), "--convert", model_arg, str(out), dtype], check=True)
+    return C.ModelSpec(spec.name, spec.kind, lambda: out, f"{spec.label} ({dtype} checkpoint)")
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """``ratio_fp32``/``ratio_bf16`` per metric, against the fp32/bf16 rows of the same model in this run."""
     for row in rows:
@@ -225,6 +295,8 @@ def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict
                   fp16_bytes[model] / C.MB, lambda v, b: v < b)
             check(model, "peak anonymous memory while loading < fp16 checkpoint (MB)",
                   ours["peak_anon_load_bytes"] / C.MB, fp16_bytes[model] / C.MB, lambda v, b: v < b)
+            check(model, "loading's own anonymous memory (peak - before) < fp16 checkpoint (MB)",
+                  ours["load_anon_increase_bytes"] / C.MB, fp16_bytes[model] / C.MB, lambda v, b: v < b)
         if bnb:
             check(model, f"footprint <= bitsandbytes t=6 at {ours['dtype']} (MB)", ours["footprint_bytes"] / C.MB,
                   bnb["footprint_bytes"] / C.MB, lambda v, b: v <= b)
@@ -262,7 +334,10 @@ def render_markdown(data: dict[str, Any]) -> str:
     for model in models:
         label = data["model_labels"].get(model, model)
         fp16 = data["fp16_checkpoint_bytes"].get(model)
-        out.append(f"## {label}" + (f" (fp16 checkpoint: {fp16 / C.MB:.0f} MB)" if fp16 else "") + "\n")
+        ckpt = s.get("checkpoint_dtype", "as-is")
+        ckpt_note = "loaded from its checkpoint as stored" if ckpt == "as-is" else f"loaded from a {ckpt} checkpoint"
+        out.append(f"## {label}, {ckpt_note}" + (f" (an fp16 checkpoint would be {fp16 / C.MB:.0f} MB)" if fp16
+                                                  else "") + "\n")
         table = []
         for r in [r for r in rows if r["model"] == model]:
             if r.get("status") != "ok":
@@ -290,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(Path(argv[1]).read_text())
         C.write_json(Path(job["result_file"]), worker(job))
         return 0
+    if argv[:1] == ["--convert"]:
+        convert_checkpoint(C.parse_models(argv[1])[0], Path(argv[2]), argv[3])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--models", default="smollm2,qwen,minilm",
@@ -307,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="128-token prompt, 16 new tokens, 1 repeat: a fast, noisier look")
     parser.add_argument("--no-speed", action="store_true", help="loading and memory only")
+    parser.add_argument("--checkpoint-dtype", default="as-is", choices=["as-is", "bf16", "fp16"],
+                        help="load from a copy of each checkpoint saved in this dtype (cached); the assets are fp32 "
+                             "checkpoints, the hub checkpoints of these models are bf16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     parser.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
     parser.add_argument("--prefix", default="bench", help="output file names: PREFIX.json, PREFIX.md, PREFIX_*.png")
@@ -325,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.prompt_tokens}")
 
     models = C.parse_models(args.models)
+    if args.checkpoint_dtype != "as-is":
+        models = [checkpoint_in_dtype(spec, args.checkpoint_dtype) for spec in models]
     methods = C.parse_methods(args.methods, args.dtype)
     from eval_quality import read_text
 
@@ -332,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     C.seed_everything()
     settings = {"text_name": text_name, "text_sha256": C.sha256_text(text), "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens, "batches": batches, "repeats": args.repeats,
-                "decode_repeats": args.decode_repeats, "quick": args.quick, "dtype": args.dtype}
+                "decode_repeats": args.decode_repeats, "quick": args.quick, "dtype": args.dtype,
+                "checkpoint_dtype": args.checkpoint_dtype}
     data: dict[str, Any] = {
         "kind": "bench", "meta": C.run_metadata(["scripts/bench_e2e.py", *argv]), "settings": settings,
         "model_labels": {m.name: m.label for m in models}, "fp16_checkpoint_bytes": {}, "results": [], "checks": [],
@@ -345,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm([(m, meth) for m in models for meth in methods], desc="bench jobs", unit="job")
     for spec, method in bar:
         bar.set_postfix_str(f"{spec.name} {method.key}")
-        model_arg = spec.name if spec.name in C.KNOWN_MODELS else f"{spec.name}={spec.path()}:{spec.kind}"
+        model_arg = spec.name if spec is C.KNOWN_MODELS.get(spec.name) else f"{spec.name}={spec.path()}:{spec.kind}"
         job = {"model_arg": model_arg, "method": method.key, "text": text, "prompt_tokens": args.prompt_tokens,
                "new_tokens": args.new_tokens, "batches": batches if spec.kind == "causal" else [],
                "repeats": args.repeats, "decode_repeats": args.decode_repeats, "no_speed": args.no_speed,

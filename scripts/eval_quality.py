@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in previous and (spec.kind == "causal" or all((spec.name, m.key) in previous for m in methods)):
             row = dict(previous[key])
         else:
-            model_arg = spec.name if spec.name in C.KNOWN_MODELS else f"{spec.name}={spec.path()}:{spec.kind}"
+            model_arg = spec.name if spec is C.KNOWN_MODELS.get(spec.name) else f"{spec.name}={spec.path()}:{spec.kind}"
             job = {"model_arg": model_arg, "method": method.key, "text": args.text,
                    "max_tokens": settings["max_tokens"][spec.name], "window": args.window,
                    "sentences": args.sentences, "no_outlier_stats": args.no_outlier_stats}
