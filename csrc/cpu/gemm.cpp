@@ -78,6 +78,12 @@ int64_t block_columns(const GemmProblem& p, int64_t kp) {
 
 void run_packed_vnni(const GemmProblem& p) {
   const int64_t kp = round_up(p.K, 4);
+  at::Tensor x_panels = at::empty({p.M * kp}, at::kChar);
+  int8_t* xp = x_panels.data_ptr<int8_t>();
+  const int64_t row_panels = ceil_div(p.M, avx512::kPackedRows);
+  at::parallel_for(0, row_panels, std::max<int64_t>(1, 16384 / kp), [&](int64_t q0, int64_t q1) {
+    avx512::pack_rows(p, q0 * avx512::kPackedRows, std::min(p.M, q1 * avx512::kPackedRows), xp);
+  });
   const int64_t block = block_columns(p, kp);
   const int64_t n_blocks = ceil_div(p.N, block);
   const size_t panel_bytes = static_cast<size_t>(ceil_div(block, kPanelCols) * kp * 16);
@@ -85,7 +91,7 @@ void run_packed_vnni(const GemmProblem& p) {
     static thread_local std::vector<uint8_t> panels;
     if (panels.size() < panel_bytes) panels.resize(panel_bytes);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      avx512::packed(p, blk * block, std::min(p.N, (blk + 1) * block), panels.data());
+      avx512::packed(p, xp, blk * block, std::min(p.N, (blk + 1) * block), panels.data());
     }
   });
 }
@@ -118,7 +124,6 @@ const char* gemm_path_name(Isa isa, int64_t M) {
 
 ALayout gemm_a_layout(Isa isa, int64_t M, int64_t K) {
   switch (choose(isa, M)) {
-    case Path::kPackedVnni: return {round_up(K, 4), M};
     default: return {K, M};
   }
 }

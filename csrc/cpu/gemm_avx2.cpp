@@ -24,6 +24,20 @@ HF_INT8_TARGET_AVX2 inline int32_t reduce8(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// Horizontal sums of the stored accumulators plus the K tail [k_done, K), done out of line: inlined, they made GCC
+// spill accumulators inside the main loop.
+__attribute__((noinline)) HF_INT8_TARGET_AVX2 void finish_sums(const int8_t* a, int64_t lda, const int8_t* b,
+                                                               int64_t ldb, int64_t K, int64_t k_done, int mr, int nr,
+                                                               const int32_t* stored, int32_t* out) {
+  for (int i = 0; i < mr; ++i) {
+    for (int j = 0; j < nr; ++j) {
+      int32_t s = reduce8(_mm256_load_si256(reinterpret_cast<const __m256i*>(stored + (i * nr + j) * 8)));
+      for (int64_t t = k_done; t < K; ++t) s += int32_t(a[i * lda + t]) * int32_t(b[j * ldb + t]);
+      out[i * nr + j] = s;
+    }
+  }
+}
+
 template <int MR, int NR>
 HF_INT8_TARGET_AVX2 void dot_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t K,
                                   int32_t* out) {
@@ -47,15 +61,13 @@ HF_INT8_TARGET_AVX2 void dot_tile(const int8_t* a, int64_t lda, const int8_t* b,
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w[j], x));
     }
   }
+  alignas(32) int32_t stored[MR * NR * 8];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      int32_t s = reduce8(acc[i][j]);
-      for (int64_t t = k; t < K; ++t) s += int32_t(a[i * lda + t]) * int32_t(b[j * ldb + t]);
-      out[i * NR + j] = s;
-    }
+    for (int j = 0; j < NR; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(stored + (i * NR + j) * 8), acc[i][j]);
   }
+  finish_sums(a, lda, b, ldb, K, k, MR, NR, stored, out);
 }
 
 template <int MR>

@@ -27,6 +27,14 @@ constexpr int64_t kPrefetchBytes = 1024;  // software prefetch distance of the s
 // ---------------------------------------------------------------------------------------------------------------
 // small M
 // ---------------------------------------------------------------------------------------------------------------
+// Horizontal sums of n stored accumulator vectors (out of line, see dot_tile).
+__attribute__((noinline)) HF_INT8_TARGET_AVX512 void reduce_rows(const int32_t* acc, int n, int32_t* out) {
+  for (int i = 0; i < n; ++i) out[i] = _mm512_reduce_add_epi32(_mm512_load_si512(acc + 16 * i));
+}
+
+// out[i * NR + j] = sum_k a[i, k] * (b[j, k] + 128) for MR rows of A and NR rows of B. The K tail is the last
+// iteration with a byte mask (masked-off bytes load as 0 in A, so B's contribute nothing). The accumulators are
+// stored and reduced out of line: with the reduction inlined GCC spilled accumulators inside the loop.
 template <int MR, int NR>
 HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t K,
                                     int32_t* out) {
@@ -37,39 +45,28 @@ HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* 
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
   }
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 m = K - k >= 64 ? ~__mmask64(0) : ~__mmask64(0) >> (64 - (K - k));
     __m512i w[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(b + j * ldb + k + kPrefetchBytes), _MM_HINT_T0);
-      w[j] = _mm512_xor_si512(_mm512_loadu_si512(b + j * ldb + k), flip);
+      w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, b + j * ldb + k), flip);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512i x = _mm512_loadu_si512(a + i * lda + k);
+      const __m512i x = _mm512_maskz_loadu_epi8(m, a + i * lda + k);
 #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], x);
     }
   }
-  if (k < K) {
-    // Tail: masked-off bytes load as 0 in A, so whatever B holds there contributes nothing.
-    const __mmask64 tail = ~__mmask64(0) >> (64 - (K - k));
-    __m512i w[NR];
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, b + j * ldb + k), flip);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512i x = _mm512_maskz_loadu_epi8(tail, a + i * lda + k);
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], x);
-    }
-  }
+  alignas(64) int32_t stored[MR * NR * 16];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) out[i * NR + j] = _mm512_reduce_add_epi32(acc[i][j]);
+    for (int j = 0; j < NR; ++j) _mm512_store_si512(stored + (i * NR + j) * 16, acc[i][j]);
   }
+  reduce_rows(stored, MR * NR, out);
 }
 
 constexpr int nr_for(int mr) { return mr <= 3 ? 8 : (mr == 4 ? 6 : (mr <= 6 ? 4 : 3)); }
@@ -102,58 +99,70 @@ HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, i
 // packing
 // ---------------------------------------------------------------------------------------------------------------
 // ---------------------------------------------------------------------------------------------------------------
-// packed large-M microkernel: MR rows x 32 columns (two panels), full K
+// packed large-M microkernel: MR rows x 32 columns (two B panels), full K. A is packed too ([K/4][MR][4]), so the
+// loop walks three pointers and keeps 2 * MR accumulators, two B vectors and one broadcast in the 32 registers.
 // ---------------------------------------------------------------------------------------------------------------
+// Epilogue of an MR x 32 tile from its stored accumulators (kept out of line: inlined into the microkernel, its
+// register demand made GCC spill accumulators inside the K loop).
+__attribute__((noinline)) HF_INT8_TARGET_AVX512 void finish_tile32(const GemmProblem& p, int64_t m0, int mr,
+                                                                   const int32_t* c, int64_t n0, int64_t n_valid) {
+  for (int i = 0; i < mr; ++i) {
+    const __m512i corr = _mm512_set1_epi32(kU8Shift * p.a_rowsum[m0 + i]);
+    finish16(p, m0 + i, n0, n_valid, _mm512_sub_epi32(_mm512_load_si512(c + i * 32), corr));
+    if (n_valid > 16) {
+      finish16(p, m0 + i, n0 + 16, n_valid - 16, _mm512_sub_epi32(_mm512_load_si512(c + i * 32 + 16), corr));
+    }
+  }
+}
+
 template <int MR>
-HF_INT8_TARGET_AVX512 void micro_packed(const GemmProblem& p, int64_t m0, const uint8_t* pa, const uint8_t* pb,
-                                        int64_t kq, int64_t n0, int64_t n_valid) {
+HF_INT8_TARGET_AVX512 void micro_packed(const GemmProblem& p, int64_t m0, const int8_t* xa, const uint8_t* pa,
+                                        const uint8_t* pb, int64_t kq, int64_t n0, int64_t n_valid) {
   __m512i acc0[MR], acc1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     acc0[i] = _mm512_setzero_si512();
     acc1[i] = _mm512_setzero_si512();
   }
-  const int8_t* a = p.a + m0 * p.lda;
-  const int64_t lda = p.lda;
   for (int64_t g = 0; g < kq; ++g) {
     const __m512i w0 = _mm512_loadu_si512(pa + g * 64);
     const __m512i w1 = _mm512_loadu_si512(pb + g * 64);
+    const int8_t* xg = xa + g * (MR * 4);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       int32_t xi;
-      std::memcpy(&xi, a + i * lda + g * 4, sizeof(xi));
+      std::memcpy(&xi, xg + i * 4, sizeof(xi));
       const __m512i x = _mm512_set1_epi32(xi);
       acc0[i] = _mm512_dpbusd_epi32(acc0[i], w0, x);
       acc1[i] = _mm512_dpbusd_epi32(acc1[i], w1, x);
     }
   }
+  alignas(64) int32_t c[MR * 32];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    const __m512i corr = _mm512_set1_epi32(kU8Shift * p.a_rowsum[m0 + i]);
-    finish16(p, m0 + i, n0, n_valid, _mm512_sub_epi32(acc0[i], corr));
-    if (n_valid > 16) finish16(p, m0 + i, n0 + 16, n_valid - 16, _mm512_sub_epi32(acc1[i], corr));
+    _mm512_store_si512(c + i * 32, acc0[i]);
+    _mm512_store_si512(c + i * 32 + 16, acc1[i]);
   }
+  finish_tile32(p, m0, MR, c, n0, n_valid);
 }
 
-constexpr int kPackedMR = 12;
-
 template <int MR>
-HF_INT8_TARGET_AVX512 void packed_rows(const GemmProblem& p, int64_t m0, const uint8_t* panels, int64_t n_panels,
-                                       int64_t kq, int64_t n_begin, int64_t n_end) {
+HF_INT8_TARGET_AVX512 void packed_rows(const GemmProblem& p, int64_t m0, const int8_t* xa, const uint8_t* panels,
+                                       int64_t n_panels, int64_t kq, int64_t n_begin, int64_t n_end) {
   const int64_t panel_bytes = kq * 64;
   for (int64_t q = 0; q < n_panels; q += 2) {
     const uint8_t* pa = panels + q * panel_bytes;
     const uint8_t* pb = q + 1 < n_panels ? pa + panel_bytes : pa;  // odd count: the second half is not stored
     const int64_t n0 = n_begin + q * kPanelCols;
-    micro_packed<MR>(p, m0, pa, pb, kq, n0, std::min<int64_t>(2 * kPanelCols, n_end - n0));
+    micro_packed<MR>(p, m0, xa, pa, pb, kq, n0, std::min<int64_t>(2 * kPanelCols, n_end - n0));
   }
 }
 
 template <int... MRs>
-HF_INT8_TARGET_AVX512 void packed_tail(int mr, const GemmProblem& p, int64_t m0, const uint8_t* panels,
-                                       int64_t n_panels, int64_t kq, int64_t n_begin, int64_t n_end,
-                                       std::integer_sequence<int, MRs...>) {
-  ((mr == MRs + 1 ? packed_rows<MRs + 1>(p, m0, panels, n_panels, kq, n_begin, n_end) : void()), ...);
+HF_INT8_TARGET_AVX512 void packed_tail(int mr, const GemmProblem& p, int64_t m0, const int8_t* xa,
+                                       const uint8_t* panels, int64_t n_panels, int64_t kq, int64_t n_begin,
+                                       int64_t n_end, std::integer_sequence<int, MRs...>) {
+  ((mr == MRs + 1 ? packed_rows<MRs + 1>(p, m0, xa, panels, n_panels, kq, n_begin, n_end) : void()), ...);
 }
 
 }  // namespace
@@ -197,7 +206,24 @@ HF_INT8_TARGET_AVX512 void small_m(const GemmProblem& p, int64_t n_begin, int64_
   }
 }
 
-HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint8_t* panels) {
+void pack_rows(const GemmProblem& p, int64_t m_begin, int64_t m_end, int8_t* x_panels) {
+  const int64_t kq = ceil_div(p.K, 4);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kPackedRows) {
+    const int64_t rows = std::min<int64_t>(kPackedRows, p.M - m0);
+    int8_t* dst = x_panels + m0 * kq * 4;  // panel of `rows` rows: [kq][rows][4]
+    for (int64_t i = 0; i < rows; ++i) {
+      const int8_t* src = p.a + (m0 + i) * p.lda;
+      const int64_t full = p.K / 4;
+      for (int64_t g = 0; g < full; ++g) std::memcpy(dst + (g * rows + i) * 4, src + 4 * g, 4);
+      for (int64_t g = full; g < kq; ++g) {
+        for (int64_t t = 0; t < 4; ++t) dst[(g * rows + i) * 4 + t] = 4 * g + t < p.K ? src[4 * g + t] : 0;
+      }
+    }
+  }
+}
+
+HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, const int8_t* x_panels, int64_t n_begin, int64_t n_end,
+                                  uint8_t* panels) {
   const int64_t kq = ceil_div(p.K, 4);
   const int64_t n_panels = ceil_div(n_end - n_begin, kPanelCols);
   for (int64_t q = 0; q < n_panels; ++q) {
@@ -206,12 +232,12 @@ HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, int64_t n_begin, int64_t
                panels + q * kq * 64);
   }
   int64_t m0 = 0;
-  for (; m0 + kPackedMR <= p.M; m0 += kPackedMR) {
-    packed_rows<kPackedMR>(p, m0, panels, n_panels, kq, n_begin, n_end);
+  for (; m0 + kPackedRows <= p.M; m0 += kPackedRows) {
+    packed_rows<kPackedRows>(p, m0, x_panels + m0 * kq * 4, panels, n_panels, kq, n_begin, n_end);
   }
   if (m0 < p.M) {
-    packed_tail(static_cast<int>(p.M - m0), p, m0, panels, n_panels, kq, n_begin, n_end,
-                std::make_integer_sequence<int, kPackedMR - 1>{});
+    packed_tail(static_cast<int>(p.M - m0), p, m0, x_panels + m0 * kq * 4, panels, n_panels, kq, n_begin, n_end,
+                std::make_integer_sequence<int, kPackedRows - 1>{});
   }
 }
 
@@ -222,7 +248,8 @@ HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, int64_t n_begin, int64_t
 namespace hf_int8::cpu::avx512 {
 void pack_panel(const int8_t*, int64_t, int64_t, int64_t, int64_t, bool, uint8_t*) {}
 void small_m(const GemmProblem&, int64_t, int64_t) {}
-void packed(const GemmProblem&, int64_t, int64_t, uint8_t*) {}
+void pack_rows(const GemmProblem&, int64_t, int64_t, int8_t*) {}
+void packed(const GemmProblem&, const int8_t*, int64_t, int64_t, uint8_t*) {}
 }  // namespace hf_int8::cpu::avx512
 
 #endif  // HF_INT8_X86

@@ -166,9 +166,12 @@ constexpr int64_t kPanelCols = 16;  // columns of B per packed panel: [ceil(Kp /
 namespace avx512 {
 constexpr int64_t kSmallMaxM = 8;  // the streaming kernel handles up to this many rows
 void small_m(const GemmProblem& p, int64_t n_begin, int64_t n_end);
-// Packed path: packs B rows [n_begin, n_end) into `panels` (u8 = b + 128, VNNI layout, ceil(K/4)*64 bytes per
-// 16 columns) and computes all M rows of those columns. A's rows must be zero-padded to a multiple of 4 bytes.
-void packed(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint8_t* panels);
+// Packed path. pack_rows packs A's rows [m_begin, m_end) (m_begin a multiple of kPackedRows) into row panels
+// [ceil(K/4)][rows][4] at x_panels + m * ceil(K/4) * 4. packed() then packs B rows [n_begin, n_end) into `panels`
+// (u8 = b + 128, VNNI layout, ceil(K/4)*64 bytes per 16 columns) and computes all M rows of those columns.
+constexpr int64_t kPackedRows = 12;
+void pack_rows(const GemmProblem& p, int64_t m_begin, int64_t m_end, int8_t* x_panels);
+void packed(const GemmProblem& p, const int8_t* x_panels, int64_t n_begin, int64_t n_end, uint8_t* panels);
 // Packs rows [0, n_rows) (n_rows <= 16) of b into one panel of kq groups of 4 columns: panel[g][n][t] = b[n][4g + t]
 // (+128 as u8 when flip), zero (128 when flip) past K and past n_rows.
 void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t kq, bool flip, uint8_t* panel);
