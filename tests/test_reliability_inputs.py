@@ -4,6 +4,8 @@ Implementations compared (each against the pure-PyTorch reference run on the CPU
 
 * ``dispatch-cpu``: ``torch.ops.hf_int8.*`` on CPU tensors, i.e. the native CPU kernels when the extension is built
   (``hf_int8.implementations()`` says which), the reference otherwise;
+* ``native-cpu-<isa>``: the same with the native kernels capped to a lower instruction set (``HF_INT8_CPU_ISA``), so
+  the fallback paths see the same edge cases as the one this machine picks;
 * ``reference-cuda`` and ``dispatch-cuda`` (native CUDA kernels): the same checks on a CUDA device, skipped only when
   no CUDA device is present.
 
@@ -83,6 +85,9 @@ class Impl:
     def int8_linear(self, x, w, s, bias=None, threshold=6.0):
         return self._op("int8_linear")(*self._to(x, w, s, bias), threshold).cpu()
 
+    def int8_matmul(self, a, b):
+        return self._op("int8_matmul")(*self._to(a, b)).cpu()
+
     def int8_scaled_matmul(self, a, b, rs, cs, bias, out_dtype):
         return self._op("int8_scaled_matmul")(*self._to(a, b, rs, cs, bias), out_dtype).cpu()
 
@@ -95,7 +100,10 @@ _native_cpu = pytest.mark.skipif(
 )
 IMPLS = [
     pytest.param(Impl("dispatch-cpu", "cpu", True), id="dispatch-cpu"),
-    pytest.param(Impl("native-cpu-avx2", "cpu", True, isa="avx2"), id="native-cpu-avx2", marks=_native_cpu),
+    *[
+        pytest.param(Impl(f"native-cpu-{isa}", "cpu", True, isa=isa), id=f"native-cpu-{isa}", marks=_native_cpu)
+        for isa in ("avx512-vnni", "avx2", "none")
+    ],
     pytest.param(Impl("reference-cuda", "cuda", False), id="reference-cuda", marks=[_cuda, pytest.mark.gpu]),
     pytest.param(Impl("dispatch-cuda", "cuda", True), id="dispatch-cuda", marks=[_cuda, pytest.mark.gpu]),
 ]
@@ -452,14 +460,16 @@ def test_module_casts_bias_to_the_input_dtype():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_layers_with_very_few_input_features(impl, k):
-    """in_features == 1 once made the reference return garbage (torch._int_mm misreads a K == 1 operand)."""
+    """in_features == 1 made the reference return garbage: torch._int_mm misreads the K == 1 operand b.t() (a [1, N]
+    view with strides (1, 1)) and returns uninitialised int32 values. Fixed in the reference; the native CPU "none"
+    path (HF_INT8_CPU_ISA=none, csrc/cpu/gemm.cpp run_generic: at::_int_mm(a, b.t())) has the same bug, reported
+    to its owner: this test stays strict until it is fixed there."""
     w = torch.randn(7, k, generator=_gen(16))
     codes, scale = impl.quantize_weight(w)
     a = torch.randint(-127, 128, (5, k), dtype=torch.int8, generator=_gen(17))
     exact_int = (a.long() @ codes.long().t()).int()
     assert torch.equal(ref.int8_matmul(a, codes), exact_int)
-    if impl.dispatch:
-        assert torch.equal(torch.ops.hf_int8.int8_matmul(a.to(impl.device), codes.to(impl.device)).cpu(), exact_int)
+    assert torch.equal(impl.int8_matmul(a, codes), exact_int)
     x = torch.randn(5, k, generator=_gen(18))
     x_codes, row_scale, _ = ref.quantize_activation(x, 0.0)
     expected = (x_codes.double() @ codes.double().t()) * row_scale.double().unsqueeze(1) * scale.double()
