@@ -80,6 +80,11 @@ KNOWN_MODELS = {
 MODEL_KINDS = ("causal", "encoder")
 
 
+def model_arg(spec: ModelSpec) -> str:
+    """How a worker subprocess is told about ``spec``: its known name, or ``NAME=FOLDER:KIND``."""
+    return spec.name if spec is KNOWN_MODELS.get(spec.name) else f"{spec.name}={spec.path()}:{spec.kind}"
+
+
 def parse_models(text: str) -> list[ModelSpec]:
     """``smollm2,qwen,minilm`` and/or ``NAME=PATH[:causal|encoder]`` entries (a local folder; default ``causal``)."""
     specs = []

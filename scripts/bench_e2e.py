@@ -235,10 +235,10 @@ def checkpoint_in_dtype(spec: C.ModelSpec, dtype: str) -> C.ModelSpec:
     root = Path(os.environ.get("HF_INT8_CACHE") or C.REPO / ".cache") / "eval_work" / "checkpoints"
     out = root / f"{spec.name}-{dtype}"
     if not (out / "hf_int8_bench_source.json").is_file():
-        model_arg = spec.name if spec is C.KNOWN_MODELS.get(spec.name) else f"{spec.name}={spec.path()}:{spec.kind}"
+        model_arg = C.model_arg(spec)
         print(f"[bench_e2e] saving a {dtype} copy of {spec.name} in {out}", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, str(SCRIPT), "--convert", model_arg, str(out), dtype], check=True)
-    return C.ModelSpec(spec.name, spec.kind, lambda: out, f"{spec.label} ({dtype} checkpoint)")
+    return C.ModelSpec(spec.name, spec.kind, lambda: out, spec.label)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -290,16 +290,20 @@ def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict
         if bf16 and ours.get("prefill_tps") and bf16.get("prefill_tps"):
             check(model, "prefill >= 1.5x bf16 (ratio)", ours["prefill_tps"] / bf16["prefill_tps"], 1.5,
                   lambda v, b: v >= b)
+        def mb(row: dict[str, Any], key: str) -> float | None:
+            return row[key] / C.MB if row.get(key) is not None else None
+
         if model in fp16_bytes:
-            check(model, "peak RSS while loading < fp16 checkpoint (MB)", ours["peak_rss_load_bytes"] / C.MB,
-                  fp16_bytes[model] / C.MB, lambda v, b: v < b)
+            fp16 = fp16_bytes[model] / C.MB
+            check(model, "peak RSS while loading < fp16 checkpoint (MB)", mb(ours, "peak_rss_load_bytes"), fp16,
+                  lambda v, b: v < b)
             check(model, "peak anonymous memory while loading < fp16 checkpoint (MB)",
-                  ours["peak_anon_load_bytes"] / C.MB, fp16_bytes[model] / C.MB, lambda v, b: v < b)
+                  mb(ours, "peak_anon_load_bytes"), fp16, lambda v, b: v < b)
             check(model, "loading's own anonymous memory (peak - before) < fp16 checkpoint (MB)",
-                  ours["load_anon_increase_bytes"] / C.MB, fp16_bytes[model] / C.MB, lambda v, b: v < b)
+                  mb(ours, "load_anon_increase_bytes"), fp16, lambda v, b: v < b)
         if bnb:
-            check(model, f"footprint <= bitsandbytes t=6 at {ours['dtype']} (MB)", ours["footprint_bytes"] / C.MB,
-                  bnb["footprint_bytes"] / C.MB, lambda v, b: v <= b)
+            check(model, f"footprint <= bitsandbytes t=6 at {ours['dtype']} (MB)", mb(ours, "footprint_bytes"),
+                  mb(bnb, "footprint_bytes"), lambda v, b: v <= b)
     return checks
 
 
@@ -365,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(Path(argv[1]).read_text())
         C.write_json(Path(job["result_file"]), worker(job))
         return 0
+    if argv[:1] == ["--render"]:  # redraw markdown and charts of a saved run, measuring nothing
+        path = Path(argv[1])
+        data = json.loads(path.read_text())
+        _write_outputs(data, argparse.Namespace(out_dir=path.parent, prefix=path.stem, no_plots=False), final=True)
+        print(render_markdown(data))
+        return 0
     if argv[:1] == ["--convert"]:
         convert_checkpoint(C.parse_models(argv[1])[0], Path(argv[2]), argv[3])
         return 0
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm([(m, meth) for m in models for meth in methods], desc="bench jobs", unit="job")
     for spec, method in bar:
         bar.set_postfix_str(f"{spec.name} {method.key}")
-        model_arg = spec.name if spec is C.KNOWN_MODELS.get(spec.name) else f"{spec.name}={spec.path()}:{spec.kind}"
+        model_arg = C.model_arg(spec)
         job = {"model_arg": model_arg, "method": method.key, "text": text, "prompt_tokens": args.prompt_tokens,
                "new_tokens": args.new_tokens, "batches": batches if spec.kind == "causal" else [],
                "repeats": args.repeats, "decode_repeats": args.decode_repeats, "no_speed": args.no_speed,

@@ -382,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(Path(argv[1]).read_text())
         C.write_json(Path(job["result_file"]), worker(job))
         return 0
+    if argv[:1] == ["--render"]:  # redraw markdown and charts of a saved run, measuring nothing
+        path = Path(argv[1])
+        data = json.loads(path.read_text())
+        _write_outputs(data, argparse.Namespace(out_dir=path.parent, prefix=path.stem, no_plots=False), final=True)
+        print(render_markdown(data))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--models", default="smollm2,qwen,minilm",
@@ -440,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in previous and (spec.kind == "causal" or all((spec.name, m.key) in previous for m in methods)):
             row = dict(previous[key])
         else:
-            model_arg = spec.name if spec is C.KNOWN_MODELS.get(spec.name) else f"{spec.name}={spec.path()}:{spec.kind}"
+            model_arg = C.model_arg(spec)
             job = {"model_arg": model_arg, "method": method.key, "text": args.text,
                    "max_tokens": settings["max_tokens"][spec.name], "window": args.window,
                    "sentences": args.sentences, "no_outlier_stats": args.no_outlier_stats}

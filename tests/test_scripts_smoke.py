@@ -143,6 +143,7 @@ def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
         for key in ("load_s", "peak_rss_load_bytes", "peak_anon_load_bytes", "footprint_bytes", "storage_bytes",
                     "prefill_tps"):
             assert row[key] > 0, (model, method, key)
+        assert row["peak_anon_load_bytes"] - row["anon_before_load_bytes"] == row["load_anon_increase_bytes"] >= 0
         if model == "tl":
             assert row["decode_b1_tps"] > 0 and row["decode_b8_tps"] > 0
             assert row["ratio_bf16"]["decode_b8_tps"] == pytest.approx(
@@ -154,9 +155,12 @@ def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
     assert rows[("tl", "fp32")]["ratio_fp32"]["prefill_tps"] == 1.0
     assert rows[("tl", "llmint8-t6@bf16")]["footprint_bytes"] < rows[("tl", "bf16")]["footprint_bytes"]
     assert data["fp16_checkpoint_bytes"]["tl"] == 2 * sum(p.numel() for p in _load_params(tiny["llama"]))
-    targets = {c["target"] for c in data["checks"] if c["model"] == "tl"}
+    targets = {c["target"]: c for c in data["checks"] if c["model"] == "tl"}
     assert {"decode b1 >= 2x bf16 (ratio)", "prefill >= 1.5x bf16 (ratio)",
-            "peak RSS while loading < fp16 checkpoint (MB)"} <= targets
+            "peak RSS while loading < fp16 checkpoint (MB)"} <= set(targets)
+    decode = targets["decode b8 >= 2x bf16 (ratio)"]
+    assert decode["pass"] == (decode["value"] >= 2.0) and decode["value"] == pytest.approx(
+        rows[("tl", "llmint8-t6@bf16")]["ratio_bf16"]["decode_b8_tps"])
 
     markdown = (out / "bench.md").read_text()
     assert _table_header(markdown, "method") == ["method", "load s", "peak RSS load MB", "peak anon load MB",
