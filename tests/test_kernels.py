@@ -365,7 +365,8 @@ def test_isa_is_chosen_at_run_time_and_reported(cpu_native):
             pytest.skip("this CPU has no AVX2")
         assert cpu_native.cpu_isa() == "avx2"
         assert hf_int8.implementations()["int8_linear[cpu]"] == "native (avx2)"
-        assert cpu_native.gemm_path(1) == cpu_native.gemm_path(4096) == "avx2"
+        assert cpu_native.gemm_path(1) == cpu_native.gemm_path(8) == "avx2"
+        assert cpu_native.gemm_path(9) == cpu_native.gemm_path(4096) == "avx2 onednn"
     with _isa("none"):
         assert cpu_native.gemm_path(83) == "generic"
     if best in ("amx", "avx512-vnni"):

@@ -6,8 +6,9 @@
 //   avx512-vnni small-M   M <= 8, streams B once (decode)
 //   amx                   M > 8 on CPUs with AMX-INT8
 //   avx512-vnni packed    otherwise with AVX-512 VNNI
-//   avx2                  CPUs with AVX2 but no VNNI (exact 16-bit products)
-//   generic               anything else: at::_int_mm (oneDNN) plus the scalar epilogue
+//   avx2                  CPUs with AVX2 but no VNNI, M <= 8 (exact 16-bit products, streams B once)
+//   avx2 onednn           same CPUs, M > 8: at::_int_mm (oneDNN's AVX2 kernel is faster there) + AVX2 epilogue
+//   generic               anything else: at::_int_mm plus the scalar epilogue
 // Every output element is computed by one thread, with K in a fixed order and exact integer arithmetic, so results do
 // not depend on the thread count.
 #include <ATen/ATen.h>
@@ -24,7 +25,7 @@ namespace hf_int8::cpu {
 
 namespace {
 
-enum class Path { kGeneric, kAvx2, kSmallM, kPackedVnni, kAmx };
+enum class Path { kGeneric, kAvx2, kAvx2Onednn, kSmallM, kPackedVnni, kAmx };
 
 constexpr int64_t kPackedBlockBytes = 1 << 20;  // packed B per work item: about this many bytes (stays in L2)
 constexpr int64_t kSmallMGrain = 64;            // B rows per thread at least, small-M path
@@ -33,7 +34,7 @@ Path choose(Isa isa, int64_t M) {
   if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallMaxM) return Path::kSmallM;
   if (isa >= Isa::kAmx) return Path::kAmx;
   if (isa >= Isa::kAvx512Vnni) return Path::kPackedVnni;
-  if (isa >= Isa::kAvx2) return Path::kAvx2;
+  if (isa >= Isa::kAvx2) return M <= avx2::kMaxRows ? Path::kAvx2 : Path::kAvx2Onednn;
   return Path::kGeneric;
 }
 
@@ -62,11 +63,18 @@ void finish_all(const GemmProblem& p, const int32_t* acc, int64_t ld_acc) {
   });
 }
 
-void run_generic(const GemmProblem& p) {
+void run_onednn(const GemmProblem& p, bool avx2_epilogue) {
   const at::Tensor a = at::from_blob(const_cast<int8_t*>(p.a), {p.M, p.K}, {p.lda, 1}, at::kChar).contiguous();
   const at::Tensor b = at::from_blob(const_cast<int8_t*>(p.b), {p.N, p.K}, {p.ldb, 1}, at::kChar);
   const at::Tensor acc = at::_int_mm(a, b.t());
-  finish_all(p, acc.data_ptr<int32_t>(), acc.stride(0));
+  if (!avx2_epilogue) {
+    finish_all(p, acc.data_ptr<int32_t>(), acc.stride(0));
+    return;
+  }
+  const int32_t* c = acc.data_ptr<int32_t>();
+  const int64_t ld = acc.stride(0);
+  at::parallel_for(0, p.M, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.N, 1)),
+                   [&](int64_t m0, int64_t m1) { avx2::finish_rows(p, c, ld, m0, m1); });
 }
 
 // Columns of B per work item: about kPackedBlockBytes of B, a multiple of 32, and at least one item per thread.
@@ -118,6 +126,7 @@ const char* gemm_path_name(Isa isa, int64_t M) {
     case Path::kAmx: return "amx";
     case Path::kPackedVnni: return "avx512-vnni packed";
     case Path::kAvx2: return "avx2";
+    case Path::kAvx2Onednn: return "avx2 onednn";
     default: return "generic";
   }
 }
@@ -178,7 +187,8 @@ void gemm(Isa isa, const GemmProblem& p, bool a_padded) {
     case Path::kAvx2:
       at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) { avx2::gemm(q, n0, n1); });
       break;
-    default: run_generic(q); break;
+    case Path::kAvx2Onednn: run_onednn(q, /*avx2_epilogue=*/true); break;
+    default: run_onednn(q, /*avx2_epilogue=*/false); break;
   }
 }
 
