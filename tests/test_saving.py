@@ -310,7 +310,8 @@ HELPER = textwrap.dedent(
             def hooked_exchange(a, b):
                 if kind == "swap":
                     die()
-                done = exchange(a, b)
+                if not exchange(a, b):
+                    return False  # no atomic exchange here: the fallback renames below are hooked instead
                 die()
 
             def hooked_rename(a, b):
