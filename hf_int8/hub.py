@@ -211,11 +211,12 @@ def attach(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write the llmint8 model card and ``model.push_to_hub`` upload it."""
     if "save_pretrained" in model.__dict__:
         return
-    original_save = model.save_pretrained
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         hub = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
-        result = original_save(save_directory, *args, **kwargs)
+        # Through the class, not the bound method captured above: after copy.deepcopy(model) that one would save
+        # the original model's weights.
+        result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and not getattr(self, "_hf_peft_config_loaded", False):
             write_model_card(save_directory, self, hub.get("repo_id"))
         if push_to_hub:

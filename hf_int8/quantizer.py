@@ -272,7 +272,6 @@ def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float
 
 def _refuse_dtype_cast(model: nn.Module) -> None:
     """Make ``model.to(dtype)`` raise: an llmint8 model is loaded in its dtype, not cast afterwards."""
-    original_to = model.to
 
     def to(self, *args, **kwargs):
         if "dtype" in kwargs or any(isinstance(a, torch.dtype) for a in args):
@@ -282,7 +281,7 @@ def _refuse_dtype_cast(model: nn.Module) -> None:
                 "other layers would change precision. Load it with from_pretrained(..., dtype=...) instead, or "
                 "call model.dequantize() first."
             )
-        return original_to(*args, **kwargs)
+        return type(self).to(self, *args, **kwargs)  # not a captured bound method: deepcopy must move the copy
 
     model.to = types.MethodType(to, model)
 

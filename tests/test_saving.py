@@ -148,6 +148,20 @@ def test_save_over_itself_after_loading_from_it(models, tmp_path):
     _user_files_kept(target)
 
 
+def test_a_deep_copy_saves_and_moves_itself_not_the_original(models, tmp_path):
+    """The instance-level save/to hooks must follow copy.deepcopy: saving an edited copy once wrote the original."""
+    import copy
+
+    clone = copy.deepcopy(models["b"])
+    with torch.no_grad():
+        clone.model.norm.weight.fill_(7.0)
+    assert clone.to("cpu") is clone
+    clone.save_pretrained(tmp_path / "clone")
+    assert _same(_load_signature(tmp_path / "clone"), _signature(clone))
+    assert not _same(_signature(clone), models["sig_b"])
+    assert float(models["b"].model.norm.weight[0]) != 7.0
+
+
 def test_failure_during_save_leaves_the_old_checkpoint(models, tmp_path, monkeypatch):
     import transformers.modeling_utils as mu
 
