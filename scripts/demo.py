@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hf_int8 {hf_int8.__version__} demo: {name}")
     cuda = torch.cuda.is_available()
     print(f"  torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA available: {cuda}")
+    if hasattr(os, "getloadavg"):  # timings below are only as quiet as the machine
+        print(f"  {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f} at start")
     tokenizer = AutoTokenizer.from_pretrained(path)
     fp32, fp32_load = _load(path, None)
     int8, int8_load = _load(path, config)
