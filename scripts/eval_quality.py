@@ -254,6 +254,10 @@ def fidelity_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
+def _failure(row: dict[str, Any]) -> str:
+    return "not run" if row.get("status") == "not run" else f"error: {row.get('error')}"
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     meta, rows = data["meta"], data["results"]
     settings = data["settings"]
@@ -278,7 +282,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             table = []
             for r in mrows:
                 if r.get("status") != "ok":
-                    table.append([r["method"], r.get("dtype", ""), f"error: {r.get('error')}", "", "", "", "", "", ""])
+                    table.append([r["method"], r.get("dtype", ""), _failure(r), "", "", "", "", "", ""])
                     continue
                 table.append([r["method"] + ("*" if r.get("measured_in") else ""), r["dtype"],
                               C.fmt(r.get("perplexity"), ".3f"),
@@ -294,7 +298,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             table = []
             for r in mrows:
                 if r.get("status") != "ok":
-                    table.append([r["method"], r.get("dtype", ""), f"error: {r.get('error')}", "", "", "", "", "", ""])
+                    table.append([r["method"], r.get("dtype", ""), _failure(r), "", "", "", "", "", ""])
                     continue
                 table.append([r["method"] + ("*" if r.get("measured_in") else ""), r["dtype"],
                               C.fmt(r.get("mean_cosine"), ".6f"),
@@ -409,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep successful rows of an existing PREFIX.json (same text slice)")
     parser.add_argument("--resume-from", action="append", default=[], type=Path, metavar="JSON",
                         help="also keep successful rows of this earlier results file (repeatable)")
+    parser.add_argument("--only-resumed", action="store_true",
+                        help="measure nothing new: combine the --resume-from rows, listing the rest as not run")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per (model, method) job")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--in-process", action="store_true",
@@ -445,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         key = (spec.name, method.key)
         if key in previous and (spec.kind == "causal" or all((spec.name, m.key) in previous for m in methods)):
             row = dict(previous[key])
+        elif args.only_resumed:
+            row = {"model": spec.name, "method": method.key, "dtype": method.dtype, "status": "not run",
+                   "error": "not measured in this evaluation (--only-resumed: no earlier result)"}
         else:
             model_arg = C.model_arg(spec)
             job = {"model_arg": model_arg, "method": method.key, "text": args.text,

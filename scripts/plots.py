@@ -58,8 +58,14 @@ def _models(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _failed_note(rows: list[dict[str, Any]]) -> str:
-    failed = [r["method"] for r in rows if r.get("status") != "ok"]
-    return f"failed (see table): {', '.join(failed)}" if failed else ""
+    failed = [r["method"] for r in rows if r.get("status") == "error"]
+    skipped = [r["method"] for r in rows if r.get("status") == "not run"]
+    notes = []
+    if failed:
+        notes.append(f"failed (see table): {', '.join(failed)}")
+    if skipped:
+        notes.append(f"not run: {', '.join(skipped)}")
+    return "\n".join(notes)
 
 
 def plot_quality(data: dict[str, Any], out_dir: Path, prefix: str = "quality") -> list[Path]:

@@ -253,3 +253,16 @@ def test_eval_quality_resumes_encoder_rows_only_as_a_whole(tiny, tmp_path):
     assert eval_quality.main([*common, "--methods", "naive-int8,llmint8-t6", "--out-dir", str(second), *resume]) == 0
     rows = json.loads((second / "quality.json").read_text())["results"]
     assert len(rows) == 3 and not any("measured_in" in r for r in rows)  # a new row needs this run's fp32
+
+
+def test_eval_quality_only_resumed_measures_nothing_new(tiny, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--models", f"tl={tiny['llama']}", "--text", str(tiny["text"]), "--window", "50", "--max-tokens", "60",
+              "--in-process", "--no-plots", "--no-outlier-stats"]
+    assert eval_quality.main([*common, "--methods", "fp32", "--out-dir", str(first)]) == 0
+    assert eval_quality.main([*common, "--methods", "fp32,naive-int8", "--out-dir", str(second), "--only-resumed",
+                              "--resume-from", str(first / "quality.json")]) == 0
+    rows = {r["method"]: r for r in json.loads((second / "quality.json").read_text())["results"]}
+    assert rows["fp32"]["status"] == "ok" and "measured_in" in rows["fp32"]
+    assert rows["naive-int8@fp32"]["status"] == "not run" and "perplexity" not in rows["naive-int8@fp32"]
+    assert "| naive-int8@fp32 | fp32 | not run |" in (second / "quality.md").read_text()
