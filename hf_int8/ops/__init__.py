@@ -151,15 +151,20 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    codes, scale = torch.ops.hf_int8.quantize_weight(weight.contiguous())
     if weight.device.type != "meta" and not torch.compiler.is_compiling():
-        bad = ~torch.isfinite(weight)
-        if bool(bad.any()):
-            row, col = (int(i) for i in bad.nonzero()[0])
+        # The row absmax propagates NaN/Inf into the row's scale, so checking the [N] scales finds every bad row
+        # without a second pass over the [N, K] weight (that pass was most of a quantize-on-load's time).
+        bad_rows = ~torch.isfinite(scale)
+        if bool(bad_rows.any()):
+            bad = ~torch.isfinite(weight[bad_rows])
+            row = int(bad_rows.nonzero()[0])
+            col = int((~torch.isfinite(weight[row])).nonzero()[0])
             raise ValueError(
                 f"weight holds {int(bad.sum())} NaN/Inf values (first: {weight[row, col].item()!r} at row {row}, "
                 f"column {col}); int8 quantization needs finite weights"
             )
-    return torch.ops.hf_int8.quantize_weight(weight.contiguous())
+    return codes, scale
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
