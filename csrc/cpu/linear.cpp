@@ -1,6 +1,6 @@
 // op int8_linear on CPU: LLM.int8() linear layer in three steps, with nothing materialised but the int8 codes.
-//   1. quantize x in one fused pass per row (quantize.cpp): codes written straight into the layout the GEMM kernel
-//      wants (padded for AMX / VNNI), row scales, row sums of the codes (for the VNNI +128 shift), outlier columns;
+//   1. quantize x (quantize.cpp; one pass per row once the outlier columns are known): codes, row scales, row sums of
+//      the codes (for the VNNI +128 shift) and the outlier columns;
 //   2. gather the few outlier columns of x (fp32);
 //   3. int8 GEMM whose epilogue dequantizes, adds the outlier product and the bias in fp32 and writes x.dtype once.
 #include <ATen/ATen.h>

@@ -193,4 +193,7 @@ void gemm(const GemmProblem& p, int64_t n_begin, int64_t n_end);
 void finish_rows(const GemmProblem& p, const int32_t* acc, int64_t ld_acc, int64_t m_begin, int64_t m_end);
 }  // namespace avx2
 
+// Reads every byte of `buffer` as fast as a core can stream (bandwidth.cpp); returns a checksum.
+int64_t stream_read(const at::Tensor& buffer);
+
 }  // namespace hf_int8::cpu
