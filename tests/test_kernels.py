@@ -38,6 +38,8 @@ SHAPES = [(1, 200, 75), (1, 1000, 130), (7, 200, 75), (7, 1000, 130), (83, 200, 
 # K multiple of 16: the CUDA kernels' 16-byte vector paths (decode with K split over warps, M = 8 decode, 128x128
 # tensor-core tiles with partial edge tiles); the shapes above take their byte-wise paths.
 SHAPES += [(1, 4096, 75), (8, 512, 130), (130, 1024, 136)]
+# K > 4096 with more than 8 tokens: the AMX path's full-K variant (K-blocked below that).
+SHAPES += [(24, 4500, 70)]
 SHAPE_IDS = [f"M{m}-K{k}-N{n}" for m, k, n in SHAPES]
 
 

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace hf_int8::cpu::amx {
@@ -58,16 +59,24 @@ HF_INT8_TARGET_AMX void configure_tiles() {
 
 constexpr int64_t kPrefetchRows = 32;  // weight rows per tile block (two A tiles)
 
-// C^T[32 weight rows][32 tokens] = w[32 rows, kp bytes] x packed activations (x0: tokens 0-15, x1: 16-31).
+// C^T[32 weight rows][32 tokens] (+)= w[32 rows, bytes k0..k1] x packed activations (x0: tokens 0-15, x1: 16-31).
+// kAccumulate: start from the partial sums stored in c (K-blocked path) instead of zero.
 // kPrefetch: the weight rows come from memory on this pass; prefetch them a few 64-byte steps ahead.
-template <bool kPrefetch>
-HF_INT8_TARGET_AMX void block32(const int8_t* w, int64_t ldw, const uint8_t* x0, const uint8_t* x1, int64_t kp,
-                                int32_t* c) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t k = 0; k < kp; k += 64) {
+template <bool kAccumulate, bool kPrefetch>
+HF_INT8_TARGET_AMX void block32(const int8_t* w, int64_t ldw, const uint8_t* x0, const uint8_t* x1, int64_t k0,
+                                int64_t k1, int32_t* c) {
+  if constexpr (kAccumulate) {
+    _tile_loadd(0, c, 128);
+    _tile_loadd(1, c + 16, 128);
+    _tile_loadd(2, c + 16 * 32, 128);
+    _tile_loadd(3, c + 16 * 32 + 16, 128);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = k0; k < k1; k += 64) {
     if constexpr (kPrefetch) {
       for (int64_t r = 0; r < kPrefetchRows; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + 256), _MM_HINT_T0);
@@ -86,6 +95,12 @@ HF_INT8_TARGET_AMX void block32(const int8_t* w, int64_t ldw, const uint8_t* x0,
   _tile_stored(1, c + 16, 128);
   _tile_stored(2, c + 16 * 32, 128);
   _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+template <bool kPrefetch>
+HF_INT8_TARGET_AMX void block32_full(const int8_t* w, int64_t ldw, const uint8_t* x0, const uint8_t* x1, int64_t kp,
+                                     int32_t* c) {
+  block32<false, kPrefetch>(w, ldw, x0, x1, 0, kp, c);
 }
 
 // Finishes the tokens [m0, m0 + m_valid) x weight rows [n0, n0 + n_valid) of a stored C^T block.
@@ -148,11 +163,70 @@ HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int6
           ldw = kp;
         }
         if (mp == 0) {
-          block32<true>(w, ldw, x0, x1, kp, c);
+          block32_full<true>(w, ldw, x0, x1, kp, c);
         } else {
-          block32<false>(w, ldw, x0, x1, kp, c);
+          block32_full<false>(w, ldw, x0, x1, kp, c);
         }
         finish_block(p, c, m0, p.M - m0, ns, n_valid);
+      }
+    }
+  }
+  _tile_release();
+}
+
+HF_INT8_TARGET_AMX void gemm_kblocked(const GemmProblem& p, const uint8_t* x_panels, int64_t n_begin, int64_t n_end,
+                                      int64_t rows_per_block) {
+  const int64_t kp = ceil_div(p.K, kKAlign) * kKAlign;
+  const int64_t panel_bytes = kp * 16;
+  const int64_t m_panels = ceil_div(p.M, kPanelCols);
+  const int64_t subs_max = ceil_div(rows_per_block, 32);
+  const int64_t pairs_max = kKBlockTokens / 32;
+  std::unique_ptr<int32_t[]> cbuf_owner(new int32_t[static_cast<size_t>(pairs_max * subs_max * 1024 + 16)]);
+  int32_t* cbuf = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(cbuf_owner.get()) + 63) & ~uintptr_t(63));
+  std::vector<int8_t> padded;
+  configure_tiles();
+  for (int64_t nb = n_begin; nb < n_end; nb += rows_per_block) {
+    const int64_t nb_end = std::min(n_end, nb + rows_per_block);
+    const int64_t subs = ceil_div(nb_end - nb, 32);
+    // Weight rows of each 32-row sub-block: in place, or a zero-padded copy for the last rows (see gemm()).
+    const int64_t last = nb + (subs - 1) * 32;
+    const bool pad_last = last + 32 > p.N || (last + 32 == p.N && p.K % kKAlign != 0);
+    if (pad_last) {
+      padded.assign(static_cast<size_t>(32 * kp), 0);
+      for (int64_t r = 0; r < std::min<int64_t>(32, p.N - last); ++r) {
+        std::memcpy(padded.data() + r * kp, p.b + (last + r) * p.ldb, static_cast<size_t>(p.K));
+      }
+    }
+    for (int64_t mb = 0; mb < p.M; mb += kKBlockTokens) {
+      const int64_t pairs = ceil_div(std::min<int64_t>(kKBlockTokens, p.M - mb), 32);
+      for (int64_t kc = 0; kc < kp; kc += kKBlockBytes) {
+        const int64_t kc_end = std::min(kp, kc + kKBlockBytes);
+        for (int64_t pr = 0; pr < pairs; ++pr) {
+          const int64_t mp = mb / kPanelCols + 2 * pr;
+          const uint8_t* x0 = x_panels + mp * panel_bytes;
+          const uint8_t* x1 = mp + 1 < m_panels ? x0 + panel_bytes : x0;
+          for (int64_t sb = 0; sb < subs; ++sb) {
+            const bool tail = pad_last && sb == subs - 1;
+            const int8_t* w = tail ? padded.data() : p.b + (nb + sb * 32) * p.ldb;
+            const int64_t ldw = tail ? kp : p.ldb;
+            int32_t* c = cbuf + (pr * subs + sb) * 1024;
+            const bool first_pass = mb == 0;
+            if (kc == 0) {
+              first_pass ? block32<false, true>(w, ldw, x0, x1, kc, kc_end, c)
+                         : block32<false, false>(w, ldw, x0, x1, kc, kc_end, c);
+            } else {
+              first_pass ? block32<true, true>(w, ldw, x0, x1, kc, kc_end, c)
+                         : block32<true, false>(w, ldw, x0, x1, kc, kc_end, c);
+            }
+          }
+        }
+      }
+      for (int64_t pr = 0; pr < pairs; ++pr) {
+        const int64_t m0 = mb + pr * 32;
+        for (int64_t sb = 0; sb < subs; ++sb) {
+          const int64_t n0 = nb + sb * 32;
+          finish_block(p, cbuf + (pr * subs + sb) * 1024, m0, p.M - m0, n0, std::min<int64_t>(32, nb_end - n0));
+        }
       }
     }
   }
@@ -167,6 +241,7 @@ namespace hf_int8::cpu::amx {
 bool available() { return false; }
 void pack_activations(const GemmProblem&, int64_t, int64_t, uint8_t*) {}
 void gemm(const GemmProblem&, const uint8_t*, int64_t, int64_t, int64_t) {}
+void gemm_kblocked(const GemmProblem&, const uint8_t*, int64_t, int64_t, int64_t) {}
 }  // namespace hf_int8::cpu::amx
 
 #endif  // HF_INT8_X86

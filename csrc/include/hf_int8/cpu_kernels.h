@@ -184,6 +184,12 @@ constexpr int64_t kKAlign = 64;  // the packed activations are zero-padded to a 
 void pack_activations(const GemmProblem& p, int64_t panel_begin, int64_t panel_end, uint8_t* panels);
 // Computes every row of A against weight rows [n_begin, n_end), taken rows_per_block (a multiple of 32) at a time.
 void gemm(const GemmProblem& p, const uint8_t* x_panels, int64_t n_begin, int64_t n_end, int64_t rows_per_block);
+// Same contract, K-blocked for many tokens: kKBlockTokens tokens x kKBlockBytes of K x rows_per_block weight rows at
+// a time, int32 partial sums kept in an L2-resident buffer between K blocks.
+constexpr int64_t kKBlockTokens = 128;
+constexpr int64_t kKBlockBytes = 1024;
+void gemm_kblocked(const GemmProblem& p, const uint8_t* x_panels, int64_t n_begin, int64_t n_end,
+                   int64_t rows_per_block);
 }  // namespace amx
 
 namespace avx2 {
