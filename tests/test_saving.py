@@ -343,8 +343,14 @@ HELPER = textwrap.dedent(
 
 
     # Models are loaded here, once, and inherited by the forked children. One intra-op thread: a fork after a
-    # multi-threaded OpenMP region is not safe.
+    # multi-threaded OpenMP region is not safe. No progress bars either: tqdm's monitor thread holds tqdm's write
+    # lock now and then, and a child forked at that moment deadlocks in its first progress bar (seen in CI).
     torch.set_num_threads(1)
+    import tqdm
+    import transformers
+
+    tqdm.tqdm.monitor_interval = 0
+    transformers.utils.logging.disable_progress_bar()
     loaded = {}
 
 
@@ -410,7 +416,7 @@ def killed_saves(models, tmp_path_factory):
     (root / "scenarios.json").write_text(json.dumps(list(scenarios.values())))
     done = subprocess.run(
         [sys.executable, str(root / "helper.py"), str(root / "scenarios.json"), str(root / "results.json")],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((root / "results.json").read_text())
