@@ -67,7 +67,10 @@ void finish_all(const GemmProblem& p, const int32_t* acc, int64_t ld_acc) {
 void run_onednn(const GemmProblem& p, bool avx2_epilogue) {
   const at::Tensor a = at::from_blob(const_cast<int8_t*>(p.a), {p.M, p.K}, {p.lda, 1}, at::kChar).contiguous();
   const at::Tensor b = at::from_blob(const_cast<int8_t*>(p.b), {p.N, p.K}, {p.ldb, 1}, at::kChar);
-  const at::Tensor acc = at::_int_mm(a, b.t());
+  // With K == 1 the operands are views with strides (1, 1), which oneDNN misreads (uninitialised int32 results):
+  // the product is then an exact int32 outer product.
+  const at::Tensor acc =
+      p.K == 1 ? (a.to(at::kInt) * b.to(at::kInt).t()).contiguous() : at::_int_mm(a, b.t());
   if (!avx2_epilogue) {
     finish_all(p, acc.data_ptr<int32_t>(), acc.stride(0));
     return;
