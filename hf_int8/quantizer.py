@@ -333,8 +333,16 @@ class Int8HfQuantizer(HfQuantizer):
                 )
         skip = self.get_modules_to_not_convert(model, user_skip, model._keep_in_fp32_modules, add_default_skips=True)
         # transformers' default names the module of the model's last parameter; when that is a head's bias
-        # ("classifier.bias") the head itself would not match, so strip the parameter suffix.
-        self.modules_to_not_convert = sorted({name.removesuffix(".bias").removesuffix(".weight") for name in skip})
+        # ("classifier.bias") the head itself would not match, so strip the parameter suffix. A bare base model
+        # (BertModel) has no head: its last module (the pooler) is an ordinary layer and gets quantized.
+        has_head = getattr(model, "base_model", model) is not model
+        self.modules_to_not_convert = sorted(
+            {
+                name.removesuffix(".bias").removesuffix(".weight")
+                for name in skip
+                if has_head or not name.endswith(".bias") or name.removesuffix(".bias") in user_skip
+            }
+        )
         self.quantized_module_names = replace_with_int8_linear(
             model, self.modules_to_not_convert, self.quantization_config.threshold
         )

@@ -298,3 +298,15 @@ def test_missing_scale_in_checkpoint_is_refused(llama_fp, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises((ValueError, RuntimeError), match="up_proj"):
         auto_cls.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_bare_encoder_quantizes_its_pooler(tmp_path):
+    """A base model without a head (BertModel) has no output layer to protect: its pooler is quantized like bnb's."""
+    from transformers import AutoModel
+
+    _, config = _bert()
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path)
+    model = AutoModel.from_pretrained(tmp_path, quantization_config=Int8Config(), dtype=torch.float32)
+    assert type(model.pooler.dense) is Int8Linear
+    assert not _linear_like(model)
