@@ -90,15 +90,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise CliError(EXIT_OUTPUT, f"cannot write into {str(out.parent)!r} (permission denied)")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".old-{out.name}-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
-
 
 def _source_bytes(src: str) -> int | None:
     """Total tensor bytes of a local safetensors checkpoint (from the headers only), else ``None``."""
@@ -161,6 +152,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import Int8Config, memory_report
+    from .interop import finish_output_folder
 
     try:
         qconfig = Int8Config(threshold=args.threshold, skip_modules=args.skip or None)
@@ -193,7 +185,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         bar.set_postfix_str(steps[2])
         tokenizer_files = _copy_tokenizer(args.src, tmp)
         bar.update()
-        _replace_dir(tmp, out)
+        finish_output_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

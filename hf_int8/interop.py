@@ -216,7 +216,7 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
 
 
-def _finish_output(tmp: Path, out: Path) -> None:
+def finish_output_folder(tmp: Path, out: Path) -> None:
     """Move the completed temporary folder into place (an interrupted conversion never leaves a half folder)."""
     if out.exists():
         old = out.with_name(f".old-{out.name}-{os.getpid()}")
@@ -359,7 +359,7 @@ def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     reader.close()
-    _finish_output(tmp, out)
+    finish_output_folder(tmp, out)
     return ConversionReport("bnb", str(src), str(out), quantized, kept_float, [], qcfg.threshold,
                             sorted(p.name for p in out.iterdir()))
 
@@ -470,7 +470,7 @@ def to_llmint8(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     reader.close()
-    _finish_output(tmp, out)
+    finish_output_folder(tmp, out)
     return ConversionReport("llmint8", str(src), str(out), int8_layers, sorted(set(linears) - set(bnb_int8)),
                             dequantize, threshold, sorted(p.name for p in out.iterdir()))
 
