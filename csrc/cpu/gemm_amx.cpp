@@ -57,50 +57,70 @@ HF_INT8_TARGET_AMX void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-constexpr int64_t kPrefetchRows = 32;  // weight rows per tile block (two A tiles)
+constexpr int64_t kPrefetchRows = 32;     // weight rows per tile block (two A tiles)
+constexpr int64_t kPrefetchBytes = 1024;  // how far ahead the first pass prefetches each weight row
 
 // C^T[32 weight rows][32 tokens] (+)= w[32 rows, bytes k0..k1] x packed activations (x0: tokens 0-15, x1: 16-31).
 // kAccumulate: start from the partial sums stored in c (K-blocked path) instead of zero.
 // kPrefetch: the weight rows come from memory on this pass; prefetch them a few 64-byte steps ahead.
-template <bool kAccumulate, bool kPrefetch>
+template <bool kAccumulate, bool kPrefetch, bool kTwoTokenTiles = true>
 HF_INT8_TARGET_AMX void block32(const int8_t* w, int64_t ldw, const uint8_t* x0, const uint8_t* x1, int64_t k0,
                                 int64_t k1, int32_t* c) {
   if constexpr (kAccumulate) {
     _tile_loadd(0, c, 128);
-    _tile_loadd(1, c + 16, 128);
     _tile_loadd(2, c + 16 * 32, 128);
-    _tile_loadd(3, c + 16 * 32 + 16, 128);
+    if constexpr (kTwoTokenTiles) {
+      _tile_loadd(1, c + 16, 128);
+      _tile_loadd(3, c + 16 * 32 + 16, 128);
+    }
   } else {
     _tile_zero(0);
-    _tile_zero(1);
     _tile_zero(2);
-    _tile_zero(3);
+    if constexpr (kTwoTokenTiles) {
+      _tile_zero(1);
+      _tile_zero(3);
+    }
   }
   for (int64_t k = k0; k < k1; k += 64) {
     if constexpr (kPrefetch) {
       for (int64_t r = 0; r < kPrefetchRows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + 256), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + kPrefetchBytes), _MM_HINT_T0);
       }
     }
     _tile_loadd(4, w + k, ldw);
     _tile_loadd(5, w + 16 * ldw + k, ldw);
     _tile_loadd(6, x0 + k * 16, 64);
-    _tile_loadd(7, x1 + k * 16, 64);
     _tile_dpbssd(0, 4, 6);
-    _tile_dpbssd(1, 4, 7);
     _tile_dpbssd(2, 5, 6);
-    _tile_dpbssd(3, 5, 7);
+    if constexpr (kTwoTokenTiles) {
+      _tile_loadd(7, x1 + k * 16, 64);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(3, 5, 7);
+    }
   }
   _tile_stored(0, c, 128);
-  _tile_stored(1, c + 16, 128);
   _tile_stored(2, c + 16 * 32, 128);
-  _tile_stored(3, c + 16 * 32 + 16, 128);
+  if constexpr (kTwoTokenTiles) {
+    _tile_stored(1, c + 16, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+}
+
+// With a single 16-token panel left (x1 == nullptr) only two accumulator tiles do work.
+template <bool kAccumulate, bool kPrefetch>
+HF_INT8_TARGET_AMX void block32_any(const int8_t* w, int64_t ldw, const uint8_t* x0, const uint8_t* x1, int64_t k0,
+                                    int64_t k1, int32_t* c) {
+  if (x1 != nullptr) {
+    block32<kAccumulate, kPrefetch, true>(w, ldw, x0, x1, k0, k1, c);
+  } else {
+    block32<kAccumulate, kPrefetch, false>(w, ldw, x0, x0, k0, k1, c);
+  }
 }
 
 template <bool kPrefetch>
 HF_INT8_TARGET_AMX void block32_full(const int8_t* w, int64_t ldw, const uint8_t* x0, const uint8_t* x1, int64_t kp,
                                      int32_t* c) {
-  block32<false, kPrefetch>(w, ldw, x0, x1, 0, kp, c);
+  block32_any<false, kPrefetch>(w, ldw, x0, x1, 0, kp, c);
 }
 
 // Finishes the tokens [m0, m0 + m_valid) x weight rows [n0, n0 + n_valid) of a stored C^T block.
@@ -148,7 +168,7 @@ HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int6
     const int64_t nb_end = std::min(n_end, nb + rows_per_block);
     for (int64_t mp = 0; mp < m_panels; mp += 2) {
       const uint8_t* x0 = x_panels + mp * panel_bytes;
-      const uint8_t* x1 = mp + 1 < m_panels ? x0 + panel_bytes : x0;  // odd count: those results are not stored
+      const uint8_t* x1 = mp + 1 < m_panels ? x0 + panel_bytes : nullptr;  // odd count: one token tile
       const int64_t m0 = mp * kPanelCols;
       for (int64_t ns = nb; ns < nb_end; ns += 32) {
         const int64_t n_valid = std::min<int64_t>(32, nb_end - ns);
@@ -204,7 +224,7 @@ HF_INT8_TARGET_AMX void gemm_kblocked(const GemmProblem& p, const uint8_t* x_pan
         for (int64_t pr = 0; pr < pairs; ++pr) {
           const int64_t mp = mb / kPanelCols + 2 * pr;
           const uint8_t* x0 = x_panels + mp * panel_bytes;
-          const uint8_t* x1 = mp + 1 < m_panels ? x0 + panel_bytes : x0;
+          const uint8_t* x1 = mp + 1 < m_panels ? x0 + panel_bytes : nullptr;  // odd count: one token tile
           for (int64_t sb = 0; sb < subs; ++sb) {
             const bool tail = pad_last && sb == subs - 1;
             const int8_t* w = tail ? padded.data() : p.b + (nb + sb * 32) * p.ldb;
@@ -212,11 +232,11 @@ HF_INT8_TARGET_AMX void gemm_kblocked(const GemmProblem& p, const uint8_t* x_pan
             int32_t* c = cbuf + (pr * subs + sb) * 1024;
             const bool first_pass = mb == 0;
             if (kc == 0) {
-              first_pass ? block32<false, true>(w, ldw, x0, x1, kc, kc_end, c)
-                         : block32<false, false>(w, ldw, x0, x1, kc, kc_end, c);
+              first_pass ? block32_any<false, true>(w, ldw, x0, x1, kc, kc_end, c)
+                         : block32_any<false, false>(w, ldw, x0, x1, kc, kc_end, c);
             } else {
-              first_pass ? block32<true, true>(w, ldw, x0, x1, kc, kc_end, c)
-                         : block32<true, false>(w, ldw, x0, x1, kc, kc_end, c);
+              first_pass ? block32_any<true, true>(w, ldw, x0, x1, kc, kc_end, c)
+                         : block32_any<true, false>(w, ldw, x0, x1, kc, kc_end, c);
             }
           }
         }
