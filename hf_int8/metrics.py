@@ -18,6 +18,10 @@ class PerplexityResult:
     num_predicted: int
     num_tokens: int
     num_windows: int
+    window_nll_sums: tuple[float, ...] = ()
+    """Negative log-likelihood summed over each window, in order (for paired, per-window comparisons of methods)."""
+    window_num_predicted: tuple[int, ...] = ()
+    """Tokens predicted in each window (``window`` - 1, except perhaps the last)."""
 
     def __float__(self) -> float:
         return self.perplexity
@@ -57,8 +61,8 @@ def perplexity_details(
         from tqdm.auto import tqdm
 
         iterator = tqdm(windows, desc=f"perplexity ({window}-token windows)", unit="window")
-    nll_sum = 0.0
-    predicted = 0
+    window_nll: list[float] = []
+    window_predicted: list[int] = []
     was_training = model.training
     model.eval()
     try:
@@ -67,11 +71,13 @@ def perplexity_details(
             logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
             targets = input_ids[0, 1:]
             log_probs = torch.log_softmax(logits.double(), dim=-1)
-            nll_sum += float(-log_probs.gather(1, targets.unsqueeze(1)).sum())
-            predicted += targets.numel()
+            window_nll.append(float(-log_probs.gather(1, targets.unsqueeze(1)).sum()))
+            window_predicted.append(targets.numel())
     finally:
         model.train(was_training)
-    return PerplexityResult(math.exp(nll_sum / predicted), nll_sum, predicted, int(ids.numel()), len(windows))
+    nll_sum, predicted = math.fsum(window_nll), sum(window_predicted)
+    return PerplexityResult(math.exp(nll_sum / predicted), nll_sum, predicted, int(ids.numel()), len(windows),
+                            tuple(window_nll), tuple(window_predicted))
 
 
 def perplexity(

@@ -43,6 +43,9 @@ MB = 1e6
 INT8_MAX = 127
 """Largest magnitude of a symmetric int8 code (the naive baseline uses the same code range as llmint8)."""
 
+NATIVE_OFF_VARIABLE = "HF_INT8_DISABLE_NATIVE"
+"""hf_int8._extension.DISABLE_ENV (spelled out: importing hf_int8 here would load the extension in every parent)."""
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -121,10 +124,16 @@ class MethodSpec:
     dtype: str
     threshold: float | None = None
     description: str = ""
+    reference_kernels: bool = False
 
     @property
     def is_int8(self) -> bool:
         return self.family not in ("float",)
+
+    @property
+    def worker_env(self) -> dict[str, str]:
+        """Environment the method's worker process needs (the reference-kernel control turns the extension off)."""
+        return {NATIVE_OFF_VARIABLE: "1"} if self.reference_kernels else {}
 
 
 BASE_METHODS: dict[str, tuple[str, float | None, str]] = {
@@ -132,6 +141,10 @@ BASE_METHODS: dict[str, tuple[str, float | None, str]] = {
     "bf16": ("float", None, "floating point, bfloat16"),
     "llmint8-t6": ("llmint8", 6.0, "hf_int8 LLM.int8(), threshold 6.0"),
     "llmint8-t0": ("llmint8", 0.0, "hf_int8 LLM.int8(), threshold 0 (no outlier path)"),
+    # A control, not a default: the same algorithm on the pure-PyTorch reference kernels. Per layer it matches the
+    # native kernels to fp32 rounding; end to end the difference shows how much a model's perplexity moves when only
+    # the fp32 summation order changes (int8 rounding and the outlier threshold amplify such differences).
+    "llmint8-t6-ref": ("llmint8", 6.0, "hf_int8 LLM.int8(), threshold 6.0, reference (pure-PyTorch) kernels"),
     "naive-int8": ("naive", None, "naive int8: per-tensor absmax weights and activations"),
     "bnb-t6": ("bnb", 6.0, "bitsandbytes 0.50.2 8-bit, threshold 6.0"),
     "bnb-t0": ("bnb", 0.0, "bitsandbytes 0.50.2 8-bit, threshold 0"),
@@ -161,7 +174,7 @@ def parse_methods(text: str, default_dtype: str) -> list[MethodSpec]:
         if dtype not in DTYPES:
             raise ValueError(f"dtype suffix must be one of {sorted(DTYPES)}, got {dtype!r} in {item!r}")
         key = base if family == "float" else f"{base}@{dtype}"
-        specs.append(MethodSpec(key, family, dtype, threshold, description))
+        specs.append(MethodSpec(key, family, dtype, threshold, description, reference_kernels=base.endswith("-ref")))
     if not specs:
         raise ValueError(f"no method selected in {text!r}")
     return specs
@@ -238,6 +251,8 @@ def load_model(spec: ModelSpec, method: MethodSpec) -> nn.Module:
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = "cpu"
+    if method.reference_kernels and os.environ.get(NATIVE_OFF_VARIABLE) != "1":
+        raise RuntimeError(f"{method.key} must run in a worker started with {NATIVE_OFF_VARIABLE}=1 (not in-process)")
     model = auto.from_pretrained(spec.path(), **kwargs)
     if method.family == "naive":
         swapped = swap_naive_int8(model)
@@ -426,7 +441,7 @@ def run_worker(
                 stderr=None,
                 text=True,
                 timeout=timeout,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **job.get("env", {})},
             )
         except subprocess.TimeoutExpired:
             return {"status": "error", "error": f"worker timed out after {timeout:.0f} s"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -187,7 +188,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                 result["outliers"] = stats.summary()
             result.update(perplexity=details.perplexity, nll_sum=details.nll_sum,
                           num_predicted=details.num_predicted, num_tokens=details.num_tokens,
-                          num_windows=details.num_windows)
+                          num_windows=details.num_windows, window_nll_sums=list(details.window_nll_sums),
+                          window_num_predicted=list(details.window_num_predicted))
         else:
             stats = _outlier_stats(model, method, job)
             embeddings = _mean_pooled_embeddings(model, tokenizer, fixed_sentences(text, job["sentences"]))
@@ -249,9 +251,31 @@ def fidelity_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              ("llmint8-t0", "better than llmint8 t=0")):
             if other in methods and metric in methods[other]:
                 a, b = ours[metric], methods[other][metric]
-                checks.append({"model": model, "target": f"llmint8 t=6 {label}", "metric": metric,
-                               "llmint8_t6": a, "other": b, "pass": bool(better(a, b))})
+                check = {"model": model, "target": f"llmint8 t=6 {label}", "metric": metric,
+                         "llmint8_t6": a, "other": b, "pass": bool(better(a, b))}
+                check.update(paired_window_difference(ours, methods[other]))
+                checks.append(check)
     return checks
+
+
+def paired_window_difference(ours: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """How far apart two perplexity rows are next to the spread of their per-window differences.
+
+    ``delta_log_ppl`` is ``log(ppl_ours / ppl_other)`` (the mean per-token NLL difference); ``delta_se`` the standard
+    error of the per-window, per-token NLL differences (same windows, same tokens for both methods), so a gap of one
+    or two SE is what re-drawing the text would move. Empty when the rows carry no per-window sums (older results,
+    encoders) or were measured on different windows.
+    """
+    wa, wb = ours.get("window_nll_sums"), other.get("window_nll_sums")
+    na, nb = ours.get("window_num_predicted"), other.get("window_num_predicted")
+    if not wa or not wb or na != nb or len(wa) != len(wb) or len(wa) < 2:
+        return {}
+    per_token = [(x - y) / n for x, y, n in zip(wa, wb, na, strict=True)]
+    mean = sum(per_token) / len(per_token)
+    variance = sum((d - mean) ** 2 for d in per_token) / (len(per_token) - 1)
+    delta = (math.fsum(wa) - math.fsum(wb)) / sum(na)
+    return {"delta_log_ppl": delta, "delta_se": math.sqrt(variance / len(per_token)),
+            "windows_worse": sum(d > 0 for d in per_token), "num_windows": len(per_token)}
 
 
 def _failure(row: dict[str, Any]) -> str:
@@ -336,12 +360,24 @@ def render_markdown(data: dict[str, Any]) -> str:
         out.append("## Fidelity targets\n")
         digits = {"perplexity": ".3f", "mean_cosine": ".6f"}
         table = [[c["model"], c["target"], c["metric"], format(c["llmint8_t6"], digits[c["metric"]]),
-                  format(c["other"], digits[c["metric"]]),
+                  format(c["other"], digits[c["metric"]]), _paired_cell(c),
                   "PASS" if c["pass"] else "FAIL"] for c in data["checks"]]
-        out += [C.markdown_table(["model", "target", "metric", "llmint8 t=6", "other", "result"], table), ""]
+        out += [C.markdown_table(["model", "target", "metric", "llmint8 t=6", "other",
+                                  "Δ log-ppl ± SE (windows worse)", "result"], table), ""]
+        if any("delta_se" in c for c in data["checks"]):
+            out += ["Δ log-ppl = log(ppl llmint8 t=6 / ppl other); SE = standard error of the per-window, per-token "
+                    "NLL differences (same windows for both); windows worse = windows where llmint8 t=6 had the "
+                    "higher NLL. PASS/FAIL compares the perplexities as measured, whatever the SE.", ""]
     if data.get("charts"):
         out.append("Charts: " + ", ".join(f"`{p}`" for p in data["charts"]) + "\n")
     return "\n".join(out)
+
+
+def _paired_cell(check: dict[str, Any]) -> str:
+    if "delta_se" not in check:
+        return ""
+    return (f"{check['delta_log_ppl']:+.5f} ± {check['delta_se']:.5f} "
+            f"({check['windows_worse']}/{check['num_windows']})")
 
 
 def load_previous(files: list[Path], settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -458,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             model_arg = C.model_arg(spec)
             job = {"model_arg": model_arg, "method": method.key, "text": args.text,
                    "max_tokens": settings["max_tokens"][spec.name], "window": args.window,
-                   "sentences": args.sentences, "no_outlier_stats": args.no_outlier_stats}
+                   "sentences": args.sentences, "no_outlier_stats": args.no_outlier_stats, "env": method.worker_env}
             row = C.run_worker(SCRIPT, job, args.timeout, worker if args.in_process else None)
             row.setdefault("model", spec.name)
             row.setdefault("method", method.key)

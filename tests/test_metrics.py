@@ -53,8 +53,11 @@ def test_windows_are_independent_and_non_overlapping(tiny_model, text):
     result = perplexity_details(tiny_model, tok, text, max_tokens=None, window=512)
     assert result.num_windows == 3 and result.num_tokens == 1300
     assert result.num_predicted == 511 + 511 + 275
-    expected = sum(_direct_nll(tiny_model, ids[s : s + 512]) for s in (0, 512, 1024))
+    per_window = [_direct_nll(tiny_model, ids[s : s + 512]) for s in (0, 512, 1024)]
+    expected = sum(per_window)
     assert result.nll_sum == pytest.approx(expected, rel=1e-9)
+    assert result.window_nll_sums == pytest.approx(per_window, rel=1e-9)
+    assert result.window_num_predicted == (511, 511, 275)
     assert result.perplexity == pytest.approx(math.exp(expected / result.num_predicted), rel=1e-9)
     assert all(call.get("add_special_tokens") is False for call in tok.calls)
 
