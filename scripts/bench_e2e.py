@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         job = {"model_arg": model_arg, "method": method.key, "text": text, "prompt_tokens": args.prompt_tokens,
                "new_tokens": args.new_tokens, "batches": batches if spec.kind == "causal" else [],
                "repeats": args.repeats, "decode_repeats": args.decode_repeats, "no_speed": args.no_speed,
-               "threads": args.threads}
+               "threads": args.threads, "env": method.worker_env}
         row = C.run_worker(SCRIPT, job, args.timeout, worker if args.in_process else None)
         row.setdefault("model", spec.name)
         row.setdefault("method", method.key)

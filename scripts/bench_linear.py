@@ -17,11 +17,19 @@ enough copies to exceed that buffer, so every call reads them from memory, as de
 The activations are normal with a few outlier columns (0.1% of the columns scaled by 20), so the outlier path of the
 int8 methods does real work at threshold 6. Timings are medians over interleaved rounds (machines are shared).
 
+With ``--breakdown`` the native path is also timed stage by stage (same run, same weights): ``quantize x``
+(:func:`hf_int8.ops.quantize_activation`), ``GEMM int32`` (:func:`hf_int8.ops.int8_matmul` on codes quantized
+beforehand: activation packing plus the int8 GEMM, int32 written out) and ``GEMM + dequant``
+(:func:`hf_int8.ops.int8_scaled_matmul`: the same with the fused dequantizing epilogue), plus a second table that
+splits the native time into those parts and gives the GEMM's int8 TOPS next to bf16 ``nn.Linear``'s TFLOPS: the
+profile behind the speed-ups.
+
 Examples::
 
     python scripts/bench_linear.py                       # every shape and token count (several minutes)
     python scripts/bench_linear.py --quick               # one shape, 1 and 128 tokens
     python scripts/bench_linear.py --shapes 4096x4096 --tokens 1,128 --json out.json
+    python scripts/bench_linear.py --shapes 4096x4096 --tokens 512,2048 --breakdown
     python scripts/bench_linear.py --device cuda         # on a GPU: fp16 nn.Linear, bnb, _int_mm, ref, native
 """
 
@@ -61,6 +69,7 @@ OUTLIER_SCALE = 20.0
 MAX_COLD_BYTES = 1 << 30  # cap of the cold-weights footprint per method (memory is shared)
 TARGET_CALL_SECONDS = 0.25  # per round, a method repeats until about this much time (within --repeats)
 BNB_SPEC = "bitsandbytes==0.50.2"
+STAGE_PREFIX = "stage: "  # --breakdown methods: parts of the native path, reported in their own table
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,8 +181,8 @@ def build_methods(args, k: int, n: int, tokens_list: list[int], cold_bytes: int,
     inputs = {}
     for t in tokens_list:
         x = activations(t, k, dtype, device)
-        xq = reference.quantize_activation(x.float().cpu(), 0.0)[0].to(device)
-        inputs[t] = {"x": x, "x32": x.float(), "xq": xq}
+        xq, xs, _ = reference.quantize_activation(x.float().cpu(), 0.0)
+        inputs[t] = {"x": x, "x32": x.float(), "xq": xq.to(device), "xs": xs.to(device)}
     cur: dict = {}  # the token count being timed: calls read cur["x"] etc.
 
     methods: list[Method] = []
@@ -218,6 +227,15 @@ def build_methods(args, k: int, n: int, tokens_list: list[int], cold_bytes: int,
     methods.append(Method("hf_int8 native", [
         lambda w=w, s=s: hf_int8.ops.int8_linear(cur["x"], w, s, bias, thr) for w, s in int8_copies
     ]))
+    if args.breakdown:
+        methods.append(Method(STAGE_PREFIX + "quantize x", [lambda: hf_int8.ops.quantize_activation(cur["x"], thr)]))
+        methods.append(Method(STAGE_PREFIX + "GEMM int32", [
+            lambda w=w: hf_int8.ops.int8_matmul(cur["xq"], w) for w, _ in int8_copies
+        ]))
+        methods.append(Method(STAGE_PREFIX + "GEMM + dequant", [
+            lambda w=w, s=s: hf_int8.ops.int8_scaled_matmul(cur["xq"], w, cur["xs"], s, bias, dtype)
+            for w, s in int8_copies
+        ]))
     return methods, {"inputs": inputs, "cur": cur}
 
 
@@ -281,6 +299,7 @@ def fmt_ratio(peer: float | None, native: float | None) -> str:
 
 
 def markdown(rows: list[dict], method_names: list[str]) -> str:
+    method_names = [m for m in method_names if not m.startswith(STAGE_PREFIX)]
     peers = [m for m in method_names if m != "hf_int8 native"]
     head = ["layer (in x out)", "tokens"] + [f"{m} ms" for m in method_names]
     head += [f"native vs {m}" for m in peers] + ["% of BW bound"]
@@ -291,6 +310,32 @@ def markdown(rows: list[dict], method_names: list[str]) -> str:
         cells += [fmt_ms(r["ms"].get(m)) for m in method_names]
         cells += [fmt_ratio(r["ms"].get(m), native) for m in peers]
         cells.append("" if r["bw_fraction"] is None else f"{100 * r['bw_fraction']:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def breakdown_markdown(rows: list[dict]) -> str:
+    """The native path split into its stages, and the GEMM's throughput next to bf16 nn.Linear's (--breakdown)."""
+    head = ["layer (in x out)", "tokens", "native ms", "quantize x", "GEMM int32", "dequant epilogue",
+            "outliers + rest", "GEMM int8 TOPS", "bf16 Linear TFLOPS", "_int_mm TOPS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ms = r["ms"]
+        native, quant = ms.get("hf_int8 native"), ms.get(STAGE_PREFIX + "quantize x")
+        gemm, scaled = ms.get(STAGE_PREFIX + "GEMM int32"), ms.get(STAGE_PREFIX + "GEMM + dequant")
+        if None in (native, quant, gemm, scaled):
+            continue
+        ops = 2.0 * r["k"] * r["n"] * r["tokens"]
+
+        def share(part: float, native: float = native) -> str:
+            return f"{part:.3f} ms ({100 * part / native:.0f}%)"
+
+        def rate(t_ms: float | None, ops: float = ops) -> str:
+            return "n/a" if not t_ms else f"{ops / (t_ms * 1e-3) / 1e12:.2f}"
+
+        cells = [f"{r['k']}x{r['n']}", str(r["tokens"]), fmt_ms(native), share(quant), share(gemm),
+                 share(scaled - gemm), share(native - quant - scaled), rate(gemm), rate(ms.get("bf16 Linear")),
+                 rate(ms.get("_int_mm"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -311,6 +356,8 @@ def parse_args(argv=None):
                         f"at most {MAX_COLD_BYTES >> 20})")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the native path's stages (quantize, GEMM, epilogue) and print where time goes")
     args = p.parse_args(argv)
     args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     args.tokens = [int(t) for t in (args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)).split(",")]
@@ -373,6 +420,11 @@ def main(argv=None) -> int:
     table = markdown(rows, names)
     notes = sorted({note for r in rows for note in r["notes"].values() if note})
     print("\n".join(header) + "\n\n" + table + ("\n\n" + "\n".join(f"- {x}" for x in notes) if notes else ""))
+    if args.breakdown:
+        print("\nWhere the native time goes (stages timed separately in the same run; \"outliers + rest\" = "
+              "native - quantize - GEMM + dequant: gathering outlier columns, their fp32 product, allocation and "
+              "dispatch):\n")
+        print(breakdown_markdown(rows))
     if args.json:
         payload = {
             "device": args.device, "machine": machine, "torch": torch.__version__, "bnb": bnb_status,

@@ -93,6 +93,8 @@ def test_eval_quality_writes_json_markdown_and_charts(tiny, tmp_path, capsys):
     fp32 = rows[("tl", "fp32")]
     assert fp32["status"] == "ok" and fp32["num_tokens"] == 300 and fp32["num_windows"] == 3
     assert fp32["ppl_delta_pct"] == 0.0 and fp32["storage_vs_fp32"] == 1.0
+    assert fp32["window_num_predicted"] == [99, 99, 99]
+    assert sum(fp32["window_nll_sums"]) == pytest.approx(fp32["nll_sum"], rel=1e-12)
     for method in ("bf16", "llmint8-t6@fp32", "llmint8-t0@fp32", "naive-int8@fp32"):
         row = rows[("tl", method)]
         assert row["status"] == "ok", row
@@ -188,6 +190,49 @@ def test_worker_subprocess_round_trip(tiny):
     assert row["status"] == "ok", row
     assert row["num_tokens"] == 64 and row["perplexity"] > 1 and "in_process" not in row
     assert row["kernels"]["implementations"]["int8_linear[cpu]"]
+
+
+def test_reference_kernel_control_runs_on_the_reference_kernels(tiny):
+    """llmint8-t6-ref gets a worker with the extension switched off, and refuses to run anywhere else."""
+    [method] = C.parse_methods("llmint8-t6-ref", "fp32")
+    assert method.reference_kernels and method.threshold == 6.0 and method.worker_env == {C.NATIVE_OFF_VARIABLE: "1"}
+    job = {"model_arg": f"tl={tiny['llama']}:causal", "method": method.key, "text": str(tiny["text"]),
+           "max_tokens": 64, "window": 32, "sentences": 2, "no_outlier_stats": True, "env": method.worker_env}
+    row = C.run_worker(SCRIPTS / "eval_quality.py", job, timeout=300)
+    assert row["status"] == "ok", row
+    assert row["kernels"]["implementations"]["int8_linear[cpu]"] == "reference"
+    in_process = C.run_worker(SCRIPTS / "eval_quality.py", job, timeout=300, in_process=eval_quality.worker)
+    assert in_process["status"] == "error" and C.NATIVE_OFF_VARIABLE in in_process["error"]
+
+
+def test_paired_window_difference():
+    ours = {"window_nll_sums": [10.0, 12.0], "window_num_predicted": [5, 5]}
+    other = {"window_nll_sums": [9.0, 12.0], "window_num_predicted": [5, 5]}
+    # per-token differences 0.2 and 0.0: mean 0.1, sample variance 0.02, SE sqrt(0.02 / 2) = 0.1
+    got = eval_quality.paired_window_difference(ours, other)
+    assert got == pytest.approx({"delta_log_ppl": 0.1, "delta_se": 0.1, "windows_worse": 1, "num_windows": 2})
+    assert eval_quality.paired_window_difference(ours, {**other, "window_num_predicted": [5, 4]}) == {}
+    assert eval_quality.paired_window_difference({"perplexity": 3.0}, other) == {}
+
+
+def test_bench_linear_breakdown_table(tmp_path, capsys):
+    import bench_linear
+
+    out = tmp_path / "bench.json"
+    argv = ["--shapes", "83x100", "--tokens", "1,7", "--rounds", "1", "--repeats", "1", "--cold-mb", "1",
+            "--breakdown", "--json", str(out)]
+    assert bench_linear.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["k"], r["n"], r["tokens"]) for r in rows] == [(83, 100, 1), (83, 100, 7)]
+    for r in rows:
+        stages = {name: ms for name, ms in r["ms"].items() if name.startswith(bench_linear.STAGE_PREFIX)}
+        assert len(stages) == 3 and all(ms > 0 for ms in stages.values()), r["ms"]
+        assert r["ms"]["hf_int8 native"] > 0 and r["ms"]["bf16 Linear"] > 0
+    main_header = _table_header(printed, "layer (in x out)")
+    assert "hf_int8 native ms" in main_header and not any("stage" in h for h in main_header)
+    assert "| quantize x | GEMM int32 | dequant epilogue | outliers + rest |" in printed
+    assert "| 83x100 | 7 |" in printed.split("Where the native time goes")[1]
 
 
 def test_naive_int8_is_per_tensor_and_hurt_by_one_outlier():
