@@ -64,7 +64,7 @@ DEFAULT_TOKENS = "1,4,16,128,512,2048"
 QUICK_SHAPES = "4096x4096"
 QUICK_TOKENS = "1,128"
 FEW_TOKENS = 16  # token counts up to this report the fraction of the bandwidth bound
-OUTLIER_FRACTION = 0.001  # share of activation columns holding outliers
+OUTLIER_FRACTION = 0.001  # default share of activation columns holding outliers (--outlier-fraction)
 OUTLIER_SCALE = 20.0
 MAX_COLD_BYTES = 1 << 30  # cap of the cold-weights footprint per method (memory is shared)
 TARGET_CALL_SECONDS = 0.25  # per round, a method repeats until about this much time (within --repeats)
@@ -149,10 +149,11 @@ def copies_for(nbytes: int, cold_bytes: int) -> int:
     return max(1, math.ceil(cold_bytes / max(nbytes, 1)))
 
 
-def activations(tokens: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+def activations(tokens: int, k: int, dtype: torch.dtype, device: str,
+                outlier_fraction: float = OUTLIER_FRACTION) -> torch.Tensor:
     g = torch.Generator().manual_seed(tokens * 7919 + k)
     x = torch.randn(tokens, k, generator=g)
-    n_out = max(1, round(OUTLIER_FRACTION * k))
+    n_out = max(1, round(outlier_fraction * k))
     x[:, torch.randperm(k, generator=g)[:n_out]] *= OUTLIER_SCALE
     return x.to(device=device, dtype=dtype)
 
@@ -180,7 +181,7 @@ def build_methods(args, k: int, n: int, tokens_list: list[int], cold_bytes: int,
 
     inputs = {}
     for t in tokens_list:
-        x = activations(t, k, dtype, device)
+        x = activations(t, k, dtype, device, args.outlier_fraction)
         xq, xs, _ = reference.quantize_activation(x.float().cpu(), 0.0)
         inputs[t] = {"x": x, "x32": x.float(), "xq": xq.to(device), "xs": xs.to(device)}
     cur: dict = {}  # the token count being timed: calls read cur["x"] etc.
@@ -349,6 +350,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="activation dtype of the int8 methods (default bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--threshold", type=float, default=6.0, help="outlier threshold of the int8 methods")
+    p.add_argument("--outlier-fraction", type=float, default=OUTLIER_FRACTION,
+                   help="share of activation columns scaled into outliers (Qwen2.5's down_proj reaches 0.7)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the methods (default 3)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per method and round, at most")
     p.add_argument("--cold-mb", type=int, default=None,
@@ -370,6 +373,8 @@ def parse_args(argv=None):
         p.error(f"--shapes must look like 4096x11008,1536x8960, got {args.shapes!r}")
     if any(t <= 0 for t in args.tokens):
         p.error(f"--tokens must be positive integers, got {args.tokens!r}")
+    if not 0.0 <= args.outlier_fraction <= 1.0:
+        p.error(f"--outlier-fraction must be in [0, 1], got {args.outlier_fraction!r}")
     default_dtype = "bfloat16" if args.device == "cpu" else "float16"
     args.dtype = getattr(torch, args.dtype or default_dtype)
     return args
@@ -407,7 +412,8 @@ def main(argv=None) -> int:
         f"- command: `python scripts/bench_linear.py {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
         f"- machine: {machine}; torch {torch.__version__}; {bnb_status}",
         f"- hf_int8 int8_linear[{args.device}]: {int8_impl}; threshold {args.threshold}; activations "
-        f"{str(args.dtype).replace('torch.', '')} with {OUTLIER_FRACTION:.1%} outlier columns (x{OUTLIER_SCALE:g})",
+        f"{str(args.dtype).replace('torch.', '')} with {args.outlier_fraction:.1%} outlier columns "
+        f"(x{OUTLIER_SCALE:g})",
         f"- read bandwidth {bandwidth / 1e9:.1f} GB/s (fastest of 7 reads, {probe}, {max(cold, 2 * cache) >> 20} MiB; "
         f"cache {cache >> 20} MiB); weights cycled through {cold >> 20} MiB of copies per method",
         f"- median of up to {args.rounds} x {args.repeats} interleaved calls; ratio = peer time / native time",
@@ -429,7 +435,8 @@ def main(argv=None) -> int:
         payload = {
             "device": args.device, "machine": machine, "torch": torch.__version__, "bnb": bnb_status,
             "implementation": int8_impl, "threshold": args.threshold, "dtype": str(args.dtype),
-            "bandwidth_bytes_per_s": bandwidth, "bandwidth_probe": probe, "cold_bytes": cold, "rows": rows,
+            "outlier_fraction": args.outlier_fraction, "bandwidth_bytes_per_s": bandwidth, "bandwidth_probe": probe,
+            "cold_bytes": cold, "rows": rows,
             "env": {k: v for k, v in os.environ.items() if k.startswith("HF_INT8")},
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))

@@ -109,12 +109,16 @@ def _int8(shape, seed: int) -> torch.Tensor:
 
 def _activations(m: int, k: int, dtype: torch.dtype, case: str, seed: int = 0) -> torch.Tensor:
     """x [m, k]: values below 6 in magnitude, row 5 all zeros (when m > 5), and for ``outliers`` three columns
-    scaled by 20 (so some of their values cross the threshold and some stay below it)."""
+    scaled by 20 (so some of their values cross the threshold and some stay below it). ``many-outliers`` scales 40%
+    of the columns (as in Qwen2.5's down_proj): more than the CPU epilogue sums itself from a table, so with many
+    tokens the outlier product is a GEMM of its own (gemm.cpp, kFusedOutliersMax: fused into the AMX kernel with
+    AMX-BF16, else outlier_gemm.cpp's fp32 kernels)."""
     x = torch.randn(m, k, generator=_gen(seed)).clamp_(-5.5, 5.5)
     if m > 5:
         x[5] = 0.0
     if case != "none":
-        cols = torch.randperm(k, generator=_gen(seed + 1))[:3]
+        count = 3 if case == "outliers" else max(3, 2 * k // 5)
+        cols = torch.randperm(k, generator=_gen(seed + 1))[:count]
         x[:, cols] *= 20.0
     return x.to(dtype)
 
@@ -175,8 +179,8 @@ def test_int8_matmul_exact(target, m, k, n):
     assert torch.equal(got.cpu(), ref.int8_matmul(a, b))
 
 
-CASES = [("outliers", 6.0), ("none", 6.0), ("outliers", 0.0)]
-CASE_IDS = ["outliers-t6", "no-outliers-t6", "t0"]
+CASES = [("outliers", 6.0), ("many-outliers", 6.0), ("none", 6.0), ("outliers", 0.0)]
+CASE_IDS = ["outliers-t6", "many-outliers-t6", "no-outliers-t6", "t0"]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES, ids=SHAPE_IDS)
@@ -188,7 +192,7 @@ def test_quantize_activation_exact(target, m, k, n):
             x = _activations(m, k, dtype, case)
             codes, row_scale, mask = ops.quantize_activation(x.to(device), threshold)
             want_codes, want_scale, want_mask = ref.quantize_activation(x, threshold)
-            assert bool(want_mask.any()) == (case == "outliers" and threshold > 0), what  # the case is what it says
+            assert bool(want_mask.any()) == (case != "none" and threshold > 0), what  # the case is what it says
             assert torch.equal(codes.cpu(), want_codes), what
             assert torch.equal(row_scale.cpu(), want_scale), what
             assert torch.equal(mask.cpu(), want_mask), what
@@ -241,7 +245,7 @@ def test_int8_linear(target, m, k, n, case, threshold):
         got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), bias.to(device), threshold).cpu()
         want = ref.int8_linear(x, weight, scale, bias, threshold)
         _assert_within_tolerance(got, want, _linear_magnitude(x, weight, scale, bias, threshold), dtype, what)
-        if device == "cpu" and not (case == "outliers" and threshold > 0):
+        if device == "cpu" and not (case != "none" and threshold > 0):
             assert torch.equal(got, want), f"without outlier columns CPU is bit-identical to the reference ({what})"
         if m > 5:  # a zero input row gives exactly the bias (after the cast)
             assert torch.equal(got[5], bias), what
@@ -272,6 +276,36 @@ def test_non_finite_inputs_match_reference(target):
         torch.testing.assert_close(row_scale.cpu(), want[1], rtol=0, atol=0, equal_nan=True)
         got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), None, threshold).cpu()
         torch.testing.assert_close(got, ref.int8_linear(x, weight, scale, None, threshold), equal_nan=True)
+
+
+@pytest.mark.parametrize("m", [1, 40], ids=["decode", "prefill"])
+@pytest.mark.parametrize(
+    "special",
+    ["huge", "tiny", "inf", "nan", "fp32-bits"],
+)
+def test_many_outlier_columns_with_extreme_values(target, m, special):
+    """The many-outlier product on values it must not mishandle: beyond the range the AMX-BF16 path takes exactly
+    (|x| > 1e30, or below 2^-100: the product falls back to fp32 FMAs), Inf and NaN (kept whole, not split into
+    bf16 pieces whose remainder would be NaN), and fp32 values that need all three bf16 pieces."""
+    device, _ = target
+    k, n = 150, 70
+    weight, scale = _weight(n, k)
+    x = _activations(m, k, torch.float32, "many-outliers", seed=3)
+    col = int((x.abs() >= 6.0).any(dim=0).nonzero()[0])  # an outlier column
+    value = {"huge": 3e33, "tiny": 1e-33, "inf": float("inf"), "nan": float("nan"), "fp32-bits": 1.0 + 2.0**-20}
+    x[0, col] = value[special]
+    if special == "fp32-bits":
+        x[:, col] = 7.0 + 2.0**-18  # 22 significant bits: three bf16 pieces
+    got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), None, 6.0).cpu()
+    want = ref.int8_linear(x, weight, scale, None, 6.0)
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan()), special
+    finite = torch.isfinite(want)
+    want_f = torch.where(finite, want, torch.zeros_like(want))
+    got_f = torch.where(finite, got, torch.zeros_like(got))
+    x_f = torch.where(x.isfinite(), x, torch.zeros_like(x))
+    _assert_within_tolerance(got_f, want_f, _linear_magnitude(x_f, weight, scale, None, 6.0), torch.float32, special)
+    if special == "huge":  # finite, and far above anything the inlier columns contribute
+        assert finite.all() and want.abs().max() > 1e30
 
 
 def test_zero_tokens_and_empty_dims(target):
@@ -348,8 +382,9 @@ def test_results_do_not_depend_on_thread_count(cpu_native, isa):
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)
                 results[threads] = [
-                    ops.int8_linear(_activations(m, 1000, torch.float32, "outliers"), weight, scale, bias, 6.0)
-                    for m in (1, 7, 100)
+                    ops.int8_linear(_activations(m, 1000, torch.float32, case), weight, scale, bias, 6.0)
+                    for m in (1, 7, 100, 2048)
+                    for case in ("outliers", "many-outliers")
                 ] + [ops.quantize_activation(_activations(300, 1000, torch.bfloat16, "outliers"), 6.0)[0]]
         finally:
             torch.set_num_threads(old)

@@ -235,6 +235,24 @@ def test_bench_linear_breakdown_table(tmp_path, capsys):
     assert "| 83x100 | 7 |" in printed.split("Where the native time goes")[1]
 
 
+def test_bench_linear_outlier_fraction(tmp_path, capsys):
+    """--outlier-fraction puts that share of the columns on the outlier path (Qwen2.5's down_proj case: most columns),
+    and bad values are refused with the value named."""
+    import bench_linear
+
+    x = bench_linear.activations(5, 200, torch.float32, "cpu", 0.4)
+    assert int((x.abs() >= 6.0).any(dim=0).sum()) > 40  # 80 columns scaled x20; most cross the threshold
+    out = tmp_path / "bench.json"
+    argv = ["--shapes", "300x40", "--tokens", "3", "--rounds", "1", "--repeats", "1", "--cold-mb", "1",
+            "--outlier-fraction", "0.4", "--json", str(out)]
+    assert bench_linear.main(argv) == 0
+    assert "40.0% outlier columns" in capsys.readouterr().out
+    assert json.loads(out.read_text())["outlier_fraction"] == 0.4
+    with pytest.raises(SystemExit):
+        bench_linear.parse_args(["--outlier-fraction", "1.5"])
+    assert "got 1.5" in capsys.readouterr().err
+
+
 def test_naive_int8_is_per_tensor_and_hurt_by_one_outlier():
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)

@@ -30,6 +30,13 @@ enum class Path { kGeneric, kAvx2, kAvx2Onednn, kSmallM, kPackedVnni, kAmx };
 constexpr int64_t kPackedBlockBytes = 1 << 20;  // packed B per work item: about this many bytes (stays in L2)
 constexpr int64_t kSmallMGrain = 64;            // B rows per thread at least, small-M path
 constexpr int64_t kAmxKBlockedMaxK = 4096;       // AMX: K-blocked up to this K (bytes, padded), full-K above
+// Large M: up to this many outlier columns the epilogue sums their product itself (a few FMAs per output, from a
+// dequantized table); above it the product is a GEMM of its own: fused into the AMX kernel block by block (AMX-BF16),
+// else computed first (outlier_gemm.cpp) and added by the epilogue. Summing thousands of columns element by element
+// in the epilogue was 12x slower than the reference path (Qwen2.5's down_proj: 6361 of 8960 columns). The small-M
+// (decode) kernel always sums the product itself: it gathers each weight row's outlier weights once, from the row it
+// has just streamed, and dots them with every token.
+constexpr int64_t kFusedOutliersMax = 8;
 
 Path choose(Isa isa, int64_t M) {
   if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallMaxM) return Path::kSmallM;
@@ -54,6 +61,13 @@ at::Tensor outlier_weights(const GemmProblem& p) {
     }
   });
   return w;
+}
+
+// The whole outlier product x_outlier [M, J] @ w_outlier^T as fp32 (outlier_gemm.cpp), for the epilogue to add.
+at::Tensor outlier_product_of(Isa isa, const GemmProblem& p) {
+  at::Tensor out = at::empty({outlier_product_rows(p.M), outlier_product_cols(p.N)}, at::kFloat);
+  outlier_product(isa, p, out.data_ptr<float>(), out.size(1));
+  return out;
 }
 
 void finish_all(const GemmProblem& p, const int32_t* acc, int64_t ld_acc) {
@@ -182,12 +196,24 @@ void gemm(Isa isa, const GemmProblem& p, bool a_padded) {
     q.a_rowsum = rs;
   }
 
-  // Dequantized outlier weight columns: the small-M kernel gathers them from the B rows it just streamed; the
-  // others read a table built once here.
-  at::Tensor w_outlier;
-  if (q.ep.kind != OutKind::kInt32 && q.ep.n_outliers > 0 && q.ep.w_outlier_t == nullptr && path != Path::kSmallM) {
-    w_outlier = outlier_weights(q);
-    q.ep.w_outlier_t = w_outlier.data_ptr<float>();
+  // The outlier product (see kFusedOutliersMax): fused into the AMX kernel, computed up front, or summed by the
+  // epilogue (the small-M kernel gathers the weights from the B rows it just streamed, the others read a table built
+  // once here).
+  at::Tensor w_outlier, product;
+  std::vector<uint16_t> amx_pieces;
+  AmxOutliers amx_outliers;
+  const bool many_outliers = q.ep.n_outliers > kFusedOutliersMax;
+  if (q.ep.kind != OutKind::kInt32 && q.ep.n_outliers > 0) {
+    if (path == Path::kAmx && many_outliers && prepare_amx_outliers(isa, q, amx_pieces, amx_outliers)) {
+      q.ep.amx_outliers = &amx_outliers;
+    } else if (path != Path::kSmallM && many_outliers) {
+      product = outlier_product_of(isa, q);
+      q.ep.outlier_product = product.data_ptr<float>();
+      q.ep.outlier_product_ld = product.size(1);
+    } else if (q.ep.w_outlier_t == nullptr && path != Path::kSmallM) {
+      w_outlier = outlier_weights(q);
+      q.ep.w_outlier_t = w_outlier.data_ptr<float>();
+    }
   }
 
   switch (path) {

@@ -44,23 +44,23 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+constexpr unsigned kCpuidAmxBf16Bit = 22;  // CPUID.(EAX=7, ECX=0):EDX
+constexpr unsigned kCpuidAmxTileBit = 24;
+constexpr unsigned kCpuidAmxInt8Bit = 25;
+
 bool detect() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool amx_tile = (edx >> 24) & 1u, amx_int8 = (edx >> 25) & 1u;
+  const bool amx_tile = (edx >> kCpuidAmxTileBit) & 1u, amx_int8 = (edx >> kCpuidAmxInt8Bit) & 1u;
   if (!amx_tile || !amx_int8) return false;
   // Linux hands out the 8 KiB tile state only on request; without it the first tile instruction faults.
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-HF_INT8_TARGET_AMX void configure_tiles() {
-  TileConfig cfg;
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {  // 0-3: C (16 x 16 int32), 4-5: A (16 rows x 64 bytes), 6-7: B (16 groups x 64)
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+bool detect_bf16() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  return (edx >> kCpuidAmxBf16Bit) & 1u;
 }
 
 constexpr int64_t kPrefetchRows = 32;     // weight rows per tile block (two A tiles)
@@ -129,25 +129,78 @@ HF_INT8_TARGET_AMX void block32_full(const int8_t* w, int64_t ldw, const uint8_t
   block32_any<false, kPrefetch>(w, ldw, x0, x1, 0, kp, c);
 }
 
-// Finishes the tokens [m0, m0 + m_valid) x weight rows [n0, n0 + n_valid) of a stored C^T block.
+// Finishes the tokens [m0, m0 + m_valid) x weight rows [n0, n0 + n_valid) of a stored C^T block; `outliers` is the
+// block's outlier product [32 tokens][32 rows] when it is fused here, else nullptr.
 HF_INT8_TARGET_AMX void finish_block(const GemmProblem& p, const int32_t* c, int64_t m0, int64_t m_valid, int64_t n0,
-                                     int64_t n_valid) {
+                                     int64_t n_valid, const float* outliers) {
   for (int64_t mh = 0; mh < std::min<int64_t>(m_valid, 32); mh += 16) {
     for (int64_t nh = 0; nh < std::min<int64_t>(n_valid, 32); nh += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + (nh + i) * 32 + mh);
       avx512::transpose16(r);  // r[i] now holds token mh + i, weight rows nh .. nh + 15
       const int64_t rows = std::min<int64_t>(16, m_valid - mh);
-      for (int64_t i = 0; i < rows; ++i) avx512::finish16(p, m0 + mh + i, n0 + nh, n_valid - nh, r[i]);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* o = outliers != nullptr ? outliers + (mh + i) * 32 + nh : nullptr;
+        avx512::finish16(p, m0 + mh + i, n0 + nh, n_valid - nh, r[i], o);
+      }
     }
   }
 }
+
+// The fused outlier product (Epilogue::amx_outliers): the B tiles of the outlier weights of one block of weight rows,
+// gathered once per block, and the 32 x 32 product of the block being finished.
+class FusedOutliers {
+ public:
+  explicit FusedOutliers(const GemmProblem& p) : p_(p), o_(p.ep.amx_outliers) {
+    if (o_ != nullptr) elems_ = amx_outlier_tile_elems(o_->jp);
+  }
+  void gather(int64_t nb, int64_t nb_end) {
+    if (o_ == nullptr) return;
+    nb_ = nb;
+    tiles_.resize(static_cast<size_t>(ceil_div(nb_end - nb, 32) * elems_));
+    for (int64_t n0 = nb; n0 < nb_end; n0 += 32) {
+      gather_amx_outlier_tiles(p_, *o_, n0, tiles_.data() + (n0 - nb) / 32 * elems_);
+    }
+  }
+  // The product block of tokens m0.. and weight rows n0.. (n0 in the gathered block), or nullptr when not fused.
+  const float* block(int64_t m0, int64_t n0) {
+    if (o_ == nullptr) return nullptr;
+    outlier_block(p_, *o_, tiles_.data() + (n0 - nb_) / 32 * elems_, m0, n0, block_);
+    return block_;
+  }
+
+ private:
+  const GemmProblem& p_;
+  const AmxOutliers* o_;
+  int64_t elems_ = 0;
+  int64_t nb_ = 0;
+  std::vector<uint16_t> tiles_;
+  alignas(64) float block_[32 * 32];
+};
 
 }  // namespace
 
 bool available() {
   static const bool ok = detect();
   return ok;
+}
+
+bool bf16_available() {
+  static const bool ok = available() && detect_bf16();
+  return ok;
+}
+
+HF_INT8_TARGET_AMX void configure_tiles() {
+  TileConfig cfg;
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {  // 0-3: C (16 x 16 32-bit), 4-5: A (16 rows x 64 bytes), 6-7: B (16 groups x 64)
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // GCC 12 does not treat LDTILECFG as reading its operand and drops the stores above as dead once this function is
+  // not inlined (the tiles then stay unconfigured: SIGILL): make them visible.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
 }
 
 void pack_activations(const GemmProblem& p, int64_t panel_begin, int64_t panel_end, uint8_t* panels) {
@@ -169,9 +222,11 @@ HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int6
   // packed activations are zero past K.
   alignas(64) int32_t c[32 * 32];
   std::vector<int8_t> padded;
+  FusedOutliers outliers(p);
   configure_tiles();
   for (int64_t nb = n_begin; nb < n_end; nb += rows_per_block) {
     const int64_t nb_end = std::min(n_end, nb + rows_per_block);
+    outliers.gather(nb, nb_end);
     for (int64_t mp = 0; mp < m_panels; mp += 2) {
       const uint8_t* x0 = x_panels + mp * panel_bytes;
       const uint8_t* x1 = mp + 1 < m_panels ? x0 + panel_bytes : nullptr;  // odd count: one token tile
@@ -193,7 +248,7 @@ HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int6
         } else {
           block32_full<false>(w, ldw, x0, x1, kp, c);
         }
-        finish_block(p, c, m0, p.M - m0, ns, n_valid);
+        finish_block(p, c, m0, p.M - m0, ns, n_valid, outliers.block(m0, ns));
       }
     }
   }
@@ -210,10 +265,12 @@ HF_INT8_TARGET_AMX void gemm_kblocked(const GemmProblem& p, const uint8_t* x_pan
   std::unique_ptr<int32_t[]> cbuf_owner(new int32_t[static_cast<size_t>(pairs_max * subs_max * 1024 + 16)]);
   int32_t* cbuf = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(cbuf_owner.get()) + 63) & ~uintptr_t(63));
   std::vector<int8_t> padded;
+  FusedOutliers outliers(p);
   configure_tiles();
   for (int64_t nb = n_begin; nb < n_end; nb += rows_per_block) {
     const int64_t nb_end = std::min(n_end, nb + rows_per_block);
     const int64_t subs = ceil_div(nb_end - nb, 32);
+    outliers.gather(nb, nb_end);
     // Weight rows of each 32-row sub-block: in place, or a zero-padded copy for the last rows (see gemm()).
     const int64_t last = nb + (subs - 1) * 32;
     const bool pad_last = last + 32 > p.N || (last + 32 == p.N && p.K % kKAlign != 0);
@@ -251,7 +308,8 @@ HF_INT8_TARGET_AMX void gemm_kblocked(const GemmProblem& p, const uint8_t* x_pan
         const int64_t m0 = mb + pr * 32;
         for (int64_t sb = 0; sb < subs; ++sb) {
           const int64_t n0 = nb + sb * 32;
-          finish_block(p, cbuf + (pr * subs + sb) * 1024, m0, p.M - m0, n0, std::min<int64_t>(32, nb_end - n0));
+          finish_block(p, cbuf + (pr * subs + sb) * 1024, m0, p.M - m0, n0, std::min<int64_t>(32, nb_end - n0),
+                       outliers.block(m0, n0));
         }
       }
     }
@@ -265,6 +323,8 @@ HF_INT8_TARGET_AMX void gemm_kblocked(const GemmProblem& p, const uint8_t* x_pan
 
 namespace hf_int8::cpu::amx {
 bool available() { return false; }
+bool bf16_available() { return false; }
+void configure_tiles() {}
 void pack_activations(const GemmProblem&, int64_t, int64_t, uint8_t*) {}
 void gemm(const GemmProblem&, const uint8_t*, int64_t, int64_t, int64_t) {}
 void gemm_kblocked(const GemmProblem&, const uint8_t*, int64_t, int64_t, int64_t) {}

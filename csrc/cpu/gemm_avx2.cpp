@@ -109,7 +109,9 @@ HF_INT8_TARGET_AVX2 inline void finish8(const GemmProblem& p, int64_t m, int64_t
   const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(ep.row_scale[m]), _mm256_loadu_ps(ep.col_scale + n));
   __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
   asm("" : "+x"(v));  // no FMA contraction with the adds below (see rounded() in cpu_kernels.h)
-  if (ep.n_outliers > 0) {
+  if (ep.outlier_product != nullptr) {
+    v = _mm256_add_ps(v, _mm256_loadu_ps(ep.outlier_product + m * ep.outlier_product_ld + n));
+  } else if (ep.n_outliers > 0) {
     __m256 o = _mm256_setzero_ps();
     const float* xo = ep.x_outlier + m * ep.n_outliers;
     for (int64_t j = 0; j < ep.n_outliers; ++j) {

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace hf_int8::cpu::avx512 {
 
@@ -77,8 +78,40 @@ HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* 
 
 constexpr int nr_for(int mr) { return mr <= 3 ? 8 : (mr == 4 ? 6 : (mr <= 6 ? 4 : 3)); }
 
+// sum_j x[j] * w[j] over J values, 16 lanes at a time (fixed order: independent of threading).
+HF_INT8_TARGET_AVX512 inline float dot_f32(const float* x, const float* w, int64_t J) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < J; j += 16) {
+    const __mmask16 k = mask16(J - j);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + j), _mm512_maskz_loadu_ps(k, w + j), sum);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// Finishing with the outlier product summed here: each weight row's outlier weights are gathered (the row was just
+// streamed, so it is in cache) and dequantized once, then dotted with every token's outlier activations.
+template <int MR, int NR>
+HF_INT8_TARGET_AVX512 void finish_tile_with_outliers(const GemmProblem& p, int64_t n, const int32_t* acc) {
+  const Epilogue& ep = p.ep;
+  const int64_t J = ep.n_outliers;
+  static thread_local std::vector<float> w;
+  if (static_cast<int64_t>(w.size()) < J) w.resize(static_cast<size_t>(J));
+  for (int j = 0; j < NR; ++j) {
+    gather_dequantized(p.b + (n + j) * p.ldb, ep.outlier_cols, J, ep.col_scale[n + j], n + j + 1 < p.N, w.data());
+    for (int i = 0; i < MR; ++i) {
+      const float o = dot_f32(ep.x_outlier + i * J, w.data(), J);
+      finish_element_with_outliers(p, i, n + j, unshift_u8_accumulator(acc[i * NR + j], p.a_rowsum[i]), o);
+    }
+  }
+}
+
 template <int MR, int NR>
 HF_INT8_TARGET_AVX512 void finish_tile(const GemmProblem& p, int64_t n, const int32_t* acc) {
+  if (p.ep.kind != OutKind::kInt32 && p.ep.n_outliers > 0 && p.ep.outlier_product == nullptr &&
+      p.ep.w_outlier_t == nullptr) {
+    finish_tile_with_outliers<MR, NR>(p, n, acc);
+    return;
+  }
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
       finish_element(p, i, n + j, unshift_u8_accumulator(acc[i * NR + j], p.a_rowsum[i]));

@@ -55,8 +55,29 @@ HF_INT8_TARGET_AVX512 inline void transpose16(__m512i r[16]) {
   }
 }
 
+// out[c] = float(row[cols[c]]) * scale for c < J (the dequantized outlier weights of one weight row). The vector
+// gather reads 4 bytes at each row + cols[c]; the caller says whether the 3 bytes past the row's last column may be
+// read (any row but the last of the weight buffer), else it is done one byte at a time.
+HF_INT8_TARGET_AVX512 inline void gather_dequantized(const int8_t* row, const int64_t* cols, int64_t J, float scale,
+                                                     bool overread_ok, float* out) {
+  if (!overread_ok) {
+    for (int64_t c = 0; c < J; ++c) out[c] = static_cast<float>(row[cols[c]]) * scale;
+    return;
+  }
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t c = 0; c < J; c += 8) {
+    const __mmask8 k = J - c >= 8 ? __mmask8(0xFF) : __mmask8((1u << (J - c)) - 1u);
+    const __m512i idx = _mm512_maskz_loadu_epi64(k, cols + c);
+    const __m256i bytes = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), k, idx, row, 1);
+    const __m256i codes = _mm256_srai_epi32(_mm256_slli_epi32(bytes, 24), 24);  // sign-extend the low byte
+    _mm256_mask_storeu_ps(out + c, k, _mm256_mul_ps(_mm256_cvtepi32_ps(codes), s));
+  }
+}
+
 // Finishes out[m, n .. n + n_valid) from the int32 accumulators `acc` (already exact: shift correction applied).
-HF_INT8_TARGET_AVX512 inline void finish16(const GemmProblem& p, int64_t m, int64_t n, int64_t n_valid, __m512i acc) {
+// `outliers`, when given, holds the 16 values of the outlier product for these outputs (fused AMX path).
+HF_INT8_TARGET_AVX512 inline void finish16(const GemmProblem& p, int64_t m, int64_t n, int64_t n_valid, __m512i acc,
+                                           const float* outliers = nullptr) {
   const Epilogue& ep = p.ep;
   const __mmask16 k = mask16(n_valid);
   if (ep.kind == OutKind::kInt32) {
@@ -65,7 +86,11 @@ HF_INT8_TARGET_AVX512 inline void finish16(const GemmProblem& p, int64_t m, int6
   }
   const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(ep.row_scale[m]), _mm512_maskz_loadu_ps(k, ep.col_scale + n));
   __m512 v = rounded16(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale));
-  if (ep.n_outliers > 0) {
+  if (outliers != nullptr) {
+    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, outliers));
+  } else if (ep.outlier_product != nullptr) {
+    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, ep.outlier_product + m * ep.outlier_product_ld + n));
+  } else if (ep.n_outliers > 0) {
     __m512 o = _mm512_setzero_ps();
     const float* xo = ep.x_outlier + m * ep.n_outliers;
     for (int64_t j = 0; j < ep.n_outliers; ++j) {

@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "hf_int8/cpu_features.h"
 #include "hf_int8/quant_math.h"
@@ -28,6 +29,8 @@
 #define HF_INT8_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define HF_INT8_TARGET_AMX \
   __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#define HF_INT8_TARGET_AMX_BF16 \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8,amx-bf16")))
 #else
 #define HF_INT8_X86 0
 #endif
@@ -46,6 +49,8 @@ enum class OutKind : int { kInt32 = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
 //   value = value + bias[n]                                     (fp32; only when bias != nullptr)
 //   out[m, n] = cast<out dtype>(value)                          (round to nearest even, once)
 // with w_outlier(n, j) = float(b[n, outlier_cols[j]]) * col_scale[n], the dequantized weight of outlier column j.
+struct AmxOutliers;
+
 struct Epilogue {
   OutKind kind = OutKind::kInt32;
   void* out = nullptr;  // [M, N] row-major with leading dimension ldo (elements)
@@ -57,6 +62,14 @@ struct Epilogue {
   const int64_t* outlier_cols = nullptr;  // [n_outliers], indices into K
   const float* x_outlier = nullptr;       // [M, n_outliers] row-major: the activations of the outlier columns
   const float* w_outlier_t = nullptr;     // [n_outliers, N] precomputed w_outlier, or nullptr (gathered from b)
+  // [M, outlier_product_ld] row-major: the whole outlier product x_outlier @ w_outlier^T, computed beforehand by
+  // outlier_gemm.cpp when there are many outlier columns (gemm.cpp, kFusedOutliersMax). When set, the epilogue adds
+  // it instead of summing over the outlier columns itself.
+  const float* outlier_product = nullptr;
+  int64_t outlier_product_ld = 0;
+  // AMX path only: the outlier activations split into bf16 pieces (outlier_gemm.cpp), from which the AMX GEMM
+  // computes each 32 x 32 block of the outlier product right before it finishes that block (no [M, N] buffer).
+  const AmxOutliers* amx_outliers = nullptr;
 };
 
 // One GEMM problem: C = A @ B^T with A [M, K] int8 (row stride lda) and B [N, K] int8 (row stride ldb).
@@ -101,6 +114,15 @@ inline float rounded(float v) {
   return v;
 }
 
+// Finishes element (m, n) from its exact int32 accumulator and its outlier product, summed by the caller.
+inline void finish_element_with_outliers(const GemmProblem& p, int64_t m, int64_t n, int32_t acc, float outliers) {
+  const Epilogue& ep = p.ep;
+  float v = rounded(dequantize(acc, ep.row_scale[m], ep.col_scale[n]));
+  v = v + outliers;
+  if (ep.bias != nullptr) v = v + ep.bias[n];
+  store_value(ep, m, n, v);
+}
+
 // Finishes element (m, n) from its exact int32 accumulator.
 inline void finish_element(const GemmProblem& p, int64_t m, int64_t n, int32_t acc) {
   const Epilogue& ep = p.ep;
@@ -109,7 +131,9 @@ inline void finish_element(const GemmProblem& p, int64_t m, int64_t n, int32_t a
     return;
   }
   float v = rounded(dequantize(acc, ep.row_scale[m], ep.col_scale[n]));
-  if (ep.n_outliers > 0) {
+  if (ep.outlier_product != nullptr) {
+    v = v + ep.outlier_product[m * ep.outlier_product_ld + n];
+  } else if (ep.n_outliers > 0) {
     float o = 0.0f;
     const float* xo = ep.x_outlier + m * ep.n_outliers;
     for (int64_t j = 0; j < ep.n_outliers; ++j) o = std::fma(xo[j], outlier_weight(p, n, j), o);
@@ -178,7 +202,10 @@ void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t
 }  // namespace avx512
 
 namespace amx {
-bool available();  // the CPU has AMX-INT8 and the OS granted this process the tile data state
+bool available();       // the CPU has AMX-INT8 and the OS granted this process the tile data state
+bool bf16_available();  // available() and the CPU has AMX-BF16 too
+// Loads the tile configuration every AMX kernel here uses (eight tiles of 16 rows x 64 bytes) on this thread.
+void configure_tiles();
 constexpr int64_t kKAlign = 64;  // the packed activations are zero-padded to a multiple of 64 bytes in K
 // Packs A's rows [16 * panel_begin, 16 * panel_end) into B-tile panels: ceil(K / 64) * 1024 bytes per 16 rows.
 void pack_activations(const GemmProblem& p, int64_t panel_begin, int64_t panel_end, uint8_t* panels);
@@ -198,6 +225,36 @@ void gemm(const GemmProblem& p, int64_t n_begin, int64_t n_end);
 // Epilogue of rows [m_begin, m_end) from int32 accumulators acc[m * ld_acc + n].
 void finish_rows(const GemmProblem& p, const int32_t* acc, int64_t ld_acc, int64_t m_begin, int64_t m_end);
 }  // namespace avx2
+
+// ------------------------------------------------------------------------------------------------------------------
+// Outlier product for many outlier columns (outlier_gemm.cpp).
+// ------------------------------------------------------------------------------------------------------------------
+// out[m, n] = sum_j x_outlier[m, j] * w_outlier(n, j) (fp32) for the problem's M tokens, N weight rows and
+// ep.n_outliers columns. `out` must hold outlier_product_rows(M) rows of ldo >= outlier_product_cols(N) floats (the
+// kernels write whole blocks). Threaded over blocks of weight rows; independent of the thread count.
+int64_t outlier_product_rows(int64_t M);
+int64_t outlier_product_cols(int64_t N);
+void outlier_product(Isa isa, const GemmProblem& p, float* out, int64_t ldo);
+
+// The same product in 32 x 32 blocks on AMX-BF16, for the AMX GEMM to fuse (see Epilogue::amx_outliers).
+struct AmxOutliers {
+  const uint16_t* pieces = nullptr;  // [n_pieces][mp][jp] bf16 pieces of x_outlier, zero-padded
+  int64_t mp = 0;                    // tokens, rounded up to 32
+  int64_t jp = 0;                    // outlier columns, rounded up to 32
+  int n_pieces = 0;                  // 1 for bf16 activations, 2 for fp16, up to 3 for fp32
+};
+// Splits p's outlier activations into `storage`; false when the CPU has no AMX-BF16 or a value is outside the range
+// the AMX path takes exactly (then outlier_product() computes the product with fp32 FMAs).
+bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& storage, AmxOutliers& out);
+// B tiles of the outlier weights of rows [n0, n0 + 32): amx_outlier_tile_elems(jp) bf16 values.
+int64_t amx_outlier_tile_elems(int64_t jp);
+void gather_amx_outlier_tiles(const GemmProblem& p, const AmxOutliers& o, int64_t n0, uint16_t* tiles);
+namespace amx {
+// block[i * 32 + c] = product of token m0 + i and weight row n0 + c (times col_scale), for a 32 x 32 block whose
+// weight tiles were gathered from row n0. Uses (clobbers) all eight tiles; configure_tiles() must have run.
+void outlier_block(const GemmProblem& p, const AmxOutliers& o, const uint16_t* tiles, int64_t m0, int64_t n0,
+                   float* block);
+}  // namespace amx
 
 // Reads every byte of `buffer` as fast as a core can stream (bandwidth.cpp); returns a checksum.
 int64_t stream_read(const at::Tensor& buffer);

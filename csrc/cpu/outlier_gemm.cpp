@@ -1,0 +1,435 @@
+// The outlier product of LLM.int8(), computed before the int8 GEMM when there are more than a few outlier columns:
+//   product[m, n] = sum_j x_outlier[m, j] * w_outlier(n, j),   w_outlier(n, j) = float(b[n, col_j]) * col_scale[n]
+// The epilogue adds it to the dequantized int8 product. Real models have many outlier columns (Qwen2.5: 6.6% of a
+// layer's input columns on average, 70% in its worst down_proj), so this product is a GEMM in its own right.
+//
+// Work is split into strips of 32 weight rows; each strip is computed whole (every token, every outlier column) by
+// one thread, so results do not depend on the thread count. A strip first gathers its outlier weights into a small
+// table (the rows are read once, the table stays in L1/L2: no [N, J] table ever goes through memory), then:
+//
+// - AMX-BF16 (Sapphire Rapids and later): int8 weights are exact in bf16, and an fp32 activation is the exact sum of
+//   three bf16 numbers (its mantissa in 8-bit pieces; one piece for bf16 inputs, two for fp16), so TDPBF16PS, which
+//   forms exact products and accumulates in fp32, computes the same sum as an fp32 FMA loop up to summation order.
+//   The activations are split once per call; strips hold the weights as B tiles ([J/2][16 rows][2] bf16) and
+//   32 x 32 blocks of the product accumulate in four tiles. col_scale[n] is applied to the finished sum (the bf16
+//   operands must stay exact), which moves the result by an fp32 rounding at most; activations so large that
+//   |x| * 127 * J could overflow fp32 (above kAmxMaxAbs), or so small that a bf16 piece would be subnormal (which AMX
+//   flushes to zero), take the FMA path.
+// - Otherwise fp32 FMA register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over the dequantized weights,
+//   walking the outlier columns in chunks whose gathered weights fit in L1.
+// Not BLAS: a BLAS splits its work, and its fp32 sums, by the number of threads.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "hf_int8/cpu_avx512_epilogue.h"
+#include "hf_int8/cpu_kernels.h"
+
+#if HF_INT8_X86
+#include <immintrin.h>
+#endif
+
+namespace hf_int8::cpu {
+
+namespace {
+
+constexpr int64_t kStripRows = 32;  // weight rows per work item (the product is padded to a multiple of this)
+constexpr int64_t kJChunk = 256;    // FMA path: outlier columns per pass over the tokens (table: 32 KiB, in L1)
+
+int64_t round_up_to(int64_t v, int64_t m) { return ceil_div(v, m) * m; }
+
+struct Problem {
+  const float* x;        // [M, J]: the outlier columns of the activations
+  int64_t M, J;
+  const int8_t* b;       // [N, ldb]: int8 weight rows
+  int64_t N, ldb;
+  const int64_t* cols;   // [J]: the outlier column indices into K
+  const float* scale;    // [N]
+  float* out;            // [>= round_up(M, 32), ldo], ldo >= round_up(N, 32)
+  int64_t ldo;
+};
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// FMA path. table[j - j0][c] = w_outlier(n0 + c, j) for j in [j0, j1) (0 past N).
+// ---------------------------------------------------------------------------------------------------------------
+void gather_chunk(const Problem& g, int64_t n0, int64_t j0, int64_t j1, float* table) {
+  for (int64_t c = 0; c < kStripRows; ++c) {
+    const int64_t n = n0 + c;
+    if (n >= g.N) {
+      for (int64_t j = j0; j < j1; ++j) table[(j - j0) * kStripRows + c] = 0.0f;
+      continue;
+    }
+    const int8_t* row = g.b + n * g.ldb;
+    const float scale = g.scale[n];
+    for (int64_t j = j0; j < j1; ++j) table[(j - j0) * kStripRows + c] = static_cast<float>(row[g.cols[j]]) * scale;
+  }
+}
+
+using TileFn = void (*)(const Problem&, int64_t m0, int64_t rows, int64_t n0, int64_t j0, int64_t j1,
+                        const float* table);
+
+// Scalar version, any CPU: out[m0 .. m0 + rows, n0 .. n0 + 32) (+)= x[., j0 .. j1) @ table.
+void tile_generic(const Problem& g, int64_t m0, int64_t rows, int64_t n0, int64_t j0, int64_t j1,
+                  const float* table) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = g.out + (m0 + r) * g.ldo + n0;
+    const float* xr = g.x + (m0 + r) * g.J;
+    for (int64_t c = 0; c < kStripRows; ++c) {
+      float acc = j0 == 0 ? 0.0f : o[c];
+      for (int64_t j = j0; j < j1; ++j) acc = std::fma(xr[j], table[(j - j0) * kStripRows + c], acc);
+      o[c] = acc;
+    }
+  }
+}
+
+#if HF_INT8_X86
+template <int R>
+HF_INT8_TARGET_AVX512 void tile_avx512(const Problem& g, int64_t m0, int64_t n0, int64_t j0, int64_t j1,
+                                       const float* table) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    float* o = g.out + (m0 + r) * g.ldo + n0;
+    acc[r][0] = j0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o);
+    acc[r][1] = j0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o + 16);
+  }
+  const float* x = g.x + m0 * g.J;
+  for (int64_t j = j0; j < j1; ++j) {
+    const __m512 w0 = _mm512_loadu_ps(table + (j - j0) * kStripRows);
+    const __m512 w1 = _mm512_loadu_ps(table + (j - j0) * kStripRows + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * g.J + j]);
+      acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = g.out + (m0 + r) * g.ldo + n0;
+    _mm512_storeu_ps(o, acc[r][0]);
+    _mm512_storeu_ps(o + 16, acc[r][1]);
+  }
+}
+
+void tile_avx512_rows(const Problem& g, int64_t m0, int64_t rows, int64_t n0, int64_t j0, int64_t j1,
+                      const float* table) {
+  switch (rows) {
+    case 8: tile_avx512<8>(g, m0, n0, j0, j1, table); break;
+    case 7: tile_avx512<7>(g, m0, n0, j0, j1, table); break;
+    case 6: tile_avx512<6>(g, m0, n0, j0, j1, table); break;
+    case 5: tile_avx512<5>(g, m0, n0, j0, j1, table); break;
+    case 4: tile_avx512<4>(g, m0, n0, j0, j1, table); break;
+    case 3: tile_avx512<3>(g, m0, n0, j0, j1, table); break;
+    case 2: tile_avx512<2>(g, m0, n0, j0, j1, table); break;
+    default: tile_avx512<1>(g, m0, n0, j0, j1, table); break;
+  }
+}
+
+// 16 of the strip's 32 rows (columns c0 .. c0 + 15 of the table), up to 4 tokens.
+template <int R>
+HF_INT8_TARGET_AVX2 void tile_avx2(const Problem& g, int64_t m0, int64_t n0, int64_t c0, int64_t j0, int64_t j1,
+                                   const float* table) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    float* o = g.out + (m0 + r) * g.ldo + n0 + c0;
+    acc[r][0] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(o);
+    acc[r][1] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(o + 8);
+  }
+  const float* x = g.x + m0 * g.J;
+  for (int64_t j = j0; j < j1; ++j) {
+    const __m256 w0 = _mm256_loadu_ps(table + (j - j0) * kStripRows + c0);
+    const __m256 w1 = _mm256_loadu_ps(table + (j - j0) * kStripRows + c0 + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_set1_ps(x[r * g.J + j]);
+      acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = g.out + (m0 + r) * g.ldo + n0 + c0;
+    _mm256_storeu_ps(o, acc[r][0]);
+    _mm256_storeu_ps(o + 8, acc[r][1]);
+  }
+}
+
+void tile_avx2_rows(const Problem& g, int64_t m0, int64_t rows, int64_t n0, int64_t j0, int64_t j1,
+                    const float* table) {
+  for (int64_t c0 = 0; c0 < kStripRows; c0 += 16) {
+    switch (rows) {
+      case 4: tile_avx2<4>(g, m0, n0, c0, j0, j1, table); break;
+      case 3: tile_avx2<3>(g, m0, n0, c0, j0, j1, table); break;
+      case 2: tile_avx2<2>(g, m0, n0, c0, j0, j1, table); break;
+      default: tile_avx2<1>(g, m0, n0, c0, j0, j1, table); break;
+    }
+  }
+}
+#endif  // HF_INT8_X86
+
+void product_fma(Isa isa, const Problem& g) {
+  int64_t rows_per_tile = 8;
+  TileFn tile = tile_generic;
+#if HF_INT8_X86
+  if (isa >= Isa::kAvx512Vnni) {
+    tile = tile_avx512_rows;
+  } else if (isa >= Isa::kAvx2) {
+    tile = tile_avx2_rows;
+    rows_per_tile = 4;
+  }
+#endif
+  const int64_t strips = ceil_div(g.N, kStripRows);
+  at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> table(static_cast<size_t>(kJChunk * kStripRows));
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t n0 = s * kStripRows;
+      for (int64_t j0 = 0; j0 < g.J; j0 += kJChunk) {
+        const int64_t j1 = std::min(g.J, j0 + kJChunk);
+        gather_chunk(g, n0, j0, j1, table.data());
+        for (int64_t m0 = 0; m0 < g.M; m0 += rows_per_tile) {
+          tile(g, m0, std::min(rows_per_tile, g.M - m0), n0, j0, j1, table.data());
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AMX-BF16 path.
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kMaxPieces = 3;      // bf16 pieces of an fp32 value (8 + 8 + 8 mantissa bits)
+constexpr int64_t kAmxJStep = 32;  // outlier columns per TDPBF16PS (16 pairs)
+constexpr int64_t kAmxRows = 32;   // tokens per block (two A tiles)
+// Activation magnitudes the AMX path takes: below kAmxMaxAbs, |x| * 127 summed over any J that fits in memory stays
+// far from fp32 overflow; from kAmxMinAbs up, every bf16 piece of x (down to 2^-16 of it) is a normal number.
+constexpr float kAmxMaxAbs = 1e30f;
+constexpr float kAmxMinAbs = 0x1p-100f;
+
+// The top 8 significant bits of v as bf16 (truncated, so never rounded up into the next binade or to infinity).
+inline uint16_t bf16_truncate(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// Splits v into bf16 pieces whose exact sum is v (pieces past the first are 0 when v has few significant bits).
+// Inf and NaN go whole into the first piece (a remainder Inf - Inf would be NaN).
+inline int split_bf16(float v, uint16_t* pieces) {
+  for (int t = 0; t < kMaxPieces; ++t) pieces[t] = 0;
+  if (!std::isfinite(v)) {
+    pieces[0] = std::isnan(v) ? 0x7FC0 : bf16_truncate(v);
+    return 1;
+  }
+  int used = 0;
+  float rest = v;
+  for (int t = 0; t < kMaxPieces && rest != 0.0f; ++t) {
+    pieces[t] = bf16_truncate(rest);
+    rest -= bf16_to_float(pieces[t]);  // exact: the remaining low bits of the mantissa
+    used = t + 1;
+  }
+  return used;
+}
+
+#if HF_INT8_X86
+// Strips [s0, s1) of the product on this thread, block by block through a 32 x 32 buffer.
+HF_INT8_TARGET_AMX_BF16 void strips_amx(const GemmProblem& p, const AmxOutliers& o, float* out, int64_t ldo,
+                                        int64_t s0, int64_t s1) {
+  std::vector<uint16_t> tiles(static_cast<size_t>(amx_outlier_tile_elems(o.jp)));
+  alignas(64) float block[kAmxRows * kStripRows];
+  amx::configure_tiles();
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t n0 = s * kStripRows;
+    gather_amx_outlier_tiles(p, o, n0, tiles.data());
+    for (int64_t m0 = 0; m0 < p.M; m0 += kAmxRows) {
+      amx::outlier_block(p, o, tiles.data(), m0, n0, block);
+      for (int64_t i = 0; i < std::min(kAmxRows, p.M - m0); ++i) {
+        std::memcpy(out + (m0 + i) * ldo + n0, block + i * kStripRows, sizeof(float) * kStripRows);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif  // HF_INT8_X86
+
+}  // namespace
+
+int64_t outlier_product_rows(int64_t M) { return M; }
+int64_t outlier_product_cols(int64_t N) { return round_up_to(N, kStripRows); }
+
+// Splits x[0 .. J) into pieces t = 0..2 at piece[t][j]; returns how many pieces the row needs (1-3), or 0 when a value
+// is outside the range the AMX path takes.
+int split_row(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p2) {
+  int used = 1;
+  for (int64_t j = 0; j < J; ++j) {
+    const float v = x[j], a = std::fabs(v);
+    if ((a > kAmxMaxAbs && !std::isinf(a)) || (a < kAmxMinAbs && a != 0.0f)) return 0;
+    uint16_t piece[kMaxPieces];
+    used = std::max(used, split_bf16(v, piece));
+    p0[j] = piece[0];
+    p1[j] = piece[1];
+    p2[j] = piece[2];
+  }
+  return used;
+}
+
+#if HF_INT8_X86
+// split_row, 16 values at a time (a block holding Inf or NaN goes through split_row).
+HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p2) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 max_abs = _mm512_set1_ps(kAmxMaxAbs), min_abs = _mm512_set1_ps(kAmxMinAbs);
+  const __m512i exponent = _mm512_set1_epi32(0x7F800000);  // all ones: Inf or NaN
+  __mmask16 needs2 = 0, needs3 = 0;
+  int used = 1;
+  for (int64_t j = 0; j < J; j += 16) {
+    const __mmask16 k = avx512::mask16(J - j);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
+    if (_mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exponent), exponent) != 0) {
+      const int u = split_row(x + j, std::min<int64_t>(16, J - j), p0 + j, p1 + j, p2 + j);
+      if (u == 0) return 0;
+      used = std::max(used, u);
+      continue;
+    }
+    const __m512 a = _mm512_abs_ps(v);
+    const __mmask16 out_of_range = _mm512_cmp_ps_mask(a, max_abs, _CMP_GT_OQ) |
+                                   (_mm512_cmp_ps_mask(a, min_abs, _CMP_LT_OQ) &
+                                    _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ));
+    if (out_of_range != 0) return 0;
+    // Truncating to bf16 keeps the top 8 significant bits; each remainder is exact in fp32.
+    const __m512i h0 = _mm512_and_si512(_mm512_castps_si512(v), high);
+    const __m512 r1 = _mm512_sub_ps(v, _mm512_castsi512_ps(h0));
+    const __m512i h1 = _mm512_and_si512(_mm512_castps_si512(r1), high);
+    const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(h1));
+    const __m512i h2 = _mm512_and_si512(_mm512_castps_si512(r2), high);
+    needs2 |= _mm512_test_epi32_mask(h1, h1);
+    needs3 |= _mm512_test_epi32_mask(h2, h2);
+    _mm256_mask_storeu_epi16(p0 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h0, 16)));
+    _mm256_mask_storeu_epi16(p1 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h1, 16)));
+    _mm256_mask_storeu_epi16(p2 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h2, 16)));
+  }
+  return std::max(used, needs3 != 0 ? 3 : (needs2 != 0 ? 2 : 1));
+}
+#endif
+
+bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& storage, AmxOutliers& out) {
+  if (isa < Isa::kAmx || !amx::bf16_available()) return false;
+  const int64_t M = p.M, J = p.ep.n_outliers;
+  const int64_t mp = round_up_to(M, kAmxRows), jp = round_up_to(J, kAmxJStep);
+  storage.assign(static_cast<size_t>(kMaxPieces * mp * jp), 0);
+  uint16_t* pieces = storage.data();
+  const float* x = p.ep.x_outlier;
+  std::vector<uint8_t> row_pieces(static_cast<size_t>(M), 0);  // 0: a value outside the AMX range
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(J, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      uint16_t* p0 = pieces + m * jp;
+#if HF_INT8_X86
+      const int used = split_row_avx512(x + m * J, J, p0, p0 + mp * jp, p0 + 2 * mp * jp);
+#else
+      const int used = split_row(x + m * J, J, p0, p0 + mp * jp, p0 + 2 * mp * jp);
+#endif
+      row_pieces[static_cast<size_t>(m)] = static_cast<uint8_t>(used);
+    }
+  });
+  int n_pieces = 1;
+  for (const uint8_t used : row_pieces) {
+    if (used == 0) return false;
+    n_pieces = std::max<int>(n_pieces, used);
+  }
+  out.pieces = pieces;
+  out.mp = mp;
+  out.jp = jp;
+  out.n_pieces = n_pieces;
+  return true;
+}
+
+int64_t amx_outlier_tile_elems(int64_t jp) { return jp / kAmxJStep * 1024; }
+
+// B tiles: for each step of 32 outlier columns, two tiles (rows n0 .. n0+15, n0+16 .. n0+31) of
+// [16 column pairs][16 rows][2] bf16. int8 values are exact in bf16; rows past N are zero.
+void gather_amx_outlier_tiles(const GemmProblem& p, const AmxOutliers& o, int64_t n0, uint16_t* tiles) {
+  std::memset(tiles, 0, static_cast<size_t>(amx_outlier_tile_elems(o.jp)) * sizeof(uint16_t));
+  const int64_t J = p.ep.n_outliers;
+  static thread_local std::vector<float> codes;
+  if (static_cast<int64_t>(codes.size()) < J) codes.resize(static_cast<size_t>(J));
+  for (int64_t r = 0; r < std::min(kStripRows, p.N - n0); ++r) {
+    const int64_t n = n0 + r;
+#if HF_INT8_X86
+    avx512::gather_dequantized(p.b + n * p.ldb, p.ep.outlier_cols, J, 1.0f, n + 1 < p.N, codes.data());
+#else
+    for (int64_t j = 0; j < J; ++j) codes[j] = static_cast<float>(p.b[n * p.ldb + p.ep.outlier_cols[j]]);
+#endif
+    uint16_t* base = tiles + (r / 16) * 512 + (r % 16) * 2;
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t step = j / kAmxJStep, pair = (j % kAmxJStep) / 2, half = j % 2;
+      base[step * 1024 + pair * 32 + half] = bf16_truncate(codes[static_cast<size_t>(j)]);
+    }
+  }
+}
+
+#if HF_INT8_X86
+namespace amx {
+HF_INT8_TARGET_AMX_BF16 void outlier_block(const GemmProblem& p, const AmxOutliers& o, const uint16_t* tiles,
+                                           int64_t m0, int64_t n0, float* block) {
+  const int64_t steps = o.jp / kAmxJStep;
+  const int64_t lda = o.jp * static_cast<int64_t>(sizeof(uint16_t));
+  constexpr int64_t kLdBlock = kStripRows * sizeof(float);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(6, tiles + s * 1024, 64);
+    _tile_loadd(7, tiles + s * 1024 + 512, 64);
+    for (int t = 0; t < o.n_pieces; ++t) {
+      const uint16_t* a = o.pieces + (t * o.mp + m0) * o.jp + s * kAmxJStep;
+      _tile_loadd(4, a, lda);
+      _tile_loadd(5, a + 16 * o.jp, lda);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, block, kLdBlock);
+  _tile_stored(1, block + 16, kLdBlock);
+  _tile_stored(2, block + 16 * kStripRows, kLdBlock);
+  _tile_stored(3, block + 16 * kStripRows + 16, kLdBlock);
+  // col_scale multiplies the finished sums (the tiles hold the raw int8 values).
+  const __mmask16 k0 = avx512::mask16(std::min<int64_t>(16, p.N - n0));
+  const __mmask16 k1 = avx512::mask16(std::clamp<int64_t>(p.N - n0 - 16, 0, 16));
+  const __m512 s0 = _mm512_maskz_loadu_ps(k0, p.ep.col_scale + n0);
+  const __m512 s1 = _mm512_maskz_loadu_ps(k1, p.ep.col_scale + n0 + 16);
+  for (int64_t i = 0; i < kAmxRows; ++i) {
+    float* row = block + i * kStripRows;
+    _mm512_store_ps(row, _mm512_mul_ps(_mm512_load_ps(row), s0));
+    _mm512_store_ps(row + 16, _mm512_mul_ps(_mm512_load_ps(row + 16), s1));
+  }
+}
+}  // namespace amx
+#else
+namespace amx {
+void outlier_block(const GemmProblem&, const AmxOutliers&, const uint16_t*, int64_t, int64_t, float*) {}
+}  // namespace amx
+#endif
+
+void outlier_product(Isa isa, const GemmProblem& p, float* out, int64_t ldo) {
+#if HF_INT8_X86
+  std::vector<uint16_t> storage;
+  AmxOutliers o;
+  if (prepare_amx_outliers(isa, p, storage, o)) {
+    at::parallel_for(0, ceil_div(p.N, kStripRows), 1,
+                     [&](int64_t s0, int64_t s1) { strips_amx(p, o, out, ldo, s0, s1); });
+    return;
+  }
+#endif
+  const Problem g{p.ep.x_outlier, p.M, p.ep.n_outliers, p.b, p.N, p.ldb, p.ep.outlier_cols, p.ep.col_scale, out, ldo};
+  product_fma(isa, g);
+}
+
+}  // namespace hf_int8::cpu
