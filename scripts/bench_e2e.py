@@ -9,7 +9,9 @@ Each (model, method) runs in a fresh subprocess, so its peak resident memory whi
   file pages of the memory-mapped checkpoint count too), the resident memory just before loading, and the peak of
   anonymous memory sampled every few milliseconds by a thread (``RssAnon``: memory the process owns);
 * ``model.get_memory_footprint()`` and the bytes actually stored;
-* prefill tokens/s: one forward of a ``--prompt-tokens`` prompt (batch 1, median of ``--repeats``);
+* prefill tokens/s: one forward of a ``--prompt-tokens`` prompt (batch 1, median of ``--repeats``), as ``generate``
+  runs it: a causal LM computes the logits of the last position only (``logits_to_keep=1``), not 512 x vocabulary
+  logits that generation never reads (for Qwen2.5 those cost ~0.4 s in bf16 whatever the method);
 * decode tokens/s at batch 1 and 8: greedy ``generate`` of ``--new-tokens`` tokens after a 32-token prompt, the time
   of a 1-token ``generate`` (prefill) subtracted: ``batch * (new - 1) / (t(new) - t(1))``;
 
@@ -165,9 +167,12 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                              f"{prompt_tokens + 8 * DECODE_PROMPT_TOKENS}")
         prompt = torch.tensor([ids[:prompt_tokens]])
         result["prompt_tokens"] = prompt_tokens
+        # Causal LMs: only the last position's logits, like generate's prefill step.
+        last_only = {"logits_to_keep": 1} if spec.kind == "causal" else {}
+        result["prefill_logits"] = "last position" if last_only else "all positions"
         with torch.inference_mode():
-            model(input_ids=prompt[:, :16])  # warm-up (allocator, oneDNN primitives)
-            prefill = _median_time(lambda: model(input_ids=prompt), job["repeats"])
+            model(input_ids=prompt[:, :16], **last_only)  # warm-up (allocator, oneDNN primitives)
+            prefill = _median_time(lambda: model(input_ids=prompt, **last_only), job["repeats"])
         result["prefill_s"] = prefill
         result["prefill_tps"] = prompt_tokens / prefill
         if spec.kind != "causal":
@@ -319,9 +324,13 @@ def _cell(row: dict[str, Any], key: str, scale: float = 1.0, spec: str = ".1f") 
 
 def render_markdown(data: dict[str, Any]) -> str:
     meta, rows, s = data["meta"], data["results"], data["settings"]
+    # Runs before prefill_logits was recorded computed the logits of every position.
+    logits = sorted({r.get("prefill_logits", "all positions") for r in rows if r.get("prefill_tps")})
+    logits_note = f" (logits: {' / '.join(logits)})" if logits else ""
     out = ["# End-to-end: loading, memory and speed\n", f"Command: `{meta['command']}`\n", C.machine_markdown(meta),
            "", C.kernels_markdown(meta["kernels"]), "",
-           f"Prefill: one forward of a {s['prompt_tokens']}-token prompt, batch 1, median of {s['repeats']}. Decode: "
+           f"Prefill: one forward of a {s['prompt_tokens']}-token prompt{logits_note}, batch 1, median of "
+           f"{s['repeats']}. Decode: "
            f"greedy generate of {s['new_tokens']} tokens after a {DECODE_PROMPT_TOKENS}-token prompt, batch "
            f"{' and '.join(map(str, s['batches']))}, prefill time subtracted. Every cell: value (x fp32, x bf16) "
            "from the same run. Peak RSS = ru_maxrss of a fresh process after loading (imports and mapped "

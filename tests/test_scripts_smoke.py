@@ -146,6 +146,8 @@ def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
                     "prefill_tps"):
             assert row[key] > 0, (model, method, key)
         assert row["peak_anon_load_bytes"] - row["anon_before_load_bytes"] == row["load_anon_increase_bytes"] >= 0
+        # Prefill as generate runs it: a causal LM computes the last position's logits only.
+        assert row["prefill_logits"] == ("last position" if model == "tl" else "all positions")
         if model == "tl":
             assert row["decode_b1_tps"] > 0 and row["decode_b8_tps"] > 0
             assert row["ratio_bf16"]["decode_b8_tps"] == pytest.approx(

@@ -4,8 +4,10 @@
 //   2. gather the few outlier columns of x (fp32);
 //   3. int8 GEMM whose epilogue dequantizes, adds the outlier product and the bias in fp32 and writes x.dtype once.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -14,6 +16,19 @@
 namespace hf_int8::cpu {
 
 namespace {
+
+// x_outlier[m, j] = float(x[m, cols[j]]): the outlier columns of x [M, K] (row-major), threaded over rows.
+// (Tensor.index_select along dim 1 took ~4% of a Qwen2.5 prefill.)
+template <typename T>
+void gather_columns(const T* x, int64_t M, int64_t K, const int64_t* cols, int64_t J, float* out) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(J, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* row = x + m * K;
+      float* dst = out + m * J;
+      for (int64_t j = 0; j < J; ++j) dst[j] = static_cast<float>(row[cols[j]]);
+    }
+  });
+}
 
 OutKind out_kind_of(InKind in) {
   switch (in) {
@@ -81,7 +96,13 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     for (int64_t k = 0, j = 0; k < K; ++k) {
       if (col_mask[static_cast<size_t>(k)]) c[j++] = k;
     }
-    x_outlier = x2d.index_select(1, cols).to(at::kFloat).contiguous();
+    x_outlier = at::empty({M, n_outliers}, x.options().dtype(at::kFloat));
+    float* xo = x_outlier.data_ptr<float>();
+    switch (in) {
+      case InKind::kBF16: gather_columns(x2d.data_ptr<at::BFloat16>(), M, K, c, n_outliers, xo); break;
+      case InKind::kF16: gather_columns(x2d.data_ptr<at::Half>(), M, K, c, n_outliers, xo); break;
+      default: gather_columns(x2d.data_ptr<float>(), M, K, c, n_outliers, xo); break;
+    }
   }
   const at::Tensor w = weight.contiguous();
   const at::Tensor ws = weight_scale.to(at::kFloat).contiguous();
