@@ -18,6 +18,12 @@
 // - Otherwise fp32 FMA register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over the dequantized weights,
 //   walking the outlier columns in chunks whose gathered weights fit in L1.
 // Not BLAS: a BLAS splits its work, and its fp32 sums, by the number of threads.
+// GCC 12 warns about the _mm512_undefined_*() placeholders inside its own AVX-512 intrinsics (GCC bug 105593,
+// fixed in GCC 13): false positives, silenced for this file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -317,23 +323,41 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
 }
 #endif
 
+#if HF_INT8_X86
+// Re-lays row-major pieces [n_pieces][mp][jp] as B tiles: for each piece, 16-token panel and step of 32 columns, a
+// 16 x 16 transpose of 32-bit pairs gives [16 column pairs][16 tokens][2] bf16.
+HF_INT8_TARGET_AVX512 void to_b_tiles_panel(const uint16_t* src, int64_t jp, uint16_t* dst) {
+  for (int64_t st = 0; st < jp / kAmxJStep; ++st) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * jp + st * kAmxJStep);
+    avx512::transpose16(r);
+    for (int k = 0; k < 16; ++k) _mm512_storeu_si512(dst + st * 512 + k * 32, r[k]);
+  }
+}
+
+void to_b_tiles(const uint16_t* rows, int64_t n_pieces, int64_t mp, int64_t jp, uint16_t* tiles) {
+  const int64_t panels = mp / 16, steps = jp / kAmxJStep;
+  at::parallel_for(0, n_pieces * panels, 1, [&](int64_t q0, int64_t q1) {
+    // q: piece q / panels, tokens (q % panels) * 16 ..; pieces and panels are contiguous in both layouts.
+    for (int64_t q = q0; q < q1; ++q) to_b_tiles_panel(rows + q * 16 * jp, jp, tiles + q * steps * 512);
+  });
+}
+#endif
+
 bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& storage, AmxOutliers& out) {
+#if HF_INT8_X86
   if (isa < Isa::kAmx || !amx::bf16_available()) return false;
   const int64_t M = p.M, J = p.ep.n_outliers;
   const int64_t mp = round_up_to(M, kAmxRows), jp = round_up_to(J, kAmxJStep);
-  storage.assign(static_cast<size_t>(kMaxPieces * mp * jp), 0);
-  uint16_t* pieces = storage.data();
+  std::vector<uint16_t> rows(static_cast<size_t>(kMaxPieces * mp * jp), 0);  // [piece][mp][jp], row-major
+  uint16_t* pieces = rows.data();
   const float* x = p.ep.x_outlier;
   std::vector<uint8_t> row_pieces(static_cast<size_t>(M), 0);  // 0: a value outside the AMX range
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(J, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       uint16_t* p0 = pieces + m * jp;
-#if HF_INT8_X86
-      const int used = split_row_avx512(x + m * J, J, p0, p0 + mp * jp, p0 + 2 * mp * jp);
-#else
-      const int used = split_row(x + m * J, J, p0, p0 + mp * jp, p0 + 2 * mp * jp);
-#endif
-      row_pieces[static_cast<size_t>(m)] = static_cast<uint8_t>(used);
+      row_pieces[static_cast<size_t>(m)] =
+          static_cast<uint8_t>(split_row_avx512(x + m * J, J, p0, p0 + mp * jp, p0 + 2 * mp * jp));
     }
   });
   int n_pieces = 1;
@@ -341,74 +365,97 @@ bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& 
     if (used == 0) return false;
     n_pieces = std::max<int>(n_pieces, used);
   }
-  out.pieces = pieces;
+  storage.resize(static_cast<size_t>(n_pieces * mp * jp));
+  to_b_tiles(pieces, n_pieces, mp, jp, storage.data());
+  out.pieces = storage.data();
   out.mp = mp;
   out.jp = jp;
   out.n_pieces = n_pieces;
   return true;
+#else
+  (void)isa, (void)p, (void)storage, (void)out;
+  return false;
+#endif
 }
 
 int64_t amx_outlier_tile_elems(int64_t jp) { return jp / kAmxJStep * 1024; }
 
-// B tiles: for each step of 32 outlier columns, two tiles (rows n0 .. n0+15, n0+16 .. n0+31) of
-// [16 column pairs][16 rows][2] bf16. int8 values are exact in bf16; rows past N are zero.
-void gather_amx_outlier_tiles(const GemmProblem& p, const AmxOutliers& o, int64_t n0, uint16_t* tiles) {
+// A tiles of the outlier weights: for each step of 32 outlier columns, rows n0 .. n0 + 31 as [32 rows][32 columns]
+// bf16 (two tiles of 16 rows x 64 bytes). int8 values are exact in bf16; rows past N and columns past J are zero.
+#if HF_INT8_X86
+HF_INT8_TARGET_AVX512 void gather_amx_outlier_tiles(const GemmProblem& p, const AmxOutliers& o, int64_t n0,
+                                                    uint16_t* tiles) {
   std::memset(tiles, 0, static_cast<size_t>(amx_outlier_tile_elems(o.jp)) * sizeof(uint16_t));
   const int64_t J = p.ep.n_outliers;
-  static thread_local std::vector<float> codes;
-  if (static_cast<int64_t>(codes.size()) < J) codes.resize(static_cast<size_t>(J));
+  const int64_t* cols = p.ep.outlier_cols;
   for (int64_t r = 0; r < std::min(kStripRows, p.N - n0); ++r) {
     const int64_t n = n0 + r;
-#if HF_INT8_X86
-    avx512::gather_dequantized(p.b + n * p.ldb, p.ep.outlier_cols, J, 1.0f, n + 1 < p.N, codes.data());
-#else
-    for (int64_t j = 0; j < J; ++j) codes[j] = static_cast<float>(p.b[n * p.ldb + p.ep.outlier_cols[j]]);
-#endif
-    uint16_t* base = tiles + (r / 16) * 512 + (r % 16) * 2;
-    for (int64_t j = 0; j < J; ++j) {
-      const int64_t step = j / kAmxJStep, pair = (j % kAmxJStep) / 2, half = j % 2;
-      base[step * 1024 + pair * 32 + half] = bf16_truncate(codes[static_cast<size_t>(j)]);
+    const int8_t* row = p.b + n * p.ldb;
+    uint16_t* dst = tiles + r * kAmxJStep;
+    if (n + 1 == p.N) {  // the vector gather reads 4 bytes: not past the end of the weight
+      for (int64_t j = 0; j < J; ++j) {
+        dst[(j / kAmxJStep) * 1024 + j % kAmxJStep] = bf16_truncate(static_cast<float>(row[cols[j]]));
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < J; j += 8) {  // 8 columns never straddle a step of 32
+      const __mmask8 k = J - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (J - j)) - 1u);
+      const __m512i idx = _mm512_maskz_loadu_epi64(k, cols + j);
+      const __m256i bytes = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), k, idx, row, 1);
+      const __m256 codes = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(bytes, 24), 24));
+      const __m128i bf16 = _mm256_cvtepi32_epi16(_mm256_srli_epi32(_mm256_castps_si256(codes), 16));
+      _mm_mask_storeu_epi16(dst + (j / kAmxJStep) * 1024 + j % kAmxJStep, k, bf16);
     }
   }
 }
+#else
+void gather_amx_outlier_tiles(const GemmProblem&, const AmxOutliers&, int64_t, uint16_t*) {}
+#endif
 
 #if HF_INT8_X86
 namespace amx {
 HF_INT8_TARGET_AMX_BF16 void outlier_block(const GemmProblem& p, const AmxOutliers& o, const uint16_t* tiles,
                                            int64_t m0, int64_t n0, float* block) {
-  const int64_t steps = o.jp / kAmxJStep;
-  const int64_t lda = o.jp * static_cast<int64_t>(sizeof(uint16_t));
-  constexpr int64_t kLdBlock = kStripRows * sizeof(float);
+  const int64_t steps = o.jp / kAmxJStep, panels = o.mp / 16;
+  // C^T: weight rows x tokens. A = weight tiles, B = activation pieces (two 16-token panels).
+  alignas(64) float ct[kStripRows * kAmxRows];
+  constexpr int64_t kLd = kAmxRows * sizeof(float);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(6, tiles + s * 1024, 64);
-    _tile_loadd(7, tiles + s * 1024 + 512, 64);
+    _tile_loadd(4, tiles + s * 1024, 64);
+    _tile_loadd(5, tiles + s * 1024 + 512, 64);
     for (int t = 0; t < o.n_pieces; ++t) {
-      const uint16_t* a = o.pieces + (t * o.mp + m0) * o.jp + s * kAmxJStep;
-      _tile_loadd(4, a, lda);
-      _tile_loadd(5, a + 16 * o.jp, lda);
+      const uint16_t* b = o.pieces + ((t * panels + m0 / 16) * steps + s) * 512;
+      _tile_loadd(6, b, 64);
+      _tile_loadd(7, b + steps * 512, 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, block, kLdBlock);
-  _tile_stored(1, block + 16, kLdBlock);
-  _tile_stored(2, block + 16 * kStripRows, kLdBlock);
-  _tile_stored(3, block + 16 * kStripRows + 16, kLdBlock);
-  // col_scale multiplies the finished sums (the tiles hold the raw int8 values).
-  const __mmask16 k0 = avx512::mask16(std::min<int64_t>(16, p.N - n0));
-  const __mmask16 k1 = avx512::mask16(std::clamp<int64_t>(p.N - n0 - 16, 0, 16));
-  const __m512 s0 = _mm512_maskz_loadu_ps(k0, p.ep.col_scale + n0);
-  const __m512 s1 = _mm512_maskz_loadu_ps(k1, p.ep.col_scale + n0 + 16);
-  for (int64_t i = 0; i < kAmxRows; ++i) {
-    float* row = block + i * kStripRows;
-    _mm512_store_ps(row, _mm512_mul_ps(_mm512_load_ps(row), s0));
-    _mm512_store_ps(row + 16, _mm512_mul_ps(_mm512_load_ps(row + 16), s1));
+  _tile_stored(0, ct, kLd);
+  _tile_stored(1, ct + 16, kLd);
+  _tile_stored(2, ct + 16 * kAmxRows, kLd);
+  _tile_stored(3, ct + 16 * kAmxRows + 16, kLd);
+  // col_scale multiplies the finished sums (the tiles hold the raw int8 values), then the block is transposed to
+  // [token][weight row], the layout the epilogue reads.
+  for (int64_t i = 0; i < kStripRows; ++i) {
+    const float scale = n0 + i < p.N ? p.ep.col_scale[n0 + i] : 0.0f;
+    float* row = ct + i * kAmxRows;
+    _mm512_store_ps(row, _mm512_mul_ps(_mm512_load_ps(row), _mm512_set1_ps(scale)));
+    _mm512_store_ps(row + 16, _mm512_mul_ps(_mm512_load_ps(row + 16), _mm512_set1_ps(scale)));
+  }
+  for (int64_t nh = 0; nh < kStripRows; nh += 16) {
+    for (int64_t mh = 0; mh < kAmxRows; mh += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(ct + (nh + i) * kAmxRows + mh);
+      avx512::transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(block + (mh + i) * kStripRows + nh, r[i]);
+    }
   }
 }
 }  // namespace amx

@@ -238,7 +238,9 @@ void outlier_product(Isa isa, const GemmProblem& p, float* out, int64_t ldo);
 
 // The same product in 32 x 32 blocks on AMX-BF16, for the AMX GEMM to fuse (see Epilogue::amx_outliers).
 struct AmxOutliers {
-  const uint16_t* pieces = nullptr;  // [n_pieces][mp][jp] bf16 pieces of x_outlier, zero-padded
+  // bf16 pieces of x_outlier, zero-padded, as AMX B tiles: [n_pieces][mp / 16 token panels][jp / 32 steps] of
+  // [16 column pairs][16 tokens][2]
+  const uint16_t* pieces = nullptr;
   int64_t mp = 0;                    // tokens, rounded up to 32
   int64_t jp = 0;                    // outlier columns, rounded up to 32
   int n_pieces = 0;                  // 1 for bf16 activations, 2 for fp16, up to 3 for fp32
@@ -246,7 +248,7 @@ struct AmxOutliers {
 // Splits p's outlier activations into `storage`; false when the CPU has no AMX-BF16 or a value is outside the range
 // the AMX path takes exactly (then outlier_product() computes the product with fp32 FMAs).
 bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& storage, AmxOutliers& out);
-// B tiles of the outlier weights of rows [n0, n0 + 32): amx_outlier_tile_elems(jp) bf16 values.
+// A tiles of the outlier weights of rows [n0, n0 + 32): amx_outlier_tile_elems(jp) bf16 values.
 int64_t amx_outlier_tile_elems(int64_t jp);
 void gather_amx_outlier_tiles(const GemmProblem& p, const AmxOutliers& o, int64_t n0, uint16_t* tiles);
 namespace amx {
