@@ -65,7 +65,7 @@ at::Tensor outlier_weights(const GemmProblem& p) {
 
 // The whole outlier product x_outlier [M, J] @ w_outlier^T as fp32 (outlier_gemm.cpp), for the epilogue to add.
 at::Tensor outlier_product_of(Isa isa, const GemmProblem& p) {
-  at::Tensor out = at::empty({outlier_product_rows(p.M), outlier_product_cols(p.N)}, at::kFloat);
+  at::Tensor out = at::empty({p.M, outlier_product_cols(p.N)}, at::kFloat);
   outlier_product(isa, p, out.data_ptr<float>(), out.size(1));
   return out;
 }

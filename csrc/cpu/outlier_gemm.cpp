@@ -1,22 +1,20 @@
-// The outlier product of LLM.int8(), computed before the int8 GEMM when there are more than a few outlier columns:
+// The outlier product of LLM.int8() when there are more than a few outlier columns:
 //   product[m, n] = sum_j x_outlier[m, j] * w_outlier(n, j),   w_outlier(n, j) = float(b[n, col_j]) * col_scale[n]
-// The epilogue adds it to the dequantized int8 product. Real models have many outlier columns (Qwen2.5: 6.6% of a
-// layer's input columns on average, 70% in its worst down_proj), so this product is a GEMM in its own right.
+// Real models have many outlier columns (Qwen2.5: 6.5% of a layer's input columns on average, 70% in its worst
+// down_proj), so this product is a GEMM in its own right. Work is split into strips of 32 weight rows, each computed
+// whole (every token, every outlier column) by one thread, so results do not depend on the thread count.
 //
-// Work is split into strips of 32 weight rows; each strip is computed whole (every token, every outlier column) by
-// one thread, so results do not depend on the thread count. A strip first gathers its outlier weights into a small
-// table (the rows are read once, the table stays in L1/L2: no [N, J] table ever goes through memory), then:
-//
-// - AMX-BF16 (Sapphire Rapids and later): int8 weights are exact in bf16, and an fp32 activation is the exact sum of
-//   three bf16 numbers (its mantissa in 8-bit pieces; one piece for bf16 inputs, two for fp16), so TDPBF16PS, which
-//   forms exact products and accumulates in fp32, computes the same sum as an fp32 FMA loop up to summation order.
-//   The activations are split once per call; strips hold the weights as B tiles ([J/2][16 rows][2] bf16) and
-//   32 x 32 blocks of the product accumulate in four tiles. col_scale[n] is applied to the finished sum (the bf16
-//   operands must stay exact), which moves the result by an fp32 rounding at most; activations so large that
-//   |x| * 127 * J could overflow fp32 (above kAmxMaxAbs), or so small that a bf16 piece would be subnormal (which AMX
-//   flushes to zero), take the FMA path.
-// - Otherwise fp32 FMA register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over the dequantized weights,
-//   walking the outlier columns in chunks whose gathered weights fit in L1.
+// - AMX-BF16 (Sapphire Rapids and later), fused into the AMX int8 GEMM (gemm_amx.cpp calls outlier_block for each
+//   32 x 32 block it finishes): int8 weights are exact in bf16, and an fp32 activation is the exact sum of three bf16
+//   numbers (its mantissa in 8-bit pieces; one piece for bf16 inputs, two for fp16), so TDPBF16PS, which forms exact
+//   products and accumulates in fp32, computes the same sum as an fp32 FMA loop up to summation order. The
+//   activations are split once per call into B tiles; each block of weight rows gathers its outlier weights once as
+//   A tiles. col_scale[n] is applied to the finished sum (the bf16 operands must stay exact), which moves the result
+//   by an fp32 rounding at most. Activations so large that |x| * 127 * J could overflow fp32 (above kAmxMaxAbs), or so
+//   small that a bf16 piece would be subnormal (which AMX flushes to zero), make prepare_amx_outliers decline.
+// - Otherwise (other CPUs, or declined) outlier_product computes it up front for the epilogue to add: fp32 FMA
+//   register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over dequantized weights, walking the outlier columns
+//   in chunks whose gathered weights fit in L1.
 // Not BLAS: a BLAS splits its work, and its fp32 sums, by the number of threads.
 // GCC 12 warns about the _mm512_undefined_*() placeholders inside its own AVX-512 intrinsics (GCC bug 105593,
 // fixed in GCC 13): false positives, silenced for this file.
@@ -28,7 +26,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "hf_int8/cpu_avx512_epilogue.h"
@@ -54,10 +51,9 @@ struct Problem {
   int64_t N, ldb;
   const int64_t* cols;   // [J]: the outlier column indices into K
   const float* scale;    // [N]
-  float* out;            // [>= round_up(M, 32), ldo], ldo >= round_up(N, 32)
+  float* out;            // [M, ldo], ldo >= round_up(N, 32)
   int64_t ldo;
 };
-
 
 // ---------------------------------------------------------------------------------------------------------------
 // FMA path. table[j - j0][c] = w_outlier(n0 + c, j) for j in [j0, j1) (0 past N).
@@ -211,6 +207,7 @@ constexpr int64_t kAmxRows = 32;   // tokens per block (two A tiles)
 constexpr float kAmxMaxAbs = 1e30f;
 constexpr float kAmxMinAbs = 0x1p-100f;
 
+#if HF_INT8_X86
 // The top 8 significant bits of v as bf16 (truncated, so never rounded up into the next binade or to infinity).
 inline uint16_t bf16_truncate(float v) {
   uint32_t bits;
@@ -243,32 +240,6 @@ inline int split_bf16(float v, uint16_t* pieces) {
   return used;
 }
 
-#if HF_INT8_X86
-// Strips [s0, s1) of the product on this thread, block by block through a 32 x 32 buffer.
-HF_INT8_TARGET_AMX_BF16 void strips_amx(const GemmProblem& p, const AmxOutliers& o, float* out, int64_t ldo,
-                                        int64_t s0, int64_t s1) {
-  std::vector<uint16_t> tiles(static_cast<size_t>(amx_outlier_tile_elems(o.jp)));
-  alignas(64) float block[kAmxRows * kStripRows];
-  amx::configure_tiles();
-  for (int64_t s = s0; s < s1; ++s) {
-    const int64_t n0 = s * kStripRows;
-    gather_amx_outlier_tiles(p, o, n0, tiles.data());
-    for (int64_t m0 = 0; m0 < p.M; m0 += kAmxRows) {
-      amx::outlier_block(p, o, tiles.data(), m0, n0, block);
-      for (int64_t i = 0; i < std::min(kAmxRows, p.M - m0); ++i) {
-        std::memcpy(out + (m0 + i) * ldo + n0, block + i * kStripRows, sizeof(float) * kStripRows);
-      }
-    }
-  }
-  _tile_release();
-}
-#endif  // HF_INT8_X86
-
-}  // namespace
-
-int64_t outlier_product_rows(int64_t M) { return M; }
-int64_t outlier_product_cols(int64_t N) { return round_up_to(N, kStripRows); }
-
 // Splits x[0 .. J) into pieces t = 0..2 at piece[t][j]; returns how many pieces the row needs (1-3), or 0 when a value
 // is outside the range the AMX path takes.
 int split_row(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p2) {
@@ -285,7 +256,6 @@ int split_row(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p
   return used;
 }
 
-#if HF_INT8_X86
 // split_row, 16 values at a time (a block holding Inf or NaN goes through split_row).
 HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p2) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -321,9 +291,7 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
   }
   return std::max(used, needs3 != 0 ? 3 : (needs2 != 0 ? 2 : 1));
 }
-#endif
 
-#if HF_INT8_X86
 // Re-lays row-major pieces [n_pieces][mp][jp] as B tiles: for each piece, 16-token panel and step of 32 columns, a
 // 16 x 16 transpose of 32-bit pairs gives [16 column pairs][16 tokens][2] bf16.
 HF_INT8_TARGET_AVX512 void to_b_tiles_panel(const uint16_t* src, int64_t jp, uint16_t* dst) {
@@ -342,7 +310,12 @@ void to_b_tiles(const uint16_t* rows, int64_t n_pieces, int64_t mp, int64_t jp, 
     for (int64_t q = q0; q < q1; ++q) to_b_tiles_panel(rows + q * 16 * jp, jp, tiles + q * steps * 512);
   });
 }
-#endif
+
+#endif  // HF_INT8_X86
+
+}  // namespace
+
+int64_t outlier_product_cols(int64_t N) { return round_up_to(N, kStripRows); }
 
 bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& storage, AmxOutliers& out) {
 #if HF_INT8_X86
@@ -399,10 +372,8 @@ HF_INT8_TARGET_AVX512 void gather_amx_outlier_tiles(const GemmProblem& p, const 
       continue;
     }
     for (int64_t j = 0; j < J; j += 8) {  // 8 columns never straddle a step of 32
-      const __mmask8 k = J - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (J - j)) - 1u);
-      const __m512i idx = _mm512_maskz_loadu_epi64(k, cols + j);
-      const __m256i bytes = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), k, idx, row, 1);
-      const __m256 codes = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(bytes, 24), 24));
+      const __mmask8 k = avx512::mask8(J - j);
+      const __m256 codes = _mm256_cvtepi32_ps(avx512::gather_codes8(row, cols + j, k));
       const __m128i bf16 = _mm256_cvtepi32_epi16(_mm256_srli_epi32(_mm256_castps_si256(codes), 16));
       _mm_mask_storeu_epi16(dst + (j / kAmxJStep) * 1024 + j % kAmxJStep, k, bf16);
     }
@@ -466,15 +437,6 @@ void outlier_block(const GemmProblem&, const AmxOutliers&, const uint16_t*, int6
 #endif
 
 void outlier_product(Isa isa, const GemmProblem& p, float* out, int64_t ldo) {
-#if HF_INT8_X86
-  std::vector<uint16_t> storage;
-  AmxOutliers o;
-  if (prepare_amx_outliers(isa, p, storage, o)) {
-    at::parallel_for(0, ceil_div(p.N, kStripRows), 1,
-                     [&](int64_t s0, int64_t s1) { strips_amx(p, o, out, ldo, s0, s1); });
-    return;
-  }
-#endif
   const Problem g{p.ep.x_outlier, p.M, p.ep.n_outliers, p.b, p.N, p.ldb, p.ep.outlier_cols, p.ep.col_scale, out, ldo};
   product_fma(isa, g);
 }

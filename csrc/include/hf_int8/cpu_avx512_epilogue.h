@@ -55,9 +55,20 @@ HF_INT8_TARGET_AVX512 inline void transpose16(__m512i r[16]) {
   }
 }
 
-// out[c] = float(row[cols[c]]) * scale for c < J (the dequantized outlier weights of one weight row). The vector
-// gather reads 4 bytes at each row + cols[c]; the caller says whether the 3 bytes past the row's last column may be
-// read (any row but the last of the weight buffer), else it is done one byte at a time.
+HF_INT8_TARGET_AVX512 inline __mmask8 mask8(int64_t n_valid) {
+  return n_valid >= 8 ? __mmask8(0xFF) : __mmask8((1u << n_valid) - 1u);
+}
+
+// The int8 values row[cols[0 .. 8)] (lanes in mask k) as int32. The gather reads 4 bytes at each row + cols[c]: the
+// caller makes sure the 3 bytes past the column may be read (any weight row but the buffer's last).
+HF_INT8_TARGET_AVX512 inline __m256i gather_codes8(const int8_t* row, const int64_t* cols, __mmask8 k) {
+  const __m512i idx = _mm512_maskz_loadu_epi64(k, cols);
+  const __m256i bytes = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), k, idx, row, 1);
+  return _mm256_srai_epi32(_mm256_slli_epi32(bytes, 24), 24);  // sign-extend the low byte
+}
+
+// out[c] = float(row[cols[c]]) * scale for c < J (the dequantized outlier weights of one weight row), 8 at a time
+// with gather_codes8 when the caller says the bytes past the row may be read, else one byte at a time.
 HF_INT8_TARGET_AVX512 inline void gather_dequantized(const int8_t* row, const int64_t* cols, int64_t J, float scale,
                                                      bool overread_ok, float* out) {
   if (!overread_ok) {
@@ -66,11 +77,8 @@ HF_INT8_TARGET_AVX512 inline void gather_dequantized(const int8_t* row, const in
   }
   const __m256 s = _mm256_set1_ps(scale);
   for (int64_t c = 0; c < J; c += 8) {
-    const __mmask8 k = J - c >= 8 ? __mmask8(0xFF) : __mmask8((1u << (J - c)) - 1u);
-    const __m512i idx = _mm512_maskz_loadu_epi64(k, cols + c);
-    const __m256i bytes = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), k, idx, row, 1);
-    const __m256i codes = _mm256_srai_epi32(_mm256_slli_epi32(bytes, 24), 24);  // sign-extend the low byte
-    _mm256_mask_storeu_ps(out + c, k, _mm256_mul_ps(_mm256_cvtepi32_ps(codes), s));
+    const __mmask8 k = mask8(J - c);
+    _mm256_mask_storeu_ps(out + c, k, _mm256_mul_ps(_mm256_cvtepi32_ps(gather_codes8(row, cols + c, k)), s));
   }
 }
 

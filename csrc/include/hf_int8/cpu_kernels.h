@@ -229,14 +229,13 @@ void finish_rows(const GemmProblem& p, const int32_t* acc, int64_t ld_acc, int64
 // ------------------------------------------------------------------------------------------------------------------
 // Outlier product for many outlier columns (outlier_gemm.cpp).
 // ------------------------------------------------------------------------------------------------------------------
-// out[m, n] = sum_j x_outlier[m, j] * w_outlier(n, j) (fp32) for the problem's M tokens, N weight rows and
-// ep.n_outliers columns. `out` must hold outlier_product_rows(M) rows of ldo >= outlier_product_cols(N) floats (the
-// kernels write whole blocks). Threaded over blocks of weight rows; independent of the thread count.
-int64_t outlier_product_rows(int64_t M);
+// out[m, n] = sum_j x_outlier[m, j] * w_outlier(n, j) (fp32 FMAs) for the problem's M tokens, N weight rows and
+// ep.n_outliers columns, for the epilogue to add. `out` must hold M rows of ldo >= outlier_product_cols(N) floats (the
+// kernels write whole 32-row strips). Threaded over strips of weight rows; independent of the thread count.
 int64_t outlier_product_cols(int64_t N);
 void outlier_product(Isa isa, const GemmProblem& p, float* out, int64_t ldo);
 
-// The same product in 32 x 32 blocks on AMX-BF16, for the AMX GEMM to fuse (see Epilogue::amx_outliers).
+// The same product in 32 x 32 blocks on AMX-BF16, fused into the AMX GEMM (see Epilogue::amx_outliers).
 struct AmxOutliers {
   // bf16 pieces of x_outlier, zero-padded, as AMX B tiles: [n_pieces][mp / 16 token panels][jp / 32 steps] of
   // [16 column pairs][16 tokens][2]
@@ -246,7 +245,7 @@ struct AmxOutliers {
   int n_pieces = 0;                  // 1 for bf16 activations, 2 for fp16, up to 3 for fp32
 };
 // Splits p's outlier activations into `storage`; false when the CPU has no AMX-BF16 or a value is outside the range
-// the AMX path takes exactly (then outlier_product() computes the product with fp32 FMAs).
+// the AMX path takes exactly (then outlier_product() computes the product with fp32 FMAs). Checked once per call.
 bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& storage, AmxOutliers& out);
 // A tiles of the outlier weights of rows [n0, n0 + 32): amx_outlier_tile_elems(jp) bf16 values.
 int64_t amx_outlier_tile_elems(int64_t jp);
