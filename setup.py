@@ -5,7 +5,8 @@
 * ``hf_int8._C_cuda``: CUDA kernels (``csrc/cuda/*.cu`` + ``*.cpp``). Built when torch is a CUDA build and nvcc is
   found (``CUDA_HOME``), whether or not a GPU is present; ``HF_INT8_BUILD_CUDA=0`` turns it off.
   ``TORCH_CUDA_ARCH_LIST`` defaults to ``DEFAULT_CUDA_ARCHS`` when unset (no GPU is visible at build time).
-``HF_INT8_BUILD_CPU=0`` skips the CPU one (for CUDA-only rebuilds); ``HF_INT8_BUILD_NATIVE=0`` skips both: the package then runs on its reference kernels.
+``HF_INT8_BUILD_CPU=0`` skips the CPU one (for CUDA-only rebuilds); ``HF_INT8_BUILD_NATIVE=0`` skips both: the package
+then runs on its reference kernels.
 """
 
 from __future__ import annotations

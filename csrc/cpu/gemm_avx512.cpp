@@ -5,7 +5,8 @@
 // (quant_math.h, unshift_u8_accumulator). Exact for every int8 value, -128 included.
 //
 // small_m (decode, M <= 8): each B row is streamed from memory exactly once; MR rows of A (in cache) are dotted with
-//   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally. Bandwidth-bound by design.
+//   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally 16 accumulators at a time and finished
+//   one token's NR outputs per vector. Bandwidth-bound by design: the next tile's rows are prefetched into L2.
 // packed (M > 8): B is packed per 16 columns into the VNNI layout [K/4][16][4] (u8), then a 12 x 32 register tile
 //   (24 accumulators) walks K four bytes at a time with A broadcast from memory: no horizontal reductions, and the
 //   epilogue runs on the accumulators straight from registers.
@@ -29,14 +30,71 @@ namespace hf_int8::cpu::avx512 {
 
 namespace {
 
-constexpr int64_t kPrefetchBytes = 1024;  // software prefetch distance of the streamed B rows (small-M kernel)
+// Prefetching of the streamed B rows (small-M kernel). The hardware prefetcher alone left the 1-token kernel at
+// ~45% of the read bandwidth; prefetching 1 KiB ahead inside each row at ~70-80%, because with short rows (1.5 KiB
+// for K = 1536) most of those prefetches land in rows the tile is already reading. What reached 81-89% of a plain
+// read of the same bytes (1, 2 and 4 tokens, K = 1536 and 4096): the same offset in the *next* tile's rows into L2,
+// a whole tile ahead, plus a short in-row prefetch into L1.
+constexpr int64_t kPrefetchL1Bytes = 256;
 
 // ---------------------------------------------------------------------------------------------------------------
 // small M
 // ---------------------------------------------------------------------------------------------------------------
-// Horizontal sums of n stored accumulator vectors (out of line, see dot_tile).
+// Horizontal sums of 16 vectors at once: lane l of the result is the sum of v[l]'s 16 lanes. A tree of 15 adds and
+// their shuffles, where 16 separate reductions take ~4 shuffles and ~4 adds each. The order of the additions is
+// fixed (integer sums are exact anyway; float sums do not depend on the thread count).
+HF_INT8_TARGET_AVX512 inline __m512i sum16_epi32(const __m512i v[16]) {
+  __m512i a[8], b[4], c[2];
+  // Pairs of vectors: within each 128-bit block, lanes {0, 2} hold partial sums of v[2q], lanes {1, 3} of v[2q + 1].
+  for (int q = 0; q < 8; ++q) {
+    a[q] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * q], v[2 * q + 1]),
+                            _mm512_unpackhi_epi32(v[2 * q], v[2 * q + 1]));
+  }
+  // Lane t of each 128-bit block: the block's sum for v[4q + t].
+  for (int q = 0; q < 4; ++q) {
+    b[q] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * q], a[2 * q + 1]),
+                            _mm512_unpackhi_epi64(a[2 * q], a[2 * q + 1]));
+  }
+  // Sum the four 128-bit blocks: pairs of blocks first, then pairs of pairs.
+  for (int q = 0; q < 2; ++q) {
+    c[q] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * q], b[2 * q + 1], 0x88),
+                            _mm512_shuffle_i32x4(b[2 * q], b[2 * q + 1], 0xDD));
+  }
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+HF_INT8_TARGET_AVX512 inline __m512 sum16_ps(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int q = 0; q < 8; ++q) {
+    a[q] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * q], v[2 * q + 1]), _mm512_unpackhi_ps(v[2 * q], v[2 * q + 1]));
+  }
+  for (int q = 0; q < 4; ++q) {
+    b[q] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[2 * q]), _mm512_castps_pd(a[2 * q + 1])));
+    b[q] = _mm512_add_ps(b[q], _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[2 * q]),
+                                                                   _mm512_castps_pd(a[2 * q + 1]))));
+  }
+  for (int q = 0; q < 2; ++q) {
+    c[q] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * q], b[2 * q + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * q], b[2 * q + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// out[i] = horizontal sum of the i-th stored vector, for n of them, 16 at a time (out of line, see dot_tile).
 __attribute__((noinline)) HF_INT8_TARGET_AVX512 void reduce_rows(const int32_t* acc, int n, int32_t* out) {
-  for (int i = 0; i < n; ++i) out[i] = _mm512_reduce_add_epi32(_mm512_load_si512(acc + 16 * i));
+  for (int g = 0; g < n; g += 16) {
+    __m512i v[16];
+    for (int i = 0; i < 16; ++i) v[i] = g + i < n ? _mm512_load_si512(acc + 16 * (g + i)) : _mm512_setzero_si512();
+    _mm512_mask_storeu_epi32(out + g, mask16(n - g), sum16_epi32(v));
+  }
+}
+
+HF_INT8_TARGET_AVX512 void reduce_rows_ps(const float* acc, int n, float* out) {
+  for (int g = 0; g < n; g += 16) {
+    __m512 v[16];
+    for (int i = 0; i < 16; ++i) v[i] = g + i < n ? _mm512_load_ps(acc + 16 * (g + i)) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out + g, mask16(n - g), sum16_ps(v));
+  }
 }
 
 // out[i * NR + j] = sum_k a[i, k] * (b[j, k] + 128) for MR rows of A and NR rows of B. The K tail is the last
@@ -57,8 +115,10 @@ HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* 
     __m512i w[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(b + j * ldb + k + kPrefetchBytes), _MM_HINT_T0);
-      w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, b + j * ldb + k), flip);
+      const int8_t* row = b + j * ldb + k;
+      _mm_prefetch(reinterpret_cast<const char*>(row + NR * ldb), _MM_HINT_T1);  // next tile, same offset
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchL1Bytes), _MM_HINT_T0);
+      w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row), flip);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
@@ -78,44 +138,71 @@ HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* 
 
 constexpr int nr_for(int mr) { return mr <= 3 ? 8 : (mr == 4 ? 6 : (mr <= 6 ? 4 : 3)); }
 
-// sum_j x[j] * w[j] over J values, 16 lanes at a time (fixed order: independent of threading).
-HF_INT8_TARGET_AVX512 inline float dot_f32(const float* x, const float* w, int64_t J) {
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < J; j += 16) {
-    const __mmask16 k = mask16(J - j);
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + j), _mm512_maskz_loadu_ps(k, w + j), sum);
+// Up to 16 dequantized outlier weights of one row, float(row[cols[c]]) * scale for c < J, in a register (lanes past J
+// zero).
+HF_INT8_TARGET_AVX512 inline __m512 gather16_dequantized(const int8_t* row, const int64_t* cols, int64_t J, float scale,
+                                                         bool overread_ok) {
+  __m512i codes;
+  if (overread_ok) {
+    const __m256i lo = gather_codes8(row, cols, mask8(J));
+    const __m256i hi = J > 8 ? gather_codes8(row, cols + 8, mask8(J - 8)) : _mm256_setzero_si256();
+    codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  } else {
+    alignas(64) int32_t c[16] = {};
+    for (int64_t j = 0; j < J; ++j) c[j] = row[cols[j]];
+    codes = _mm512_load_si512(c);
   }
-  return _mm512_reduce_add_ps(sum);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(codes), _mm512_set1_ps(scale));
 }
 
-// Finishing with the outlier product summed here: each weight row's outlier weights are gathered (the row was just
-// streamed, so it is in cache) and dequantized once, then dotted with every token's outlier activations.
+// The outlier product of a tile, o[i * NR + j] = sum_c x_outlier[i, c] * w_outlier(n + j, c): each weight row's
+// outlier weights are gathered (the row was just streamed, so it is in cache) and dequantized once, then multiplied
+// with every token's outlier activations 16 columns at a time (lane-wise partial sums, fixed order); the MR * NR
+// partial vectors are reduced together. Up to 16 columns the weights and activations stay in registers (a gathered
+// row written to memory and read back at once stalls on store forwarding).
 template <int MR, int NR>
-HF_INT8_TARGET_AVX512 void finish_tile_with_outliers(const GemmProblem& p, int64_t n, const int32_t* acc) {
+HF_INT8_TARGET_AVX512 void tile_outliers(const GemmProblem& p, int64_t n, float* o) {
   const Epilogue& ep = p.ep;
   const int64_t J = ep.n_outliers;
-  static thread_local std::vector<float> w;
-  if (static_cast<int64_t>(w.size()) < J) w.resize(static_cast<size_t>(J));
-  for (int j = 0; j < NR; ++j) {
-    gather_dequantized(p.b + (n + j) * p.ldb, ep.outlier_cols, J, ep.col_scale[n + j], n + j + 1 < p.N, w.data());
-    for (int i = 0; i < MR; ++i) {
-      const float o = dot_f32(ep.x_outlier + i * J, w.data(), J);
-      finish_element_with_outliers(p, i, n + j, unshift_u8_accumulator(acc[i * NR + j], p.a_rowsum[i]), o);
+  alignas(64) float partial[MR * NR * 16];
+  if (J <= 16) {
+    __m512 x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = _mm512_maskz_loadu_ps(mask16(J), ep.x_outlier + i * J);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 w =
+          gather16_dequantized(p.b + (n + j) * p.ldb, ep.outlier_cols, J, ep.col_scale[n + j], n + j + 1 < p.N);
+      for (int i = 0; i < MR; ++i) _mm512_store_ps(partial + (i * NR + j) * 16, _mm512_mul_ps(x[i], w));
+    }
+  } else {
+    static thread_local std::vector<float> w_storage;
+    if (static_cast<int64_t>(w_storage.size()) < J) w_storage.resize(static_cast<size_t>(J));
+    float* w = w_storage.data();
+    for (int j = 0; j < NR; ++j) {
+      gather_dequantized(p.b + (n + j) * p.ldb, ep.outlier_cols, J, ep.col_scale[n + j], n + j + 1 < p.N, w);
+      for (int i = 0; i < MR; ++i) {
+        const float* x = ep.x_outlier + i * J;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < J; c += 16) {
+          const __mmask16 k = mask16(J - c);
+          sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + c), _mm512_maskz_loadu_ps(k, w + c), sum);
+        }
+        _mm512_store_ps(partial + (i * NR + j) * 16, sum);
+      }
     }
   }
+  reduce_rows_ps(partial, MR * NR, o);
 }
 
+// Finishes the MR x NR outputs of a tile, one token's NR outputs per finish16 (as the packed kernels do).
 template <int MR, int NR>
 HF_INT8_TARGET_AVX512 void finish_tile(const GemmProblem& p, int64_t n, const int32_t* acc) {
-  if (p.ep.kind != OutKind::kInt32 && p.ep.n_outliers > 0 && p.ep.outlier_product == nullptr &&
-      p.ep.w_outlier_t == nullptr) {
-    finish_tile_with_outliers<MR, NR>(p, n, acc);
-    return;
-  }
+  alignas(64) float o[MR * NR];
+  const bool outliers = p.ep.kind != OutKind::kInt32 && p.ep.n_outliers > 0;
+  if (outliers) tile_outliers<MR, NR>(p, n, o);
   for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      finish_element(p, i, n + j, unshift_u8_accumulator(acc[i * NR + j], p.a_rowsum[i]));
-    }
+    const __m512i a = _mm512_maskz_loadu_epi32(mask16(NR), acc + i * NR);
+    const __m512i exact = _mm512_sub_epi32(a, _mm512_set1_epi32(kU8Shift * p.a_rowsum[i]));
+    finish16(p, i, n, NR, exact, outliers ? o + i * NR : nullptr);
   }
 }
 
