@@ -228,13 +228,40 @@ def test_bench_linear_breakdown_table(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["k"], r["n"], r["tokens"]) for r in rows] == [(83, 100, 1), (83, 100, 7)]
     for r in rows:
-        stages = {name: ms for name, ms in r["ms"].items() if name.startswith(bench_linear.STAGE_PREFIX)}
+        stages = {name: ms for name, ms in r["ms"].items()
+                  if name.startswith(bench_linear.STAGE_PREFIX) and name != bench_linear.WEIGHT_READ}
         assert len(stages) == 3 and all(ms > 0 for ms in stages.values()), r["ms"]
         assert r["ms"]["hf_int8 native"] > 0 and r["ms"]["bf16 Linear"] > 0
+        # few tokens: the plain read of the same weights is timed too, and the native time is compared with it
+        assert r["ms"][bench_linear.WEIGHT_READ] > 0
+        assert r["read_fraction"] == pytest.approx(r["ms"][bench_linear.WEIGHT_READ] / r["ms"]["hf_int8 native"])
     main_header = _table_header(printed, "layer (in x out)")
     assert "hf_int8 native ms" in main_header and not any("stage" in h for h in main_header)
+    assert main_header[-2:] == ["% of BW bound", "% of weight read"]
     assert "| quantize x | GEMM int32 | dequant epilogue | outliers + rest |" in printed
     assert "| 83x100 | 7 |" in printed.split("Where the native time goes")[1]
+
+
+def test_bench_linear_methods_reading_the_same_weights_take_the_next_copy():
+    """Methods timed one after the other on the same int8 weight copies must not read the copies the previous method
+    just pulled into the cache: they share one cursor over the copies; methods with copies of their own do not."""
+    import bench_linear
+
+    seen = []
+    calls = [lambda i=i: seen.append(i) for i in range(3)]
+    shared = [0]
+    a, b = bench_linear.Method("a", calls, cursor=shared), bench_linear.Method("b", calls, cursor=shared)
+    a.call(), a.call(), b.call(), b.call()
+    assert seen == [0, 1, 2, 0]
+    bench_linear.Method("c", calls).call()
+    assert seen[-1] == 0
+
+    args = bench_linear.parse_args(["--shapes", "83x100", "--tokens", "1", "--cold-mb", "1"])
+    methods, _ = bench_linear.build_methods(args, 83, 100, [1], 1 << 20, None)
+    cursor = {m.name: m.cursor for m in methods}
+    assert cursor["_int_mm"] is cursor["hf_int8 ref"] is cursor["hf_int8 native"] is cursor[bench_linear.WEIGHT_READ]
+    assert cursor["fp32 Linear"] is not cursor["hf_int8 native"]
+    assert cursor["bf16 Linear"] is not cursor["fp32 Linear"]
 
 
 def test_bench_linear_outlier_fraction(tmp_path, capsys):
