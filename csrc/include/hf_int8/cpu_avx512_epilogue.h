@@ -67,21 +67,6 @@ HF_INT8_TARGET_AVX512 inline __m256i gather_codes8(const int8_t* row, const int6
   return _mm256_srai_epi32(_mm256_slli_epi32(bytes, 24), 24);  // sign-extend the low byte
 }
 
-// out[c] = float(row[cols[c]]) * scale for c < J (the dequantized outlier weights of one weight row), 8 at a time
-// with gather_codes8 when the caller says the bytes past the row may be read, else one byte at a time.
-HF_INT8_TARGET_AVX512 inline void gather_dequantized(const int8_t* row, const int64_t* cols, int64_t J, float scale,
-                                                     bool overread_ok, float* out) {
-  if (!overread_ok) {
-    for (int64_t c = 0; c < J; ++c) out[c] = static_cast<float>(row[cols[c]]) * scale;
-    return;
-  }
-  const __m256 s = _mm256_set1_ps(scale);
-  for (int64_t c = 0; c < J; c += 8) {
-    const __mmask8 k = mask8(J - c);
-    _mm256_mask_storeu_ps(out + c, k, _mm256_mul_ps(_mm256_cvtepi32_ps(gather_codes8(row, cols + c, k)), s));
-  }
-}
-
 // Finishes out[m, n .. n + n_valid) from the int32 accumulators `acc` (already exact: shift correction applied).
 // `outliers`, when given, holds the 16 values of the outlier product for these outputs (fused AMX path).
 HF_INT8_TARGET_AVX512 inline void finish16(const GemmProblem& p, int64_t m, int64_t n, int64_t n_valid, __m512i acc,
