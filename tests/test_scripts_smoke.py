@@ -358,3 +358,26 @@ def test_eval_quality_only_resumed_measures_nothing_new(tiny, tmp_path):
     assert rows["fp32"]["status"] == "ok" and "measured_in" in rows["fp32"]
     assert rows["naive-int8@fp32"]["status"] == "not run" and "perplexity" not in rows["naive-int8@fp32"]
     assert "| naive-int8@fp32 | fp32 | not run |" in (second / "quality.md").read_text()
+
+
+def test_decode_outliers_counts_prefill_and_decoded_tokens(tiny, tmp_path, capsys):
+    """scripts/decode_outliers.py: one prefill call and one call per decoded token for every llmint8 layer, with the
+    outlier columns the layer saw; the tiny llama's large input feature makes layer 0's q/k/v see some."""
+    import decode_outliers
+
+    out = tmp_path / "outliers.json"
+    argv = ["--models", f"tiny={tiny['llama']}:causal", "--text", str(tiny["text"]), "--prompt-tokens", "40",
+            "--new-tokens", "4", "--json", str(out)]
+    assert decode_outliers.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = {r["projection"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for r in rows.values():
+        assert r["layers_x_calls_prefill"] == 2  # 2 layers, one prefill forward
+        assert r["decode_calls"] == 2 * 3  # 2 layers x 3 decoded tokens after the one the prefill produced
+        assert 0 <= r["decode_median"] <= r["decode_max"] <= r["in_features"]
+    assert rows["q_proj"]["prefill_mean"] >= 0.5  # layer 0 sees the scaled feature in its prompt
+    assert _table_header(printed, "projection")[:2] == ["projection", "K"]
+    with pytest.raises(SystemExit):
+        decode_outliers.parse_args(["--new-tokens", "0"])
+    assert "got 0" in capsys.readouterr().err
