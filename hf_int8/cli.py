@@ -19,7 +19,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -234,14 +235,14 @@ class LayerStats:
         return self.outlier_values / max(1, self.tokens * self.in_features)
 
 
-def collect_outlier_stats(model, input_ids) -> tuple[list[LayerStats], list[float]]:
-    """Run ``model`` on ``input_ids`` and record each :class:`Int8Linear` input: per-layer stats, column maxima."""
-    import torch
-
+@contextmanager
+def record_outlier_stats(model) -> Iterator[tuple[list[LayerStats], list[Any]]]:
+    """While inside, every :class:`Int8Linear` call of ``model`` appends the :class:`LayerStats` of its input (one
+    record per call: a prefill forward gives one per layer, each decoded token one more) and its column maxima."""
     from .nn import Int8Linear
 
     stats: list[LayerStats] = []
-    column_max: list[torch.Tensor] = []
+    column_max: list[Any] = []
     hooks = []
 
     def hook_for(name: str):
@@ -260,15 +261,22 @@ def collect_outlier_stats(model, input_ids) -> tuple[list[LayerStats], list[floa
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
             hooks.append(module.register_forward_pre_hook(hook_for(name)))
-    inputs = {"input_ids": input_ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = input_ids  # run the decoder's int8 layers on the same text
     try:
-        with torch.inference_mode():
-            model(**inputs)
+        yield stats, column_max
     finally:
         for handle in hooks:
             handle.remove()
+
+
+def collect_outlier_stats(model, input_ids) -> tuple[list[LayerStats], list[float]]:
+    """Run ``model`` on ``input_ids`` and record each :class:`Int8Linear` input: per-layer stats, column maxima."""
+    import torch
+
+    inputs = {"input_ids": input_ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = input_ids  # run the decoder's int8 layers on the same text
+    with record_outlier_stats(model) as (stats, column_max), torch.inference_mode():
+        model(**inputs)
     values = torch.cat(column_max).tolist() if column_max else []
     return stats, values
 

@@ -33,36 +33,18 @@ def percentile(values: list[int], q: float) -> int:
 
 def collect(model, input_ids: torch.Tensor, new_tokens: int) -> dict[str, dict]:
     """Outlier-column counts per projection name (the module name's last part), from prefill and decode calls."""
-    import hf_int8
+    from hf_int8.cli import record_outlier_stats
 
-    stats: dict[str, dict] = defaultdict(lambda: {"in_features": 0, "prefill": [], "decode": []})
-
-    def hook_for(name: str, threshold: float):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            entry = stats[name]
-            entry["in_features"] = x.shape[-1]
-            if threshold <= 0:
-                cols = 0
-            else:
-                cols = int((x.float().abs() >= threshold).any(dim=0).sum())
-            entry["decode" if x.shape[0] == 1 else "prefill"].append(cols)
-
-        return hook
-
-    handles = []
-    for full_name, module in model.named_modules():
-        if isinstance(module, hf_int8.Int8Linear):
-            handles.append(module.register_forward_pre_hook(hook_for(full_name.split(".")[-1], module.threshold)))
-    if not handles:
+    with record_outlier_stats(model) as (calls, _), torch.inference_mode():
+        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False)
+    if not calls:
         raise ValueError("the model has no Int8Linear layer (was it loaded with Int8Config?)")
-    try:
-        with torch.inference_mode():
-            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False)
-    finally:
-        for h in handles:
-            h.remove()
+    stats: dict[str, dict] = defaultdict(lambda: {"in_features": 0, "prefill": [], "decode": []})
+    for call in calls:
+        entry = stats[call.name.split(".")[-1]]
+        entry["in_features"] = call.in_features
+        entry["decode" if call.tokens == 1 else "prefill"].append(call.outlier_columns)
     return dict(stats)
 
 
