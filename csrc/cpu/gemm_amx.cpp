@@ -147,7 +147,7 @@ HF_INT8_TARGET_AMX void finish_block(const GemmProblem& p, const int32_t* c, int
   }
 }
 
-// The fused outlier product (Epilogue::amx_outliers): the B tiles of the outlier weights of one block of weight rows,
+// The fused outlier product (Epilogue::amx_outliers): the A tiles of the outlier weights of one block of weight rows,
 // gathered once per block, and the 32 x 32 product of the block being finished.
 class FusedOutliers {
  public:

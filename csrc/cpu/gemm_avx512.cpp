@@ -40,43 +40,30 @@ constexpr int64_t kPrefetchL1Bytes = 256;
 // small M
 // ---------------------------------------------------------------------------------------------------------------
 // Horizontal sums of 16 vectors at once: lane l of the result is the sum of v[l]'s 16 lanes. A tree of 15 adds and
-// their shuffles, where 16 separate reductions take ~4 shuffles and ~4 adds each. The order of the additions is
-// fixed (integer sums are exact anyway; float sums do not depend on the thread count).
-HF_INT8_TARGET_AVX512 inline __m512i sum16_epi32(const __m512i v[16]) {
+// their shuffles, where 16 separate reductions take ~4 shuffles and ~4 adds each. The shuffles only move 32-bit
+// lanes, so one tree serves int32 and fp32 (`add` on the bit patterns); the order of the additions is fixed (integer
+// sums are exact anyway; float sums do not depend on the thread count).
+template <typename Add>
+HF_INT8_TARGET_AVX512 inline __m512i sum16(const __m512i v[16], Add add) {
   __m512i a[8], b[4], c[2];
   // Pairs of vectors: within each 128-bit block, lanes {0, 2} hold partial sums of v[2q], lanes {1, 3} of v[2q + 1].
   for (int q = 0; q < 8; ++q) {
-    a[q] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * q], v[2 * q + 1]),
-                            _mm512_unpackhi_epi32(v[2 * q], v[2 * q + 1]));
+    a[q] = add(_mm512_unpacklo_epi32(v[2 * q], v[2 * q + 1]), _mm512_unpackhi_epi32(v[2 * q], v[2 * q + 1]));
   }
   // Lane t of each 128-bit block: the block's sum for v[4q + t].
   for (int q = 0; q < 4; ++q) {
-    b[q] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * q], a[2 * q + 1]),
-                            _mm512_unpackhi_epi64(a[2 * q], a[2 * q + 1]));
+    b[q] = add(_mm512_unpacklo_epi64(a[2 * q], a[2 * q + 1]), _mm512_unpackhi_epi64(a[2 * q], a[2 * q + 1]));
   }
   // Sum the four 128-bit blocks: pairs of blocks first, then pairs of pairs.
   for (int q = 0; q < 2; ++q) {
-    c[q] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * q], b[2 * q + 1], 0x88),
-                            _mm512_shuffle_i32x4(b[2 * q], b[2 * q + 1], 0xDD));
+    c[q] = add(_mm512_shuffle_i32x4(b[2 * q], b[2 * q + 1], 0x88), _mm512_shuffle_i32x4(b[2 * q], b[2 * q + 1], 0xDD));
   }
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+  return add(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
 }
 
-HF_INT8_TARGET_AVX512 inline __m512 sum16_ps(const __m512 v[16]) {
-  __m512 a[8], b[4], c[2];
-  for (int q = 0; q < 8; ++q) {
-    a[q] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * q], v[2 * q + 1]), _mm512_unpackhi_ps(v[2 * q], v[2 * q + 1]));
-  }
-  for (int q = 0; q < 4; ++q) {
-    b[q] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[2 * q]), _mm512_castps_pd(a[2 * q + 1])));
-    b[q] = _mm512_add_ps(b[q], _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[2 * q]),
-                                                                   _mm512_castps_pd(a[2 * q + 1]))));
-  }
-  for (int q = 0; q < 2; ++q) {
-    c[q] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * q], b[2 * q + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * q], b[2 * q + 1], 0xDD));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+HF_INT8_TARGET_AVX512 inline __m512i add_epi32(__m512i x, __m512i y) { return _mm512_add_epi32(x, y); }
+HF_INT8_TARGET_AVX512 inline __m512i add_ps_bits(__m512i x, __m512i y) {
+  return _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(y)));
 }
 
 // out[i] = horizontal sum of the i-th stored vector, for n of them, 16 at a time (out of line, see dot_tile).
@@ -84,15 +71,15 @@ __attribute__((noinline)) HF_INT8_TARGET_AVX512 void reduce_rows(const int32_t* 
   for (int g = 0; g < n; g += 16) {
     __m512i v[16];
     for (int i = 0; i < 16; ++i) v[i] = g + i < n ? _mm512_load_si512(acc + 16 * (g + i)) : _mm512_setzero_si512();
-    _mm512_mask_storeu_epi32(out + g, mask16(n - g), sum16_epi32(v));
+    _mm512_mask_storeu_epi32(out + g, mask16(n - g), sum16(v, add_epi32));
   }
 }
 
 HF_INT8_TARGET_AVX512 void reduce_rows_ps(const float* acc, int n, float* out) {
   for (int g = 0; g < n; g += 16) {
-    __m512 v[16];
-    for (int i = 0; i < 16; ++i) v[i] = g + i < n ? _mm512_load_ps(acc + 16 * (g + i)) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(out + g, mask16(n - g), sum16_ps(v));
+    __m512i v[16];
+    for (int i = 0; i < 16; ++i) v[i] = g + i < n ? _mm512_load_si512(acc + 16 * (g + i)) : _mm512_setzero_si512();
+    _mm512_mask_storeu_ps(out + g, mask16(n - g), _mm512_castsi512_ps(sum16(v, add_ps_bits)));
   }
 }
 

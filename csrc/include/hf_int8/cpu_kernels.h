@@ -114,15 +114,6 @@ inline float rounded(float v) {
   return v;
 }
 
-// Finishes element (m, n) from its exact int32 accumulator and its outlier product, summed by the caller.
-inline void finish_element_with_outliers(const GemmProblem& p, int64_t m, int64_t n, int32_t acc, float outliers) {
-  const Epilogue& ep = p.ep;
-  float v = rounded(dequantize(acc, ep.row_scale[m], ep.col_scale[n]));
-  v = v + outliers;
-  if (ep.bias != nullptr) v = v + ep.bias[n];
-  store_value(ep, m, n, v);
-}
-
 // Finishes element (m, n) from its exact int32 accumulator.
 inline void finish_element(const GemmProblem& p, int64_t m, int64_t n, int32_t acc) {
   const Epilogue& ep = p.ep;
