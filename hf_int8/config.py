@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .ops import _check_threshold
 from .ops.constants import DEFAULT_THRESHOLD, FORMAT_VERSION
 
 QUANT_METHOD = "llmint8"
@@ -18,7 +18,9 @@ class Int8Config(QuantizationConfigMixin):
 
     Args:
         threshold: outlier threshold. An activation column holding any ``|x| >= threshold`` in a batch goes through
-            a floating-point matmul; the rest goes through int8. ``0`` disables the outlier path (pure int8).
+            a floating-point matmul; the rest goes through int8. ``0`` disables the outlier path (pure int8). The
+            comparison is in float32 with the threshold rounded once to float32 (``6.0000000001`` acts as ``6.0``);
+            a positive value that rounds to 0 there (below ~7.0e-46) or exceeds float32's range is refused.
         skip_modules: names (or dotted suffixes) of extra modules to keep in floating point. They are *added* to the
             defaults (the output embedding / ``lm_head``, tied weights and the model's ``_keep_in_fp32_modules``),
             never replacing them.
@@ -53,8 +55,10 @@ class Int8Config(QuantizationConfigMixin):
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, numbers.Real):  # numpy scalars are welcome, strings are not
             raise ValueError(f"threshold must be a number, got {t!r} of type {type(t).__name__}")
-        if not math.isfinite(t) or t < 0:
-            raise ValueError(f"threshold must be finite and >= 0 (0 disables the outlier path), got {t!r}")
+        # The same rule as every op entry point: finite, >= 0 (0 disables the outlier path), and usable in float32,
+        # where the kernels compare (a positive value that rounds to 0 there, or one past float32's range, is
+        # refused). The value itself is kept as given, so config.json shows it unchanged.
+        _check_threshold(t)
         self.threshold = float(t)
         if self.skip_modules is not None:
             if not isinstance(self.skip_modules, list):

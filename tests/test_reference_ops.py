@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import math
+
+import numpy as np
 import pytest
 import torch
+from _tolerance import assert_within, fp32_sum_tolerance
 
-from hf_int8 import ops
+from hf_int8 import Int8Config, ops
 from hf_int8.nn import Int8Linear
 from hf_int8.ops import reference as ref
 from hf_int8.ops.constants import INT8_MAX
@@ -73,20 +78,22 @@ def test_outlier_columns_detected_across_the_batch():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_outlier_columns_are_exact_in_the_float_path(dtype):
-    torch.manual_seed(0)
+def test_outlier_columns_are_not_quantized_in_the_float_path(dtype):
     k, n = 48, 24
     w = torch.randn(n, k, generator=_gen(2))
     codes, scale = ref.quantize_weight(w)
-    w_deq = ref.dequantize_weight(codes, scale)
+    w_deq = ref.dequantize_weight(codes, scale).double()
     x = torch.zeros(5, k)
     x[:, [3, 30]] = torch.tensor([[20.0, -9.0]]).expand(5, 2) * torch.arange(1, 6.0).unsqueeze(1)
     x = x.to(dtype)
-    # Only outlier columns are non-zero: the int8 path contributes nothing and the result is the exact fp32 product
-    # of the (dtype-rounded) activations with the dequantized weight columns.
     out = ref.int8_linear(x, codes, scale, None, 6.0)
-    expected = (x.float() @ w_deq.t()).to(dtype)
-    assert torch.equal(out, expected)
+    # Only outlier columns are non-zero, so the int8 part is exactly 0 and the result is the fp32 product of the
+    # (dtype-rounded) activations with the dequantized weight columns: 2 terms plus that 0, rounded in fp32 and cast
+    # once. Compared with the exact fp64 product, not with another fp32 matmul: BLAS builds sum in different orders
+    # (an fp32 x @ w_deq.T over all 48 columns differed from this in the last bit on a Zen 5 with MKL).
+    x64 = x.double()
+    tol = fp32_sum_tolerance(x64.abs() @ w_deq.abs().t(), 3, dtype, exact=x64 @ w_deq.t(), evaluations=1)
+    assert_within(out.double(), x64 @ w_deq.t(), tol, str(dtype))
 
 
 def test_int8_linear_matches_float_within_tolerance_and_outliers_help():
@@ -168,7 +175,100 @@ def test_gradients_flow_to_inputs_not_to_int8_weights():
     layer = Int8Linear.from_float(linear)
     x = torch.randn(4, 32, requires_grad=True)
     layer(x).sum().backward()
-    expected = torch.ones(4, 8) @ layer.dequantize()
-    assert torch.allclose(x.grad, expected, atol=1e-5)
+    w_deq = layer.dequantize()
+    expected = torch.ones(4, 8) @ w_deq
+    # Two fp32 evaluations of the same 8-term sum (the op's backward and this matmul may sum in different orders).
+    assert_within(x.grad, expected, fp32_sum_tolerance(torch.ones(4, 8).double() @ w_deq.abs().double(), 8))
     assert layer.weight.grad is None and not layer.weight.requires_grad
     assert torch.allclose(layer.bias.grad, torch.full((8,), 4.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The threshold is compared in float32, rounded once, exactly like quant_math.h's is_outlier.
+# ---------------------------------------------------------------------------------------------------------------
+# Thresholds whose float32 rounding matters: fp32 subnormals (1e-40, the smallest one 1.4e-45), values that are not
+# float32 numbers (6.0000000001 and 5.9999999999 both round to 6.0; 0.1), float32's largest value, and positive
+# values below half the smallest subnormal (1e-50, 7e-46), which round to 0.
+ROUNDING_THRESHOLDS = [1e-40, 1.4e-45, 6.0000000001, 5.9999999999, 0.1, 3.4028234663852886e38, 1e-50, 7e-46]
+
+
+def _c_float(value: float) -> float:
+    """``static_cast<float>(value)`` as the C compiler does it (ctypes converts with a C cast), the kernels' rule."""
+    return ctypes.c_float(value).value
+
+
+def threshold_probe(threshold: float, rows: int = 3) -> torch.Tensor:
+    """fp32 activations ``[rows, 9]`` around the float32 threshold: exactly it, its float32 neighbours above and below
+    (both signs), zeros, NaN, and a normal value; one column per case, so the mask shows each comparison."""
+    t32 = np.float32(_c_float(threshold))
+    below = np.nextafter(t32, np.float32(0)) if t32 > 0 else np.float32(0)
+    with np.errstate(over="ignore"):  # above float32's largest value is inf
+        above = np.nextafter(t32, np.float32(np.inf))
+    cols = [t32, -t32, below, -below, above, -above, 0.0, math.nan, 1.0]
+    x = torch.zeros(rows, len(cols))
+    x[rows - 1] = torch.tensor(np.array(cols, dtype=np.float32))
+    return x
+
+
+def test_threshold_as_float32_is_the_c_cast():
+    for t in [*ROUNDING_THRESHOLDS, 0.0, 6.0, 2.0**-149, 2.0**-150, 2.0**-150 * (1 + 2.0**-40), 1e-45, 1e-46]:
+        assert ref.threshold_as_float32(t) == _c_float(t), t
+    assert ref.threshold_as_float32(6.0000000001) == 6.0 and ref.threshold_as_float32(1e-50) == 0.0
+    assert ref.threshold_as_float32(1e-40) == float(np.float32(1e-40)) != 1e-40  # a subnormal, kept
+    assert ref.threshold_as_float32(1e39) == math.inf and math.isnan(ref.threshold_as_float32(math.nan))
+
+
+@pytest.mark.parametrize("threshold", ROUNDING_THRESHOLDS, ids=repr)
+def test_reference_outlier_test_is_the_float32_comparison(threshold):
+    """The reference's mask is ``t32 > 0 and |x| >= t32`` with ``t32 = (float)threshold``, what the kernels compute
+    (quant_math.h ``is_outlier``); a positive threshold that rounds to 0 gives no outlier columns, as there."""
+    x = threshold_probe(threshold)
+    t32 = np.float32(_c_float(threshold))
+    x32 = x.numpy()[-1]
+    with np.errstate(invalid="ignore"):
+        want = (np.abs(x32) >= t32) & (t32 > 0)  # numpy compares float32 with float32: no rounding of its own
+    assert ref.outlier_columns(x, threshold).tolist() == want.tolist()
+    _, _, mask = ref.quantize_activation(x, threshold)
+    assert mask.tolist() == want.tolist()
+    if t32 == 0:
+        assert not mask.any(), "a threshold that rounds to 0 in float32 means no outlier columns, as in the kernels"
+
+
+@pytest.mark.parametrize("threshold", [1e-50, 7e-46, 1e-300, 1e39, 3.5e38, 10**400])
+def test_entry_points_refuse_thresholds_float32_cannot_hold(threshold):
+    """A positive threshold that rounds to 0 in float32 would silently mean "no outliers" (the opposite of what a
+    tiny threshold asks for); one past float32's range would round to inf. Every validated entry point refuses both,
+    naming the value."""
+    w, s = ref.quantize_weight(torch.randn(5, 10, generator=_gen()))
+    x = torch.randn(3, 10, generator=_gen(1))
+    calls = [
+        lambda: ops.int8_linear(x, w, s, threshold=threshold),
+        lambda: ops.quantize_activation(x, threshold),
+        lambda: Int8Linear(10, 5, threshold=threshold),
+        lambda: Int8Config(threshold=threshold),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert repr(threshold) in str(info.value)
+
+
+@pytest.mark.parametrize("threshold", [1e-40, 1.4e-45, 6.0000000001, 3.4028234663852886e38])
+def test_entry_points_accept_float32_thresholds_and_agree_with_the_op(threshold):
+    """Subnormal, non-float32 and largest float32 thresholds are accepted everywhere and mean their float32 value."""
+    x = threshold_probe(threshold)
+    x[:2] = torch.randn(2, x.shape[1], generator=_gen(3))
+    w, s = ref.quantize_weight(torch.randn(5, x.shape[1], generator=_gen()))
+    got = ops.quantize_activation(x, threshold)
+    want = ref.quantize_activation(x, ref.threshold_as_float32(threshold))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)  # the NaN row's scale is NaN
+    layer = Int8Linear(x.shape[1], 5, bias=False, threshold=threshold)
+    layer.weight.data, layer.weight_scale.data = w, s
+    assert Int8Config(threshold=threshold).threshold == threshold  # stored as given; compared as float32
+    with torch.no_grad():
+        out = layer(x)
+    # The same op on the same inputs (the threshold rounds to the same float32 either way): bitwise, NaN included.
+    again = torch.ops.hf_int8.int8_linear(x, w, s, None, ref.threshold_as_float32(threshold))
+    torch.testing.assert_close(out, again, rtol=0, atol=0, equal_nan=True)
+    assert torch.isfinite(out[:2]).all()  # the probe row holds NaN and huge values; the others stay finite

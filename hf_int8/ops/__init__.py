@@ -134,11 +134,28 @@ def _check_int8_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> None
         )
 
 
-def _check_threshold(threshold: float) -> None:
+def _check_threshold(threshold: float) -> float:
+    """Refuse an unusable outlier threshold; return it as the kernels compare it (rounded once to float32).
+
+    The threshold is compared in float32 everywhere (:func:`reference.threshold_as_float32`), so two values are
+    refused besides negative, NaN, infinite and non-numbers: a positive one that rounds to 0 in float32 (below
+    2**-150 ~ 7.0e-46, e.g. ``1e-50``), which would silently mean "no outlier columns" instead of "every non-zero
+    column", and one beyond float32's range (it would round to inf). The float32 subnormals from 1.4e-45 up are kept.
+    """
     if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not threshold >= 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    if threshold == float("inf"):
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+        raise ValueError(f"threshold must be a finite number >= 0 (0 disables the outlier path), got {threshold!r}")
+    try:
+        t32 = reference.threshold_as_float32(float(threshold))
+    except OverflowError:  # an int or Fraction too large for a double
+        t32 = float("inf")
+    if t32 == float("inf"):
+        raise ValueError(f"threshold must be a finite number >= 0 within float32's range (3.4e38), got {threshold!r}")
+    if t32 == 0 and threshold > 0:
+        raise ValueError(
+            f"threshold {threshold!r} is positive but rounds to 0 in float32 (outlier thresholds are compared in "
+            "float32): use 0 to disable the outlier path, or a threshold >= 1.4e-45"
+        )
+    return t32
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

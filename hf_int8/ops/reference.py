@@ -11,10 +11,15 @@ The float math is spelled out so that native kernels can reproduce it bit for bi
 * a row's scale is ``absmax / INT8_MAX`` (fp32), its reciprocal multiplier ``INT8_MAX / absmax`` (0 for a zero row);
 * a code is ``round_half_to_even(x * multiplier)`` clamped to ``[-INT8_MAX, INT8_MAX]`` (NaN gives 0);
 * the dequantized product is ``acc * (row_scale * col_scale)`` in fp32, plus the outlier product and the bias, cast
-  once to the output dtype.
+  once to the output dtype;
+* an activation is an outlier when ``t > 0 and |x| >= t`` in fp32, where ``t`` is the threshold rounded once to fp32
+  (:func:`threshold_as_float32`, the kernels' ``static_cast<float>``).
 """
 
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 
@@ -68,11 +73,35 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     return (codes.float() * scale.float().unsqueeze(1)).to(dtype)
 
 
+def threshold_as_float32(threshold: float) -> float:
+    """The outlier threshold as every kernel compares it: ``threshold`` rounded once to the nearest float32.
+
+    The ops take the threshold as a double (schema ``float``); the native kernels convert it with
+    ``static_cast<float>`` (round to nearest, ties to even) and compare ``|x| >= t`` in fp32 (quant_math.h,
+    ``is_outlier``). This is that rounding, done in Python, so that the reference and the validated entry points
+    see the very same ``t``: ``6.0000000001`` is ``6.0``, ``1e-40`` a float32 subnormal, a positive value below
+    half the smallest subnormal (2**-150, ~7.0e-46; e.g. ``1e-50``) is ``0.0`` (no outlier columns), a value past
+    float32's range is ``inf``. The validated entry points refuse those last two (``hf_int8.ops._check_threshold``).
+    """
+    try:
+        # struct's "f" is the C double -> float conversion; it refuses (rather than rounds to inf) an overflow.
+        return struct.unpack("<f", struct.pack("<f", threshold))[0]
+    except OverflowError:
+        return math.copysign(math.inf, threshold)
+
+
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean mask ``[K]``: columns of ``x [M, K]`` holding any ``|x| >= threshold`` (none when threshold is 0)."""
-    if threshold <= 0 or x.shape[0] == 0:
+    """Boolean mask ``[K]``: columns of ``x [M, K]`` holding any outlier activation.
+
+    An activation is an outlier when ``t > 0 and |x| >= t``, with ``x`` converted to fp32 and ``t`` the threshold
+    rounded once to fp32 (:func:`threshold_as_float32`), exactly like quant_math.h's ``is_outlier``: a threshold of
+    0 (or one that rounds to 0) means no outlier columns, and NaN activations are never outliers.
+    """
+    t32 = threshold_as_float32(threshold)
+    if not t32 > 0 or x.shape[0] == 0:
         return torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
-    return (x.abs() >= threshold).any(dim=0)
+    # t32 is a float32 value, so comparing with the fp32 tensor involves no further rounding of the threshold.
+    return (x.float().abs() >= t32).any(dim=0)
 
 
 def quantize_activation(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
