@@ -90,24 +90,19 @@ def assert_within(
     )
 
 
-def int8_linear_tolerance(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    threshold: float,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Tolerance between two implementations of ``int8_linear(x, weight, weight_scale, bias, threshold)``.
+def int8_linear_terms(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(exact, magnitude, n_terms)`` of ``int8_linear(x, weight, weight_scale, bias, threshold)`` as fp32 sums.
 
-    Both quantize ``x`` identically (codes, row scales and outlier masks are bit-identical: tested on their own) and
-    compute the int8 part ``float(acc) * (row_scale * col_scale)`` with the same fp32 operations (quant_math.h). What
-    may differ is the fp32 sum over the outlier columns (any order and blocking; the AMX-BF16 kernel sums up to three
-    exact bf16 partial products per column and applies the weight scale after the sum, csrc/cpu/outlier_gemm.cpp)
-    and where the int8 part and the bias join it. So each output element is a sum of ``3 * outlier_columns + 3``
-    fp32 terms whose magnitudes add up to ``|int8 part| + |x_outlier| @ |w_outlier|.T + |bias|``. A NaN/Inf
-    activation makes its row's tolerance non-finite, like its outputs (:func:`assert_within` compares those by
-    position only).
+    Every implementation quantizes ``x`` identically (codes, row scales and outlier masks are bit-identical: tested
+    on their own) and computes the int8 part ``float(acc) * (row_scale * col_scale)`` with the same fp32 operations
+    (quant_math.h). What may differ is the fp32 sum over the outlier columns (any order and blocking; the AMX-BF16
+    kernel sums up to three exact bf16 partial products per column and applies the weight scale after the sum,
+    csrc/cpu/outlier_gemm.cpp) and where the int8 part and the bias join it. So each output element is a sum of
+    ``n_terms = 3 * outlier_columns + 3`` fp32 terms; ``exact`` is that sum in fp64 (with the int8 part as fp32
+    computes it) and ``magnitude`` the sum of its terms' absolute values. A NaN/Inf activation makes its row
+    non-finite in both, like its outputs (:func:`assert_within` compares those by position only).
     """
     from hf_int8.ops import reference as ref
 
@@ -125,6 +120,19 @@ def int8_linear_tolerance(
     if bias is not None:
         magnitude += bias.double().abs()
         exact += bias.double()
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    tol = fp32_sum_tolerance(magnitude, 3 * n_outliers + 3, out_dtype, exact=exact)
-    return tol.reshape(*x.shape[:-1], weight.shape[0])
+    shape = (*x.shape[:-1], weight.shape[0])
+    return exact.reshape(shape), magnitude.reshape(shape), 3 * n_outliers + 3
+
+
+def int8_linear_tolerance(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Largest ``|a - b|`` between two implementations of ``int8_linear`` on these arguments (see
+    :func:`int8_linear_terms`), each output cast once to ``out_dtype`` (default ``x.dtype``)."""
+    exact, magnitude, n_terms = int8_linear_terms(x, weight, weight_scale, bias, threshold)
+    return fp32_sum_tolerance(magnitude, n_terms, x.dtype if out_dtype is None else out_dtype, exact=exact)
