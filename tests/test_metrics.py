@@ -41,8 +41,10 @@ def text() -> str:
 
 
 def _direct_nll(model, ids: torch.Tensor) -> float:
+    # The very forward call perplexity_details makes (use_cache=False included, so the same attention path): the
+    # logits are then the same fp32 computation, and only the fp64 reductions below may differ (hence rel=1e-9).
     with torch.no_grad():
-        logits = model(input_ids=ids[None]).logits[0, :-1].double()
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].double()
     return float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
 
 

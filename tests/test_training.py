@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tolerance import assert_within, fp32_sum_tolerance
 from tiny_models import save_fp_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
@@ -56,10 +57,14 @@ def test_int8_linear_gradients_reach_the_input_not_the_weight():
     out.backward(grad_out)
     assert layer.weight.grad is None and not layer.weight.requires_grad
     assert "weight_scale" not in dict(layer.named_parameters())
-    want = grad_out @ layer.dequantize()  # d(x W^T)/dx with the weight the layer actually holds
-    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-5)
+    w_deq = layer.dequantize()
+    want = grad_out @ w_deq  # d(x W^T)/dx with the weight the layer actually holds
+    # Both are fp32 sums of 40 products (the op's backward may sum in another order): the derived bound, not bitwise.
+    assert_within(x.grad, want, fp32_sum_tolerance(grad_out.abs().double() @ w_deq.abs().double(), 40), "x.grad")
     assert layer.bias.grad is not None
-    torch.testing.assert_close(layer.bias.grad, grad_out.sum(dim=(0, 1)))
+    # 15 tokens summed in fp32, flattened by the op and by dims (0, 1) here: possibly in another order.
+    bias_tol = fp32_sum_tolerance(grad_out.abs().double().sum(dim=(0, 1)), 15)
+    assert_within(layer.bias.grad, grad_out.sum(dim=(0, 1)), bias_tol, "bias.grad")
 
 
 def test_lora_on_llmint8_trains_only_adapters(fp_path):
