@@ -1,5 +1,5 @@
 // Small device helpers shared by the hf_int8 CUDA kernels: typed loads/stores by run-time dtype tag, NaN-propagating
-// max, warp reductions. No PyTorch header is included here (see launch.h).
+// max, warp reductions, and the one kernel-launch helper. No PyTorch header is included here (see launch.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,13 +7,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "launch.h"
+#include "ptx.cuh"
 
 namespace hf_int8 {
 namespace cuda {
-
-constexpr unsigned kFullWarp = 0xffffffffu;
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
@@ -56,21 +56,33 @@ __device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b 
 
 __device__ __forceinline__ float warp_nan_max(float v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(kFullWarp, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, ptx::shfl_xor(v, offset));
   return v;
 }
 
 __device__ __forceinline__ int warp_sum(int v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullWarp, v, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) v += ptx::shfl_xor(v, offset);
   return v;
 }
 
 // Butterfly sum: every lane ends with the same value, added in the same order on every run (deterministic).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = __fadd_rn(v, __shfl_xor_sync(kFullWarp, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = __fadd_rn(v, ptx::shfl_xor(v, offset));
   return v;
+}
+
+// Launches `kernel` over grid x block on `stream` (dynamic shared memory: none). Every launch goes through here so
+// that the CUDA emulator (csrc/cuda_emu) can run the same host code: it runs the grid block by block on the CPU.
+template <typename... KernelArgs, typename... Args>
+void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+#if defined(HF_INT8_CUDA_EMULATION)
+  (void)stream;
+  ::hf_int8::emu::launch(kernel, grid, block, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

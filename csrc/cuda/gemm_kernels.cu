@@ -31,6 +31,7 @@
 #include "hf_int8/quant_math.h"
 #include "hf_int8/tile_layout.h"
 #include "launch.h"
+#include "ptx.cuh"
 
 namespace hf_int8 {
 namespace cuda {
@@ -60,17 +61,12 @@ struct Params {
 };
 
 // ------------------------------------------------------------------------------------------------------------
-// PTX wrappers
+// Building blocks on top of the PTX primitives (ptx.cuh)
 // ------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, zero-filled when !valid (then `src` is not read).
+// 16 bytes global -> shared, zero-filled when !valid (then `src` is not read): cp.async on sm_80+, registers before.
 __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_size));
+#if HF_INT8_SM >= 800
+  ptx::cp_async16(dst, src, valid ? 16 : 0);
 #else
   uint4 v = make_uint4(0u, 0u, 0u, 0u);
   if (valid) v = *reinterpret_cast<const uint4*>(src);
@@ -89,63 +85,24 @@ __device__ __forceinline__ void copy16_bytes(void* dst, const int8_t* row, int64
   *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-#endif
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-#else
-  __trap();
-#endif
-}
-
 // c[16x8] += a[16x32] . b[32x8] on s8 inputs (fragments: see tile_layout.h).
 __device__ __forceinline__ void mma_s8_16832(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
-  // Rows g (c0, c1) and g + 8 (c2, c3); k 0..15 from a0/a1 with b0, k 16..31 from a2/a3 with b1.
-  asm("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-      : "+r"(c[0]), "+r"(c[1])
-      : "r"(a[0]), "r"(b[0]));
-  asm("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-      : "+r"(c[0]), "+r"(c[1])
-      : "r"(a[2]), "r"(b[1]));
-  asm("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-      : "+r"(c[2]), "+r"(c[3])
-      : "r"(a[1]), "r"(b[0]));
-  asm("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-      : "+r"(c[2]), "+r"(c[3])
-      : "r"(a[3]), "r"(b[1]));
+#if HF_INT8_SM >= 800
+  ptx::mma_m16n8k32_s8(c, a, b);
 #else
-  __trap();
+  // Rows g (c0, c1) and g + 8 (c2, c3); k 0..15 from a0/a1 with b0, k 16..31 from a2/a3 with b1.
+  ptx::mma_m8n8k16_s8(c[0], c[1], a[0], b[0]);
+  ptx::mma_m8n8k16_s8(c[0], c[1], a[2], b[1]);
+  ptx::mma_m8n8k16_s8(c[2], c[3], a[1], b[0]);
+  ptx::mma_m8n8k16_s8(c[2], c[3], a[3], b[1]);
 #endif
 }
 
-__device__ __forceinline__ uint4 load_stream16(const int8_t* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
-__device__ __forceinline__ uint4 load_cached16(const int8_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
-
 __device__ __forceinline__ int dp4a_16(const uint4& x, const uint4& w, int acc) {
-  acc = __dp4a(static_cast<int>(x.x), static_cast<int>(w.x), acc);
-  acc = __dp4a(static_cast<int>(x.y), static_cast<int>(w.y), acc);
-  acc = __dp4a(static_cast<int>(x.z), static_cast<int>(w.z), acc);
-  acc = __dp4a(static_cast<int>(x.w), static_cast<int>(w.w), acc);
+  acc = ptx::dp4a(static_cast<int>(x.x), static_cast<int>(w.x), acc);
+  acc = ptx::dp4a(static_cast<int>(x.y), static_cast<int>(w.y), acc);
+  acc = ptx::dp4a(static_cast<int>(x.z), static_cast<int>(w.z), acc);
+  acc = ptx::dp4a(static_cast<int>(x.w), static_cast<int>(w.w), acc);
   return acc;
 }
 
@@ -244,15 +201,15 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < ktiles) load_stage(s, s);
-    cp_async_commit();
+    ptx::cp_async_commit();
   }
 
   for (int kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait<kStages - 2>();
+    ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below
     const int next = kt + kStages - 1;
     if (next < ktiles) load_stage(next % kStages, next);
-    cp_async_commit();
+    ptx::cp_async_commit();
 
     const int8_t* sa = smem + (kt % kStages) * Cfg::kStageBytes;
     const int8_t* sb = sa + BM * kTileK;
@@ -263,13 +220,13 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
         const int row = warp_m * WM + mi * 16 + tile::ldsm_a_row(lane);
-        ldsm_x4(af[mi], sa + tile::smem_offset(row, tile::ldsm_a_chunk(lane, ks)));
+        ptx::ldmatrix_x4(af[mi], sa + tile::smem_offset(row, tile::ldsm_a_chunk(lane, ks)));
       }
 #pragma unroll
       for (int nj = 0; nj < NI / 2; ++nj) {
         const int row = warp_n * WN + nj * 16 + tile::ldsm_b_row(lane);
         uint32_t r[4];
-        ldsm_x4(r, sb + tile::smem_offset(row, tile::ldsm_b_chunk(lane, ks)));
+        ptx::ldmatrix_x4(r, sb + tile::smem_offset(row, tile::ldsm_b_chunk(lane, ks)));
         bf[2 * nj][0] = r[0];
         bf[2 * nj][1] = r[1];
         bf[2 * nj + 1][0] = r[2];
@@ -281,7 +238,7 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
         for (int ni = 0; ni < NI; ++ni) mma_s8_16832(acc[mi][ni], af[mi], bf[ni]);
     }
   }
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();  // shared memory is reused by the outlier staging below
 
   // Coordinates of accumulator (mi, ni, e) in C.
@@ -320,7 +277,7 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
     for (int64_t kb = 0; kb < K; kb += Cfg::kThreads) {
       const int64_t kc = kb + tid;
       const bool flag = kc < K && p.mask[kc];
-      const unsigned ballot = __ballot_sync(kFullWarp, flag);
+      const unsigned ballot = ptx::ballot(flag);
       if (lane == 0) warp_counts[warp] = __popc(ballot);
       __syncthreads();
       int offset = 0;
@@ -455,7 +412,7 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
 #pragma unroll
         for (int u = 0; u < kGemvUnroll; ++u) {
           const int64_t kk = kb + u * step;
-          wv[u] = kk < K ? load_stream16(wrow + kk) : make_uint4(0u, 0u, 0u, 0u);
+          wv[u] = kk < K ? ptx::load_stream16(wrow + kk) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
         for (int u = 0; u < kGemvUnroll; ++u) {
@@ -463,9 +420,9 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
           if (kk < K) {
 #pragma unroll
             for (int i = 0; i < MAXM; ++i)
-              if (i < M) acc[i] = dp4a_16(load_cached16(p.a + i * K + kk), wv[u], acc[i]);
+              if (i < M) acc[i] = dp4a_16(ptx::load_cached16(p.a + i * K + kk), wv[u], acc[i]);
             if (with_outliers) {
-              const uint4 mv = load_cached16(reinterpret_cast<const int8_t*>(p.mask) + kk);
+              const uint4 mv = ptx::load_cached16(reinterpret_cast<const int8_t*>(p.mask) + kk);
               if ((mv.x | mv.y | mv.z | mv.w) != 0u) {
                 saw_outlier = true;
                 // Rare path, kept rolled (small code): re-read the 16 mask and weight bytes from L1.
@@ -505,7 +462,7 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
     acc[i] = warp_sum(acc[i]);
     if (with_outliers) o[i] = warp_sum(o[i]);
   }
-  saw_outlier = __any_sync(kFullWarp, saw_outlier);
+  saw_outlier = ptx::any(saw_outlier);
   if (ksplit > 1) {
     if (lane == 0) {
 #pragma unroll
@@ -554,7 +511,7 @@ template <int BM, int BN, int WM, int WN>
 void launch_imma(const Params& p, cudaStream_t stream) {
   using Cfg = TileConfig<BM, BN, WM, WN>;
   const dim3 grid(static_cast<unsigned>(ceil_div64(p.n, BN)), static_cast<unsigned>(ceil_div64(p.m, BM)));
-  hf_int8_gemm_imma_kernel<BM, BN, WM, WN><<<grid, Cfg::kThreads, 0, stream>>>(p);
+  launch_kernel(hf_int8_gemm_imma_kernel<BM, BN, WM, WN>, grid, dim3(Cfg::kThreads), stream, p);
 }
 
 int choose_ksplit(int64_t n, int64_t k, int sm_count) {
@@ -596,13 +553,41 @@ cudaError_t launch_int8_gemm(const GemmArgs& args, cudaStream_t stream) {
     p.ksplit = choose_ksplit(args.n, args.k, args.sm_count);
     const int rows_per_block = kGemvWarps / p.ksplit;
     const unsigned grid = static_cast<unsigned>(ceil_div64(args.n, rows_per_block));
-    hf_int8_gemv_dp4a_kernel<<<grid, 32 * kGemvWarps, 0, stream>>>(p);
+    launch_kernel(hf_int8_gemv_dp4a_kernel, dim3(grid), dim3(32 * kGemvWarps), stream, p);
   } else if (args.m <= kSmallTileMaxM) {
     launch_imma<64, 64, 32, 32>(p, stream);
   } else {
     launch_imma<128, 128, 64, 32>(p, stream);
   }
   return cudaGetLastError();
+}
+
+cudaError_t launch_int8_linear(const LinearArgs& args, cudaStream_t stream) {
+  if (args.m == 0 || args.n == 0) return cudaSuccess;
+  cudaError_t err = launch_quantize_activation(args.x, args.x_dtype, args.m, args.k, args.threshold, args.codes,
+                                               args.row_scale, args.mask, stream);
+  if (err != cudaSuccess) return err;
+  GemmArgs gemm;
+  gemm.a = args.codes;
+  gemm.b = args.weight;
+  gemm.m = args.m;
+  gemm.n = args.n;
+  gemm.k = args.k;
+  gemm.out = args.out;
+  gemm.out_dtype = args.x_dtype;
+  gemm.row_scale = args.row_scale;
+  gemm.col_scale = args.weight_scale;
+  gemm.bias = args.bias;
+  gemm.bias_dtype = args.bias_dtype;
+  // The same float32 comparison as the kernels' is_outlier (quant_math.h): a threshold that rounds to 0 has no
+  // outlier path at all.
+  if (args.threshold > 0.0f) {
+    gemm.outlier_mask = args.mask;
+    gemm.x = args.x;
+    gemm.x_dtype = args.x_dtype;
+  }
+  gemm.sm_count = args.sm_count;
+  return launch_int8_gemm(gemm, stream);
 }
 
 const char* compiled_arch_list() {

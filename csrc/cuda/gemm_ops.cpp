@@ -163,31 +163,28 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   at::Tensor out = at::empty(out_shape, xc.options());
   if (m == 0 || n == 0) return out;
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor codes = at::empty({m, k}, xc.options().dtype(at::kChar));
   at::Tensor row_scale = at::empty({m}, xc.options().dtype(at::kFloat));
   at::Tensor mask = at::empty({k}, xc.options().dtype(at::kBool));
-  C10_CUDA_CHECK(launch_quantize_activation(xc.data_ptr(), x_tag, m, k, static_cast<float>(threshold),
-                                            codes.data_ptr<int8_t>(), row_scale.data_ptr<float>(),
-                                            mask.data_ptr<bool>(), stream));
-  GemmArgs args;
-  args.a = codes.data_ptr<int8_t>();
-  args.b = wc.data_ptr<int8_t>();
+  LinearArgs args;
+  args.x = xc.data_ptr();
+  args.x_dtype = x_tag;
   args.m = m;
   args.n = n;
   args.k = k;
-  args.out = out.data_ptr();
-  args.out_dtype = x_tag;
-  args.row_scale = row_scale.data_ptr<float>();
-  args.col_scale = cs.data_ptr<float>();
-  set_bias(args, bias_c);
-  if (threshold > 0.0) {
-    args.outlier_mask = mask.data_ptr<bool>();
-    args.x = xc.data_ptr();
-    args.x_dtype = x_tag;
+  args.weight = wc.data_ptr<int8_t>();
+  args.weight_scale = cs.data_ptr<float>();
+  if (bias_c.defined()) {
+    args.bias = bias_c.data_ptr();
+    args.bias_dtype = float_dtype(bias_c, "bias");
   }
+  args.threshold = static_cast<float>(threshold);
+  args.out = out.data_ptr();
+  args.codes = codes.data_ptr<int8_t>();
+  args.row_scale = row_scale.data_ptr<float>();
+  args.mask = mask.data_ptr<bool>();
   args.sm_count = info.sm_count;
-  C10_CUDA_CHECK(launch_int8_gemm(args, stream));
+  C10_CUDA_CHECK(launch_int8_linear(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

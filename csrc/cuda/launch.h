@@ -51,6 +51,27 @@ const char* gemm_kernel_for(int64_t m);
 
 cudaError_t launch_int8_gemm(const GemmArgs& args, cudaStream_t stream);
 
+// LLM.int8() linear layer, x [m, k] (x_dtype) times int8 weight [n, k] -> out [m, n] (x_dtype): quantizes x into the
+// caller's workspace (codes [m, k], row_scale [m], mask [k]), then runs the GEMM with the outlier epilogue when
+// threshold > 0. Shared by the PyTorch wrapper (gemm_ops.cpp) and the CUDA emulator's driver (csrc/cuda_emu).
+struct LinearArgs {
+  const void* x = nullptr;
+  DType x_dtype = DType::kFloat32;
+  int64_t m = 0, n = 0, k = 0;
+  const int8_t* weight = nullptr;
+  const float* weight_scale = nullptr;
+  const void* bias = nullptr;
+  DType bias_dtype = DType::kFloat32;
+  float threshold = 0.0f;
+  void* out = nullptr;
+  int8_t* codes = nullptr;
+  float* row_scale = nullptr;
+  bool* mask = nullptr;
+  int sm_count = 1;
+};
+
+cudaError_t launch_int8_linear(const LinearArgs& args, cudaStream_t stream);
+
 // Value of __CUDA_ARCH_LIST__ the device code was compiled for, e.g. "800,900".
 const char* compiled_arch_list();
 

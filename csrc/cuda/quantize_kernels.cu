@@ -33,7 +33,7 @@ struct Group {
   float v[V];
   __device__ __forceinline__ void load(const T* p) {
     if constexpr (V * sizeof(T) == 16) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+      const uint4 raw = ptx::load_cached16(p);
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int i = 0; i < V; ++i) v[i] = to_float(e[i]);
@@ -207,8 +207,8 @@ int row_threads(int64_t groups) {
 template <typename T, int V>
 void launch_rows(const T* x, int64_t m, int64_t k, float threshold, const bool* mask_in, bool* fuse_mask_out,
                  int8_t* codes, float* row_scale, cudaStream_t stream) {
-  hf_int8_quantize_rows_kernel<T, V><<<static_cast<unsigned>(m), row_threads(k / V), 0, stream>>>(
-      x, k, threshold, mask_in, fuse_mask_out, codes, row_scale);
+  launch_kernel(hf_int8_quantize_rows_kernel<T, V>, dim3(static_cast<unsigned>(m)), dim3(row_threads(k / V)), stream,
+                x, k, threshold, mask_in, fuse_mask_out, codes, row_scale);
 }
 
 template <typename T, int V>
@@ -221,8 +221,8 @@ void launch_scan(const T* x, int64_t m, int64_t k, float threshold, bool* mask, 
   if (gy > max_slices) gy = max_slices;
   if (gy > 65535) gy = 65535;
   if (gy < 1) gy = 1;
-  hf_int8_outlier_columns_kernel<T, V><<<dim3(gx, static_cast<unsigned>(gy)), kScanThreads, 0, stream>>>(
-      x, m, k, threshold, mask);
+  launch_kernel(hf_int8_outlier_columns_kernel<T, V>, dim3(gx, static_cast<unsigned>(gy)), dim3(kScanThreads), stream,
+                x, m, k, threshold, mask);
 }
 
 template <typename T>
