@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import types
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 
 from . import hub, integrity, ops, saving
 from .config import Int8Config
-from .nn import Int8Linear
+from .nn import Int8Linear, casts
 
 SCALE_NAME = "weight_scale"
 logger = logging.getLogger(__name__)
@@ -274,19 +273,10 @@ def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float
 
 
 def _refuse_dtype_cast(model: nn.Module) -> None:
-    """Make ``model.to(dtype)`` raise: an llmint8 model is loaded in its dtype, not cast afterwards."""
-
-    def to(self, *args, **kwargs):
-        if "dtype" in kwargs or any(isinstance(a, torch.dtype) for a in args):
-            requested = kwargs.get("dtype") or next(a for a in args if isinstance(a, torch.dtype))
-            raise ValueError(
-                f"cannot cast an llmint8-quantized model to {requested!r}: its int8 weights would stay int8 and its "
-                "other layers would change precision. Load it with from_pretrained(..., dtype=...) instead, or "
-                "call model.dequantize() first."
-            )
-        return type(self).to(self, *args, **kwargs)  # not a captured bound method: deepcopy must move the copy
-
-    model.to = types.MethodType(to, model)
+    """Refuse every dtype cast of ``model`` (``.to(dtype)``, ``.type``, ``.half``, ``.float``, ``.double``,
+    ``.bfloat16``, ``._apply``) with one ``ValueError``, before any tensor changes: an llmint8 model is loaded in its
+    dtype, not cast afterwards (see :mod:`hf_int8.nn.casts`). Device moves stay allowed."""
+    casts.guard_dtype_casts(model)
 
 
 class Int8HfQuantizer(HfQuantizer):
@@ -455,8 +445,7 @@ class Int8HfQuantizer(HfQuantizer):
                         conv.bias = None
                     linear = conv
                 parent._modules[child] = linear
-        if "to" in model.__dict__:
-            del model.to  # casting is fine again once the model is floating point
+        casts.unguard_dtype_casts(model)  # casting is fine again once the model is floating point
         saving.uninstall(model)
         hub.detach(model)
         model.is_loaded_in_8bit = False

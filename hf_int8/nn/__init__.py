@@ -1,5 +1,6 @@
 """Modules of hf_int8."""
 
+from .casts import guard_dtype_casts, unguard_dtype_casts
 from .int8_linear import Int8Linear
 
-__all__ = ["Int8Linear"]
+__all__ = ["Int8Linear", "guard_dtype_casts", "unguard_dtype_casts"]

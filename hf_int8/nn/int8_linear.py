@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .. import ops
 from ..ops.constants import DEFAULT_THRESHOLD
+from . import casts
 
 
 class Int8Linear(nn.Module):
@@ -17,7 +20,9 @@ class Int8Linear(nn.Module):
     ``bias``. ``forward`` accepts fp32, bf16 and fp16 inputs of any leading shape and returns the input dtype.
 
     Moving the module with ``.to(device)`` moves the int8 codes as they are: nothing is quantized or dequantized
-    as a side effect. Casting to another float dtype leaves the int8 weight and the fp32 scale untouched.
+    as a side effect. Every dtype cast (``.to(dtype)``, ``.type``, ``.half``, ``.float``, ``.double``,
+    ``.bfloat16``) raises ``ValueError`` and leaves the layer as it was: the int8 codes and fp32 scales never change
+    dtype, and the bias keeps the dtype it was created with (see :mod:`hf_int8.nn.casts`).
     """
 
     def __init__(
@@ -88,13 +93,17 @@ class Int8Linear(nn.Module):
             bias = bias.to(x.dtype)
         return ops.int8_linear(x, self.weight, self.weight_scale, bias, self.threshold)
 
-    def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype)/half()/float() cast every floating tensor: keep the scale in fp32 whatever happens.
-        # The fp32 original is re-sent to wherever fn moved the cast copy, so no precision is lost on the way.
-        original_scale = self.weight_scale
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Int8Linear:
+        # Every dtype cast (.to(dtype), .type, .half, .float, .double, .bfloat16) ends here: refuse it before any
+        # tensor changes (see hf_int8.nn.casts). .type(dtype) would even turn the int8 codes into floats.
+        casts.check_apply(self, fn, "an Int8Linear layer")
+        weight, scale = self.weight, self.weight_scale
         super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = original_scale.to(self.weight_scale.device)
+        if self.weight.dtype != torch.int8 or self.weight_scale.dtype != torch.float32:
+            # fn cast real tensors but not the probes: put the codes and scales back as they were, and refuse.
+            cast_to = self.weight.dtype if self.weight.dtype != torch.int8 else self.weight_scale.dtype
+            self.weight, self.weight_scale = weight, scale
+            raise casts.cast_error("an Int8Linear layer", cast_to)
         return self
 
     def extra_repr(self) -> str:
