@@ -38,9 +38,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .integrity import seal_folder
+from .nn import Int8Linear
 
 STAGING_MARK = ".hf_int8-"
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model)([.\-].*)?\.(safetensors|bin)(\.index\.json)?$")
@@ -229,6 +231,40 @@ def _save_in_place(write: Callable[[str], Any], target: str) -> Any:
     return result
 
 
+def check_int8_layers(model: nn.Module) -> None:
+    """Raise ``ValueError`` before anything is written if an Int8Linear of ``model`` could not be loaded back.
+
+    Checks what the loader checks about each layer's tensors, short of reading every int8 code: the weight is int8
+    ``[out, in]``, the scale float32 ``[out]``, finite and not negative. Casts of an llmint8 model are refused (see
+    :mod:`hf_int8.nn.casts`), but a tensor replaced by hand (``layer.weight.data = w.half()``) would otherwise be
+    saved, sealed, into a checkpoint that hf_int8 refuses to load.
+    """
+    problems = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Int8Linear):
+            continue
+        codes, scale = module.weight, module.weight_scale
+        if codes.dtype != torch.int8:
+            problems.append(f"{name}.weight is {codes.dtype!r}, not torch.int8")
+        shape = (module.out_features, module.in_features)
+        if tuple(codes.shape) != shape:
+            problems.append(f"{name}.weight has shape {tuple(codes.shape)}, not {shape}")
+        if scale.dtype != torch.float32:
+            problems.append(f"{name}.weight_scale is {scale.dtype!r}, not torch.float32")
+        if tuple(scale.shape) != (module.out_features,):
+            problems.append(f"{name}.weight_scale has shape {tuple(scale.shape)}, not ({module.out_features},)")
+        elif scale.device.type != "meta" and scale.is_floating_point():  # meta: offloaded, the values are elsewhere
+            bad = (~torch.isfinite(scale) | (scale < 0)).sum().item()
+            if bad:
+                problems.append(f"{name}.weight_scale holds {bad} NaN, infinite or negative scales")
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ValueError(
+            f"refusing to save: {len(problems)} problem(s) in the Int8Linear layers, the checkpoint would not load "
+            f"back (were their tensors replaced after loading?); nothing was written:\n  {shown}"
+        )
+
+
 _INNER = "_hf_int8_inner_save_pretrained"
 _PUSH_KWARGS = ("commit_message", "commit_description", "create_pr", "private", "revision", "token")
 
@@ -242,6 +278,8 @@ def _atomic_save_pretrained(self: nn.Module, save_directory: str | os.PathLike, 
         or kwargs.get("distributed_checkpoint", False)
         or getattr(self, "_hf_peft_config_loaded", False)
     )
+    if not getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save writes no int8 layer
+        check_int8_layers(self)
     if distributed:  # multi-process or adapter-only saves: transformers' own protocol, unchanged
         return inner(save_directory, *args, **kwargs)
     push = kwargs.pop("push_to_hub", False)
