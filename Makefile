@@ -8,26 +8,28 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 TRANSFORMERS_SPEC ?= transformers==5.23.0
 CUDA_HOME ?= /usr/local/cuda
-# CUDA archs: sm_80 + sm_90 keep CI's GPU-less build short; on a machine with GPUs their own archs are added, so
-# `make test-gpu` / `make bench-gpu` run there with nothing to set (sm_80 stays: scripts/check_cuda.py inspects it).
+# CUDA archs: sm_80 + sm_90 + PTX of the highest keep CI's GPU-less build short and still run (JIT) on newer GPUs; on
+# a machine with GPUs their own archs are added, so `make test-gpu` / `make bench-gpu` run there with nothing to set
+# (sm_80 stays: scripts/check_cuda.py inspects it). A plain `pip install .` builds setup.py's DEFAULT_CUDA_ARCHS.
 GPU_ARCHS := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -E '^[0-9]+\.[0-9]+$$')
-empty :=
-space := $(empty) $(empty)
-TORCH_CUDA_ARCH_LIST ?= $(subst $(space),;,$(sort 8.0 9.0 $(GPU_ARCHS)))
+ifndef TORCH_CUDA_ARCH_LIST
+TORCH_CUDA_ARCH_LIST := $(shell printf '%s\n' 8.0 9.0 $(GPU_ARCHS) | sort -t. -k1,1n -k2,2n -u | paste -sd';')+PTX
+endif
 PYTEST_ARGS ?=
 MODEL ?=
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMPS := $(VENV)/.stamps
-CSRC := $(shell find csrc -type f 2>/dev/null)
+# The CUDA emulator (csrc/cuda_emu) is test code built by the tests themselves, not part of the extensions.
+CSRC := $(shell find csrc -type f -not -path 'csrc/cuda_emu/*' 2>/dev/null)
 
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup build assets demo test test-gpu bench bench-gpu eval lint clean
+.PHONY: setup build assets demo test test-gpu bench bench-gpu eval lint clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +42,12 @@ $(STAMPS)/deps: $(PY) pyproject.toml
 		"bitsandbytes==0.50.2" "peft==0.21.2" matplotlib
 	@touch $@
 
-$(STAMPS)/build: $(STAMPS)/deps setup.py $(CSRC)
+# The arch list of the last build, rewritten only when it differs: a new TORCH_CUDA_ARCH_LIST rebuilds the kernels.
+$(STAMPS)/cuda-archs: FORCE
+	@mkdir -p $(STAMPS)
+	@[ "$$(cat $@ 2>/dev/null)" = '$(TORCH_CUDA_ARCH_LIST)' ] || echo '$(TORCH_CUDA_ARCH_LIST)' > $@
+
+$(STAMPS)/build: $(STAMPS)/deps setup.py $(CSRC) $(STAMPS)/cuda-archs
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import hf_int8; print('hf_int8 kernels:', hf_int8.extension_status())"
 	@touch $@
