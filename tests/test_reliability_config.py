@@ -38,6 +38,10 @@ BAD_VALUES = [
     ({"threshold": [6.0]}, "[6.0]"),
     ({"threshold": 6 + 0j}, "(6+0j)"),
     ({"threshold": torch.tensor(6.0)}, "tensor(6.)"),
+    # Compared in float32: a positive value that rounds to 0 there, or one past float32's range, is refused.
+    ({"threshold": 1e-50}, "1e-50"),
+    ({"threshold": 1e39}, "1e+39"),
+    ({"threshold": 10**400}, "1000000000"),
     ({"skip_modules": "lm_head"}, "'lm_head'"),
     ({"skip_modules": {"lm_head"}}, "{'lm_head'}"),
     ({"skip_modules": {"lm_head": True}}, "{'lm_head': True}"),
@@ -128,6 +132,8 @@ SAVED_CASES = {
     "infinite threshold": (lambda q: q.update(threshold=math.inf), "inf"),
     "threshold as string": (lambda q: q.update(threshold="6"), "'6'"),
     "threshold null": (lambda q: q.update(threshold=None), "None"),
+    "threshold rounding to 0 in float32": (lambda q: q.update(threshold=1e-50), "1e-50"),
+    "threshold past float32's range": (lambda q: q.update(threshold=1e39), "1e+39"),
     "skip as string": (lambda q: q.update(skip_modules="lm_head"), "'lm_head'"),
     "skip entry not a string": (lambda q: q.update(skip_modules=[1]), "1"),
     "skip matches no module": (lambda q: q.update(skip_modules=["mlp.not_a_layer"]), "mlp.not_a_layer"),
@@ -196,7 +202,7 @@ def test_int8_linear_constructor_rejects_bad_arguments(kwargs, fragment):
     assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize("threshold", [-1.0, math.nan, math.inf, "6", None, True])
+@pytest.mark.parametrize("threshold", [-1.0, math.nan, math.inf, "6", None, True, 1e-50, 7e-46, 1e39])
 def test_ops_reject_bad_thresholds(threshold):
     codes, scale = ops.quantize_weight(torch.randn(8, 4))
     for call in (
