@@ -4,7 +4,11 @@
   ``target`` attributes and chosen at run time, so no ``-march`` flag is passed and one build runs on any x86-64.
 * ``hf_int8._C_cuda``: CUDA kernels (``csrc/cuda/*.cu`` + ``*.cpp``). Built when torch is a CUDA build and nvcc is
   found (``CUDA_HOME``), whether or not a GPU is present; ``HF_INT8_BUILD_CUDA=0`` turns it off.
-  ``TORCH_CUDA_ARCH_LIST`` defaults to ``DEFAULT_CUDA_ARCHS`` when unset (no GPU is visible at build time).
+  ``TORCH_CUDA_ARCH_LIST`` defaults to ``DEFAULT_CUDA_ARCHS`` whenever it is unset, GPU visible or not: SASS for
+  sm_75 (Turing, the oldest GPU with int8 tensor cores) through sm_120, the newest nvcc 13.0 builds, plus PTX of the
+  highest so that newer GPUs JIT it. To build for your own GPU only (much faster), set it, e.g.
+  ``TORCH_CUDA_ARCH_LIST=8.6``. The targets actually built are compiled into the module
+  (``hf_int8._C_cuda.built_arch_list()``), which the run-time arch check reads.
 ``HF_INT8_BUILD_CPU=0`` skips the CPU one (for CUDA-only rebuilds); ``HF_INT8_BUILD_NATIVE=0`` skips both: the package
 then runs on its reference kernels.
 """
@@ -13,11 +17,12 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 
 from setuptools import setup
 
-DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0"
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE_DIRS = [os.path.join(ROOT, "csrc", "include")]
 
@@ -34,6 +39,25 @@ def _nvcc_available() -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
 
     return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def _cuda_targets() -> str:
+    """The nvcc ``code=`` targets torch derives from ``TORCH_CUDA_ARCH_LIST``, e.g. ``"sm_80,sm_90,compute_90"``.
+
+    Passed to ``csrc/cuda/cuda_module.cpp`` as a compile definition (letters, digits, ``_`` and ``,`` only: safe in
+    the shell command lines ninja runs), so the module can say at run time which GPUs it has machine code for.
+    """
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    codes = set()
+    for flag in _get_cuda_arch_flags():
+        codes.update(re.findall(r"code=((?:sm|compute)_\d+[af]?)", flag))
+
+    def order(code: str) -> tuple[int, int]:
+        kind, _, number = code.partition("_")
+        return int(re.sub(r"\D", "", number)), kind == "compute"
+
+    return ",".join(sorted(codes, key=order))
 
 
 def extensions() -> tuple[list, dict]:
@@ -60,14 +84,18 @@ def extensions() -> tuple[list, dict]:
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     if build_cuda and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        print(f"hf_int8: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        targets = _cuda_targets()
+        print(
+            f"hf_int8: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+            f"(targets {targets})"
+        )
         exts.append(
             CUDAExtension(
                 "hf_int8._C_cuda",
                 cuda_sources,
                 include_dirs=INCLUDE_DIRS,
                 extra_compile_args={
-                    "cxx": ["-O3"],
+                    "cxx": ["-O3", f"-DHF_INT8_CUDA_TARGETS={targets}"],
                     # No --use_fast_math: its approximate division and flush-to-zero would change the int8
                     # codes and scales, which must match the reference bit for bit (csrc/include/hf_int8).
                     "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v"],

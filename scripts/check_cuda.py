@@ -1,7 +1,10 @@
 """Check the built CUDA extension (hf_int8._C_cuda) from its machine code, without a GPU.
 
-From the cubins embedded in the extension's shared object:
+From the cubins and PTX embedded in the extension's shared object:
 
+* ``cuobjdump --list-elf`` / ``--list-ptx``: the architectures with machine code (SASS) and the embedded PTX, which
+  the driver JIT-compiles for GPUs newer than every cubin. At least one PTX must be embedded (without it such a GPU
+  has no kernel image at all), and sm_80 SASS must be there (the checks below read it);
 * ``cuobjdump -sass``: the tensor-core GEMM kernels (``hf_int8_gemm_imma_kernel``) contain integer tensor-core
   instructions (IMMA) for every architecture, ``IMMA.16832.S8.S8`` on sm_80 (which must be built); the decode kernel
   uses ``IDP.4A`` (dp4a); the sm_80+ GEMM stages tiles with ``LDGSTS`` (cp.async) and reads them with ``LDSM``
@@ -36,6 +39,7 @@ EXPECTED_KERNELS = {
     "hf_int8_gemv_dp4a_kernel": 1,
     "hf_int8_quantize_rows_kernel": 6,  # {fp32, fp16, bf16} x {16-byte vectors, scalar}
     "hf_int8_outlier_columns_kernel": 6,
+    "hf_int8_arch_probe_kernel": 1,  # csrc/cuda/arch_probe.cu: asks the driver whether an image runs on a GPU
 }
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
 
@@ -106,6 +110,13 @@ def archs_of(so: Path, cuobjdump: str) -> list[str]:
     return sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", listing)))
 
 
+def ptx_of(so: Path, cuobjdump: str) -> list[str]:
+    """Virtual architectures with embedded PTX, e.g. ``["compute_90"]`` (cuobjdump names the files ``*.sm_90.ptx``)."""
+    listing = run([cuobjdump, "--list-ptx", str(so)])
+    found = {f"compute_{n}" for n in re.findall(r"\.sm_(\d+[af]?)\.ptx", listing)}
+    return sorted(found, key=lambda a: (int(re.sub(r"\D", "", a[len("compute_"):])), a))
+
+
 def parse_sass(text: str, arch: str) -> dict[str, Kernel]:
     kernels: dict[str, Kernel] = {}
     current: Kernel | None = None
@@ -143,6 +154,11 @@ def check(so: Path, cuobjdump: str) -> tuple[list[Kernel], list[str]]:
         failures.append(
             f"no {REQUIRED_ARCH} cubin (built for {archs}); TORCH_CUDA_ARCH_LIST must include 8.0 for this check"
         )
+    if not ptx_of(so, cuobjdump):
+        failures.append(
+            f"no PTX embedded (SASS only for {archs}): GPUs newer than these have no kernel image; end "
+            "TORCH_CUDA_ARCH_LIST with +PTX (e.g. 8.0;9.0+PTX)"
+        )
     all_kernels: list[Kernel] = []
     for arch in archs:
         kernels = parse_sass(run([cuobjdump, "-sass", "-arch", arch, str(so)]), arch)
@@ -178,6 +194,10 @@ def check(so: Path, cuobjdump: str) -> tuple[list[Kernel], list[str]]:
     return all_kernels, failures
 
 
+def _arch_number(arch: str) -> int:
+    return int(re.sub(r"\D", "", arch.partition("_")[2]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--so", help="path of the built extension (default: hf_int8/_C_cuda*.so)")
@@ -189,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     names = demangle([k.mangled for k in kernels])
     print(f"extension: {so}")
     print(f"cuobjdump: {cuobjdump}")
+    print(f"SASS (cubin) archs: {', '.join(sorted(archs_of(so, cuobjdump), key=_arch_number)) or 'none'}")
+    print(f"embedded PTX: {', '.join(ptx_of(so, cuobjdump)) or 'none'} (JIT-compiled by the driver on newer GPUs)")
     header = f"{'arch':6} {'kernel':72} {'REG':>4} {'SHARED':>6} {'STACK':>5} {'LOCAL':>5} {'LDL/STL':>7} {'IMMA':>5}"
     print(header)
     print("-" * len(header))
@@ -210,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"\nOK: {len(kernels)} kernels over {len({k.arch for k in kernels})} architectures; GEMM uses IMMA on every "
-        f"architecture (IMMA.16832.S8.S8 on {REQUIRED_ARCH}); 0 spill bytes (stack 0, local 0, no LDL/STL) everywhere"
+        f"architecture (IMMA.16832.S8.S8 on {REQUIRED_ARCH}); 0 spill bytes (stack 0, local 0, no LDL/STL) everywhere;"
+        f" PTX embedded for {', '.join(ptx_of(so, cuobjdump))}"
     )
     return 0
 

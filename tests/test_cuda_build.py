@@ -83,6 +83,39 @@ def test_compiled_architectures_follow_torch_cuda_arch_list():
         assert expected <= set(built), f"built for {built}, TORCH_CUDA_ARCH_LIST={wanted!r}"
 
 
+def test_built_arch_list_is_known_at_run_time_and_embeds_ptx():
+    """The module says which targets it holds (the run-time arch check reads this), PTX included."""
+    module = _extension.cuda_module()
+    built = module.built_arch_list()
+    assert built.endswith("+PTX"), f"built for {built!r} ({module.built_targets()}): no PTX for newer GPUs"
+    sass = {int(a) for a in module.compiled_archs().split(",")}
+    listed = {int(major) * 100 + int(minor) * 10 for major, minor in re.findall(r"(\d+)\.(\d+)", built)}
+    assert listed == sass, f"built_arch_list {built!r} vs __CUDA_ARCH_LIST__ {sorted(sass)}"
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if wanted:  # make's list is written the way built_arch_list spells it (sorted, "+PTX" on the highest)
+        assert built == wanted.replace(" ", ";"), f"built {built!r}, TORCH_CUDA_ARCH_LIST={wanted!r}"
+
+
+def test_arch_probe_answers_with_a_cuda_error_name():
+    """csrc/cuda/arch_probe.cu: the driver's answer by name; without a GPU it can only be an error."""
+    answer = _extension.cuda_module().probe_kernel_image(0)
+    assert re.fullmatch(r"cuda[A-Za-z]+", answer), answer
+    if not torch.cuda.is_available():
+        assert answer != "cudaSuccess", answer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
+def test_arch_probe_finds_an_image_for_every_gpu_the_list_covers():
+    from hf_int8.ops import _health
+
+    module = _extension.cuda_module()
+    for index in range(torch.cuda.device_count()):
+        capability = torch.cuda.get_device_capability(index)
+        covered = _health.kernel_image_for(capability, module.built_arch_list()) is not None
+        assert (module.probe_kernel_image(index) == "cudaSuccess") == covered, (index, capability)
+
+
 def test_gemm_kernel_choice_by_rows():
     module = _extension.cuda_module()
     assert [module.gemm_kernel_for(m) for m in (1, 8, 9, 64, 65, 4096)] == [
@@ -208,6 +241,11 @@ def test_check_cuda_proves_imma_and_no_spills():
     out = done.stdout
     assert re.search(r"sm_80 void hf_int8_gemm_imma_kernel<128, 128, 64, 32>: \d+ IMMA", out), out
     assert "IMMA.16832.S8.S8" in out and "0 spill bytes" in out, out
+    sass = re.search(r"^SASS \(cubin\) archs: (.*)$", out, re.M).group(1).split(", ")
+    ptx = re.search(r"^embedded PTX: (\S+)", out, re.M).group(1).split(",")
+    assert "sm_80" in sass and ptx and all(p.startswith("compute_") for p in ptx), out
+    module = _extension.cuda_module()
+    assert sorted(int(a[3:]) * 10 for a in sass) == sorted(int(a) for a in module.compiled_archs().split(",")), out
 
 
 def test_check_cuda_rejects_a_gemm_without_imma_and_with_spills(tmp_path):
@@ -233,3 +271,18 @@ def test_check_cuda_rejects_a_gemm_without_imma_and_with_spills(tmp_path):
     assert "stack frame 256 bytes" in done.stdout, done.stdout
     assert "local-memory loads/stores (LDL/STL) in the SASS" in done.stdout, done.stdout
     assert "expected 1 hf_int8_gemv_dp4a_kernel instantiation(s), found 0" in done.stdout
+    assert "no PTX embedded (SASS only for ['sm_80'])" in done.stdout, done.stdout
+
+
+def test_check_cuda_accepts_embedded_ptx(tmp_path):
+    """The PTX check itself: the same object built with PTX next to its cubin no longer fails it."""
+    src = tmp_path / "ptx.cu"
+    src.write_text("__global__ void hf_int8_arch_probe_kernel(int* f) { if (f) *f = 1; }\n")
+    obj = tmp_path / "ptx.o"
+    gencode = "arch=compute_80,code=[sm_80,compute_80]"
+    cmd = [_nvcc(), "-gencode", gencode, "-c", str(src), "-o", str(obj)]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    done = _run_check("--so", str(obj))
+    assert "embedded PTX: compute_80" in done.stdout, done.stdout
+    assert "no PTX embedded" not in done.stdout, done.stdout
