@@ -36,8 +36,13 @@ Isa parse(const std::string& name) {
 
 }  // namespace
 
-Isa selected_isa() {
+Isa detected_isa() {
   static const Isa best = detect();  // CPUID and the AMX permission request happen once per process
+  return best;
+}
+
+Isa selected_isa() {
+  const Isa best = detected_isa();
   // The variable is read on every call (cheap) so tests can force a path by setting it at run time.
   const char* forced = std::getenv("HF_INT8_CPU_ISA");
   if (forced == nullptr || forced[0] == '\0') return best;

@@ -6,8 +6,9 @@
 //   avx512-vnni small-M   M <= 8, streams B once (decode)
 //   amx                   M > 8 on CPUs with AMX-INT8
 //   avx512-vnni packed    otherwise with AVX-512 VNNI
-//   avx2                  CPUs with AVX2 but no VNNI, M <= 8 (exact 16-bit products, streams B once)
-//   avx2 onednn           same CPUs, M > 8: at::_int_mm (oneDNN's AVX2 kernel is faster there) + AVX2 epilogue
+//   avx2                  CPUs with AVX2 but no VNNI, any M (exact 16-bit products, B blocks stay in L2)
+//   avx2 onednn           CPUs with VNNI capped to AVX2 (HF_INT8_CPU_ISA), M > 8: at::_int_mm (oneDNN runs VNNI
+//                         or AMX there, faster than our AVX2 kernel) + AVX2 epilogue
 //   generic               anything else: at::_int_mm plus the scalar epilogue
 // Every output element is computed by one thread, with K in a fixed order and exact integer arithmetic, so results do
 // not depend on the thread count.
@@ -42,7 +43,13 @@ Path choose(Isa isa, int64_t M) {
   if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallMaxM) return Path::kSmallM;
   if (isa >= Isa::kAmx) return Path::kAmx;
   if (isa >= Isa::kAvx512Vnni) return Path::kPackedVnni;
-  if (isa >= Isa::kAvx2) return M <= avx2::kMaxRows ? Path::kAvx2 : Path::kAvx2Onednn;
+  // oneDNN's int8 GEMM beats our AVX2 kernel past a few rows only where it runs on VNNI or AMX, i.e. on a CPU that
+  // has them and is capped to AVX2 here (tests). On a CPU without VNNI (AMD Zen 2/3, Intel before Ice Lake) its AVX2
+  // kernel is ~9x slower than ours at 32 rows (2048x2048: 184 ms vs 21 ms on a Zen 3), so ours serves every M there.
+  if (isa >= Isa::kAvx2) {
+    const bool onednn_is_fast = detected_isa() >= Isa::kAvx512Vnni;
+    return M <= avx2::kMaxRows || !onednn_is_fast ? Path::kAvx2 : Path::kAvx2Onednn;
+  }
   return Path::kGeneric;
 }
 

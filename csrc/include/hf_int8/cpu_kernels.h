@@ -211,7 +211,7 @@ void gemm_kblocked(const GemmProblem& p, const uint8_t* x_panels, int64_t n_begi
 }  // namespace amx
 
 namespace avx2 {
-constexpr int64_t kMaxRows = 8;  // more tokens than this: at::_int_mm (oneDNN) + finish_rows
+constexpr int64_t kMaxRows = 8;  // more tokens than this on a CPU with VNNI: at::_int_mm (oneDNN) + finish_rows
 void gemm(const GemmProblem& p, int64_t n_begin, int64_t n_end);
 // Epilogue of rows [m_begin, m_end) from int32 accumulators acc[m * ld_acc + n].
 void finish_rows(const GemmProblem& p, const int32_t* acc, int64_t ld_acc, int64_t m_begin, int64_t m_end);
