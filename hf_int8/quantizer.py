@@ -77,7 +77,9 @@ class Int8QuantizeOp(_SharesQuantizer, ConversionOps):
                 continue
             # A NaN/Inf anywhere in a row makes that row's scale non-finite (absmax propagates it): checking the
             # [out] scales is as strict as scanning the whole weight, at a fraction of the cost.
-            codes, scale = torch.ops.hf_int8.quantize_weight(value.contiguous())
+            # Not ops.quantize_weight (its NaN/Inf diagnosis runs below, only when needed), but the same routing: the
+            # reference kernel on a device whose native kernels cannot serve it (ops/_health.py).
+            codes, scale = ops.op_for("quantize_weight", value.device)(value.contiguous())
             if not bool(torch.isfinite(scale).all()):
                 bad = (~torch.isfinite(value)).sum().item()
                 value, problem = self._reread_overflowed(name, value, bad, module)

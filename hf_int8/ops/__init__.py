@@ -6,7 +6,9 @@ registered for ``CompositeExplicitAutograd``. Native kernels from ``csrc/`` regi
 dispatch key of the same op and take precedence there; nothing else changes. :func:`implementations` says which
 kernel each op dispatches to.
 
-The public Python functions below validate user-facing arguments with clear errors, then call the op.
+The public Python functions below validate user-facing arguments with clear errors, then call the op, or its
+``reference_<op>`` twin for a device the native kernels cannot serve (:mod:`hf_int8.ops._health`: no device code
+for that GPU, or a failed self-check on first use; decided once per device).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numbers
 
 import torch
 
-from . import reference
+from . import _health, reference
 from .constants import DEFAULT_THRESHOLD, FORMAT_VERSION, INT8_MAX
 
 __all__ = [
@@ -117,6 +119,33 @@ torch.library.register_autograd(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Reference twins ``reference_<op>``: same schema, fake implementation and autograd, but only the reference kernel
+# (no native kernel registers for them). The entry points call them on a device whose native kernels cannot serve
+# it, so that a fallback keeps autograd, meta tensors and torch.compile exactly as the real op has them.
+# ---------------------------------------------------------------------------------------------------------------
+_FAKES = {
+    "quantize_weight": _quantize_weight_fake,
+    "quantize_activation": _quantize_activation_fake,
+    "int8_matmul": _int8_matmul_fake,
+    "int8_scaled_matmul": _int8_scaled_matmul_fake,
+    "int8_linear": _int8_linear_fake,
+}
+for _name, _schema in _SCHEMAS.items():
+    _lib.define(f"reference_{_schema}")
+    _lib.impl(f"reference_{_name}", getattr(reference, _name), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::reference_{_name}", _FAKES[_name])
+torch.library.register_autograd(
+    f"{NAMESPACE}::reference_int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup_context
+)
+
+
+def op_for(name: str, device: torch.device):
+    """``torch.ops.hf_int8.<name>`` for tensors on ``device``, or its reference twin where the native kernels cannot
+    serve that device (decided at its first op, then one dict lookup per call)."""
+    return getattr(torch.ops.hf_int8, name if _health.native_kernels_serve(device) else f"reference_{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Public, validated entry points.
 # ---------------------------------------------------------------------------------------------------------------
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -168,7 +197,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    codes, scale = torch.ops.hf_int8.quantize_weight(weight.contiguous())
+    codes, scale = op_for("quantize_weight", weight.device)(weight.contiguous())
     if weight.device.type != "meta" and not torch.compiler.is_compiling():
         # The row absmax propagates NaN/Inf into the row's scale, so checking the [N] scales finds every bad row
         # without a second pass over the [N, K] weight (that pass was most of a quantize-on-load's time).
@@ -198,7 +227,7 @@ def quantize_activation(
     _check_threshold(threshold)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [tokens, features], got shape {tuple(x.shape)}")
-    return torch.ops.hf_int8.quantize_activation(x.contiguous(), float(threshold))
+    return op_for("quantize_activation", x.device)(x.contiguous(), float(threshold))
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -209,7 +238,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         )
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"inner dimensions differ: a has {a.shape[1]} columns, b has {b.shape[1]}")
-    return torch.ops.hf_int8.int8_matmul(a.contiguous(), b.contiguous())
+    return op_for("int8_matmul", a.device)(a.contiguous(), b.contiguous())
 
 
 def int8_scaled_matmul(
@@ -230,7 +259,7 @@ def int8_scaled_matmul(
             f"row_scale must have shape ({a.shape[0]},) and col_scale ({b.shape[0]},), "
             f"got {tuple(row_scale.shape)} and {tuple(col_scale.shape)}"
         )
-    return torch.ops.hf_int8.int8_scaled_matmul(
+    return op_for("int8_scaled_matmul", a.device)(
         a.contiguous(), b.contiguous(), row_scale.float().contiguous(), col_scale.float().contiguous(), bias, out_dtype
     )
 
@@ -260,16 +289,23 @@ def int8_linear(
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.device != weight.device:
             raise ValueError(f"bias is on {bias.device} but the int8 weight is on {weight.device}")
-    return torch.ops.hf_int8.int8_linear(x.contiguous(), weight, weight_scale, bias, float(threshold))
+    return op_for("int8_linear", x.device)(x.contiguous(), weight, weight_scale, bias, float(threshold))
 
 
 def implementations() -> dict[str, str]:
     """Which kernel each op runs on each device type: ``{"int8_linear": {"cpu": "native", ...}}`` flattened.
 
-    Returns e.g. ``{"int8_linear[cpu]": "native (avx512-vnni)", "int8_linear[cuda]": "reference"}``.
+    Returns e.g. ``{"int8_linear[cpu]": "native (avx512-vnni)", "int8_linear[cuda]": "reference"}``. A device whose
+    native kernels were found unusable reads ``"reference (fallback: <reason>)"``; a CUDA device judged so far also
+    gets its own entry (``"int8_linear[cuda:0]"``), and ``[cuda]`` shows a fallback if any CUDA device has one. The
+    CPU (and the current CUDA device, once CUDA is initialised) is judged here if no op has run there yet.
     """
     from .._extension import cpu_isa
 
+    _health.native_kernels_serve(torch.device("cpu"))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        _health.native_kernels_serve(torch.device("cuda", torch.cuda.current_device()))
+    verdicts = _health.verdicts()
     found = {}
     for name in OP_NAMES:
         qualified = f"{NAMESPACE}::{name}"
@@ -279,4 +315,15 @@ def implementations() -> dict[str, str]:
                 found[f"{name}[{device}]"] = f"native ({cpu_isa()})"
             else:
                 found[f"{name}[{device}]"] = "native" if native else "reference"
+            if not native:
+                continue
+            base = found[f"{name}[{device}]"]
+            for judged, verdict in sorted(verdicts.items()):
+                if torch.device(judged).type != device:
+                    continue
+                served = base if verdict.native else f"reference (fallback: {verdict.reason})"
+                if device == "cuda":
+                    found[f"{name}[{judged}]"] = served
+                if not verdict.native:
+                    found[f"{name}[{device}]"] = served
     return found
