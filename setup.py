@@ -3,7 +3,9 @@
 * ``hf_int8._C``: CPU kernels (``csrc/cpu/*.cpp``). Always built. ISA-specific code is compiled with per-function
   ``target`` attributes and chosen at run time, so no ``-march`` flag is passed and one build runs on any x86-64.
 * ``hf_int8._C_cuda``: CUDA kernels (``csrc/cuda/*.cu`` + ``*.cpp``). Built when torch is a CUDA build and nvcc is
-  found (``CUDA_HOME``), whether or not a GPU is present; ``HF_INT8_BUILD_CUDA=0`` turns it off.
+  found (``CUDA_HOME``), whether or not a GPU is present; ``HF_INT8_BUILD_CUDA=0`` turns it off. A toolkit that cannot
+  build them (no headers, nvcc of another CUDA major than torch's, a failing compile) skips them with one line and the
+  CPU kernels are still installed; ``HF_INT8_BUILD_CUDA=1`` makes that an error instead.
   ``TORCH_CUDA_ARCH_LIST`` defaults to ``DEFAULT_CUDA_ARCHS`` whenever it is unset, GPU visible or not: SASS for
   sm_75 (Turing, the oldest GPU with int8 tensor cores) through sm_120, the newest nvcc 13.0 builds, plus PTX of the
   highest so that newer GPUs JIT it. To build for your own GPU only (much faster), set it, e.g.
@@ -11,6 +13,9 @@
   (``hf_int8._C_cuda.built_arch_list()``), which the run-time arch check reads.
 ``HF_INT8_BUILD_CPU=0`` skips the CPU one (for CUDA-only rebuilds); ``HF_INT8_BUILD_NATIVE=0`` skips both: the package
 then runs on its reference kernels.
+
+The kernels are compiled against the torch of the environment being installed into, also when pip's build isolation
+hides it (``setup_helpers.import_torch``); the package also installs the start-up hook ``hf_int8_autoload.pth``.
 """
 
 from __future__ import annotations
@@ -19,8 +24,13 @@ import glob
 import os
 import re
 import shutil
+import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # setup_helpers.py sits next to this file
+import setup_helpers  # noqa: E402
 
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -33,12 +43,6 @@ def _flag(name: str, default: str = "1") -> bool:
 
 def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-
-
-def _nvcc_available() -> bool:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
 
 
 def _cuda_targets() -> str:
@@ -63,9 +67,11 @@ def _cuda_targets() -> str:
 def extensions() -> tuple[list, dict]:
     if not _flag("HF_INT8_BUILD_NATIVE"):
         print("hf_int8: HF_INT8_BUILD_NATIVE=0, building no native kernels (reference only)")
-        return [], {}
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        return [], {"build_py": setup_helpers.with_autoload_pth(build_py)}
+    torch = setup_helpers.import_torch()
+    if torch is None:  # sdist / metadata only: nothing is compiled
+        return [], {"build_py": setup_helpers.with_autoload_pth(build_py)}
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     exts = []
@@ -80,7 +86,13 @@ def extensions() -> tuple[list, dict]:
                 extra_link_args=["-fopenmp"],
             )
         )
-    build_cuda = _flag("HF_INT8_BUILD_CUDA") and torch.version.cuda is not None and _nvcc_available()
+    cuda_mode = setup_helpers.cuda_mode()
+    cuda_problem = (
+        "HF_INT8_BUILD_CUDA=0" if cuda_mode == "off" else setup_helpers.cuda_problem(torch.version.cuda, CUDA_HOME)
+    )
+    if cuda_problem and cuda_mode == "required":
+        raise SystemExit(f"hf_int8: HF_INT8_BUILD_CUDA={os.environ['HF_INT8_BUILD_CUDA']} but {cuda_problem}")
+    build_cuda = cuda_problem is None
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     if build_cuda and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -103,16 +115,14 @@ def extensions() -> tuple[list, dict]:
             )
         )
     else:
-        reason = (
-            "HF_INT8_BUILD_CUDA=0" if not _flag("HF_INT8_BUILD_CUDA")
-            else "torch is a CPU-only build" if torch.version.cuda is None
-            else "nvcc not found (set CUDA_HOME)" if not _nvcc_available()
-            else "no csrc/cuda sources"
-        )
-        print(f"hf_int8: not building CUDA kernels: {reason}")
+        print(f"hf_int8: not building the CUDA kernels: {cuda_problem or 'no csrc/cuda sources'}")
     jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
     os.environ.setdefault("MAX_JOBS", jobs)
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    build_ext = setup_helpers.with_cpu_fallback(BuildExtension, strict=cuda_mode == "required")
+    return exts, {
+        "build_ext": build_ext.with_options(use_ninja=shutil.which("ninja") is not None),
+        "build_py": setup_helpers.with_autoload_pth(build_py),
+    }
 
 
 ext_modules, cmdclass = extensions()

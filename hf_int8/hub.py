@@ -113,7 +113,7 @@ print(model.get_memory_footprint())
 ```
 
 The int8 weights stay int8 in memory (`dtype=` only sets the precision of the layers that are not quantized).
-LoRA adapters train on top with PEFT (`hf_int8.peft.lora_config(...)`), and `hf-int8 convert --to bnb` turns this
+LoRA adapters train on top with PEFT (a plain `LoraConfig`), and `hf-int8 convert --to bnb` turns this
 checkpoint into a bitsandbytes 8-bit one.
 {CARD_END}
 """

@@ -1,33 +1,41 @@
-"""LoRA adapters from PEFT on top of a frozen llmint8 model.
+"""LoRA adapters from PEFT on top of a frozen llmint8 model, with PEFT's own API and no hf_int8 call.
 
-PEFT only wraps layer types it knows; :class:`~hf_int8.Int8Linear` is registered with a ``LoraConfig`` through
-PEFT's custom-module hook::
+PEFT wraps only layer types it knows. Importing this module teaches PEFT's LoRA about :class:`~hf_int8.Int8Linear`:
+a plain ``LoraConfig`` then targets int8 layers by name or with ``target_modules="all-linear"``, through every entry
+point (``get_peft_model``, ``PeftModel.from_pretrained``, transformers' ``model.add_adapter`` / ``load_adapter``,
+``merge_and_unload``). The start-up hook imports it as soon as a program imports ``peft`` (see ``hf_int8_autoload``),
+so user code needs no hf_int8 line::
 
-    import hf_int8
-    from hf_int8.peft import lora_config
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model)          # freezes the base, fp32 norms, input grads
-    model = get_peft_model(model, lora_config(r=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
 
-A plain ``LoraConfig`` works too after ``hf_int8.peft.register(config)``. The base layer always runs the int8 kernel,
-in training as in inference (no "dequantize the weight on every call" path); its backward pass multiplies the output
-gradient by the dequantized weight to give the input gradient, and the int8 weight never receives a gradient.
+With the hook off (``HF_INT8_NO_AUTOLOAD=1``), ``import hf_int8.peft`` does the same. The base layer always runs the
+int8 kernel, in training as in inference (no "dequantize the weight on every call" path); its backward pass multiplies
+the output gradient by the dequantized weight to give the input gradient, and the int8 weight never receives a
+gradient.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
+from peft.tuners import tuners_utils
 from peft.tuners.lora.layer import Linear as _LoraLinear
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.lora.model import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from . import ops
 from .nn import Int8Linear
+
+_PATCHED = "_hf_int8_patched"
 
 
 class Int8LoraLinear(_LoraLinear):
@@ -78,20 +86,76 @@ class Int8LoraLinear(_LoraLinear):
                 self._requantize(adapter, -1.0, False)
 
 
-def register(config: LoraConfig) -> LoraConfig:
-    """Let ``config`` target :class:`Int8Linear` layers (PEFT's custom-module hook); returns ``config``."""
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"config must be a peft LoraConfig, got {type(config).__name__}")
-    config._register_custom_module({Int8Linear: Int8LoraLinear})
-    return config
+def _base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
-def lora_config(**kwargs: Any) -> LoraConfig:
-    """``LoraConfig(**kwargs)`` that works on llmint8 models."""
-    return register(LoraConfig(**kwargs))
+def _claimed_by_user(config: LoraConfig, layer: nn.Module) -> bool:
+    """True when the user registered their own LoRA layer for this type (PEFT's custom-module API): theirs wins."""
+    custom = getattr(config, "_custom_modules", None) or {}
+    return any(isinstance(layer, key) for key in custom)
 
 
-def load_adapter(model: nn.Module, adapter_path: str, **kwargs: Any) -> PeftModel:
-    """``PeftModel.from_pretrained`` for an adapter trained on an llmint8 base (the saved config is re-registered)."""
-    config = register(LoraConfig.from_pretrained(adapter_path))
-    return PeftModel.from_pretrained(model, adapter_path, config=config, **kwargs)
+def _dispatch_int8(create_new_module):
+    """Wrap ``LoraModel._create_new_module``: an :class:`Int8Linear` target becomes an :class:`Int8LoraLinear`."""
+
+    @functools.wraps(create_new_module)
+    def create(lora_config, adapter_name, target, **kwargs):
+        base = _base_layer(target)
+        if not isinstance(base, Int8Linear) or _claimed_by_user(lora_config, base):
+            return create_new_module(lora_config, adapter_name, target, **kwargs)
+        if kwargs.get("fan_in_fan_out", False):
+            # An Int8Linear holds its weight as [out, in] even when it replaced a GPT-2 Conv1D ([in, out]).
+            warnings.warn(
+                f"fan_in_fan_out=True does not apply to {type(base).__name__} (weights are stored [out, in]): using "
+                "fan_in_fan_out=False",
+                stacklevel=2,
+            )
+            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = False
+        return Int8LoraLinear(target, adapter_name, config=lora_config, **kwargs)
+
+    setattr(create, _PATCHED, True)
+    return create
+
+
+def _all_linear_with_int8(include_all_linear):
+    """Wrap PEFT's ``target_modules="all-linear"`` expansion so that it also selects :class:`Int8Linear` layers."""
+
+    @functools.wraps(include_all_linear)
+    def include(peft_config, model):
+        target = getattr(peft_config, "target_modules", None)
+        if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+            return include_all_linear(peft_config, model)
+        inside_adapters = {
+            f"{prefix}.{suffix}"
+            for prefix, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer)
+            for suffix, _ in module.named_modules()
+            if suffix
+        }
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        int8 = {
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, Int8Linear) and module is not output and name not in inside_adapters
+        }
+        peft_config = include_all_linear(peft_config, model)
+        if int8:
+            peft_config.target_modules = set(peft_config.target_modules or ()) | int8
+        return peft_config
+
+    setattr(include, _PATCHED, True)
+    return include
+
+
+def install() -> None:
+    """Teach PEFT's LoRA about :class:`Int8Linear` (idempotent; runs when this module is imported)."""
+    if not getattr(LoraModel._create_new_module, _PATCHED, False):
+        LoraModel._create_new_module = staticmethod(_dispatch_int8(LoraModel._create_new_module))
+    if not getattr(tuners_utils._maybe_include_all_linear_layers, _PATCHED, False):
+        tuners_utils._maybe_include_all_linear_layers = _all_linear_with_int8(
+            tuners_utils._maybe_include_all_linear_layers
+        )
+
+
+install()

@@ -24,9 +24,9 @@ from hf_int8 import Int8Config, Int8Linear
 from hf_int8.ops import reference
 
 peft = pytest.importorskip("peft", reason="peft (a test extra) is not installed")
-from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 
-from hf_int8.peft import Int8LoraLinear, load_adapter, lora_config  # noqa: E402
+from hf_int8.peft import Int8LoraLinear  # noqa: E402
 
 IDS = torch.arange(4, 44).unsqueeze(0)
 
@@ -42,7 +42,7 @@ def _int8_model(path, **kwargs):
 
 def _lora(model, **kwargs):
     kwargs = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], **kwargs}
-    return get_peft_model(model, lora_config(**kwargs))
+    return get_peft_model(model, LoraConfig(**kwargs))  # a plain LoraConfig: hf_int8.peft taught PEFT Int8Linear
 
 
 def test_int8_linear_gradients_reach_the_input_not_the_weight():
@@ -130,7 +130,7 @@ def test_merge_save_and_load_adapters(fp_path, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
-    reloaded = load_adapter(_int8_model(fp_path), str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(_int8_model(fp_path), str(tmp_path / "adapter"))
     reloaded.eval()
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, adapted)
@@ -262,7 +262,7 @@ def test_lora_on_smollm2_lowers_the_loss_on_real_text():
     model = _int8_model(path)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # Adapters on the top 8 of 30 layers: the backward pass stops there, which keeps this test short on 2 cores.
-    model = get_peft_model(model, lora_config(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=list(
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=list(
         range(22, 30)), target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
     articles = text.splitlines()
     train_ids = tokenizer(articles[0], return_tensors="pt")["input_ids"][:, :48]
