@@ -199,7 +199,7 @@ def test_quantize_on_load_and_forward_take_the_fallback_route(cpu_looks_like_a_t
 @needs_native_cpu
 def test_fallback_keeps_autograd_and_compiles_without_graph_breaks(cpu_looks_like_a_t4):
     torch.manual_seed(0)
-    with pytest.warns(_health.NativeKernelFallbackWarning, match="compute capability 7.5"):
+    with pytest.warns(ops.NativeKernelFallbackWarning, match="compute capability 7.5"):  # the public name
         layer = Int8Linear.from_float(torch.nn.Linear(32, 16))  # judges the CPU: fallback
     assert _health.verdicts()["cpu"].native is False
     x = torch.randn(3, 32, requires_grad=True)

@@ -18,6 +18,7 @@ import numbers
 import torch
 
 from . import _health, reference
+from ._health import NativeKernelFallbackWarning
 from .constants import DEFAULT_THRESHOLD, FORMAT_VERSION, INT8_MAX
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "FORMAT_VERSION",
     "INT8_MAX",
     "OP_NAMES",
+    "NativeKernelFallbackWarning",
     "dequantize_weight",
     "implementations",
     "int8_linear",
