@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
-from . import hub, integrity, ops, saving
+from . import hub, integrity, ops, saving, tp
 from .config import Int8Config
 from .nn import Int8Linear, casts
 
@@ -72,6 +72,9 @@ class Int8QuantizeOp(_SharesQuantizer, ConversionOps):
             if getattr(module, "_hf_int8_from_conv1d", False):
                 value = value.t()  # Conv1D stores [in, out]; the int8 layout is always [out, in]
             prefix = name.rpartition(".")[0]
+            if problem := tp.unsupported_sharding(module, prefix):
+                _record_error(module, problem)
+                continue
             if not value.is_floating_point():
                 _record_error(module, f"cannot quantize {name}: expected a floating-point weight, got {value.dtype!r}")
                 continue
@@ -87,6 +90,9 @@ class Int8QuantizeOp(_SharesQuantizer, ConversionOps):
                     _record_error(module, problem)
                     continue
                 codes, scale = ops.quantize_weight(value.contiguous())
+            if (shard := tp.shard_of(module)) is not None:
+                # Quantized whole, then sliced: this rank's codes and scales are exactly those one process has
+                codes, scale = shard.take(codes, scale)
             result[name] = codes
             result[f"{prefix}.{SCALE_NAME}"] = scale
             module._is_hf_initialized = True
@@ -147,6 +153,9 @@ class Int8DeserializeOp(_SharesQuantizer, ConversionOps):
                 weight = weight.to(wanted)
             return {full_layer_name: weight}
         prefix = full_layer_name.rpartition(".")[0]
+        if problem := tp.unsupported_sharding(module, prefix):
+            _record_error(module, problem)
+            return {}
         if "weight" not in tensors or SCALE_NAME not in tensors:
             missing = "weight" if "weight" not in tensors else SCALE_NAME
             _record_error(module, f"llmint8 checkpoint is missing {prefix}.{missing}")
@@ -159,6 +168,8 @@ class Int8DeserializeOp(_SharesQuantizer, ConversionOps):
         except ValueError as exc:
             _record_error(module, str(exc))
             return {}
+        if (shard := tp.shard_of(module)) is not None:
+            codes, scale = shard.take(codes, scale)  # checked whole, kept in part (tensor parallelism)
         module._is_hf_initialized = True
         module._hf_int8_loaded = True
         return {full_layer_name: codes, f"{prefix}.{SCALE_NAME}": scale}
@@ -313,6 +324,11 @@ class Int8HfQuantizer(HfQuantizer):
     def quantized_element_size(self) -> float:
         return 1
 
+    def update_parallel_plan(self, model: nn.Module, plan: dict[str, str]) -> None:
+        # Int8Linear layers are sharded by hf_int8's own copies of the colwise/rowwise styles (see hf_int8.tp)
+        super().update_parallel_plan(model, plan)
+        tp.rewrite_plan(model, plan)
+
     # ---- model surgery --------------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         user_skip = list(self.quantization_config.skip_modules or [])
@@ -406,6 +422,8 @@ class Int8HfQuantizer(HfQuantizer):
         _refuse_dtype_cast(model)
         hub.attach(model)  # save_pretrained / push_to_hub write the llmint8 model card
         saving.install(model)  # ... into a staging folder that replaces the target atomically, sealed
+        if tp.is_sharded(model):
+            tp.install(model)  # ... after gathering the tensor-parallel int8 shards onto rank 0
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -430,6 +448,11 @@ class Int8HfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        if tp.is_sharded(model):
+            raise ValueError(
+                "cannot dequantize a tensor-parallel llmint8 model (its Int8Linear layers hold shards); load the "
+                f"checkpoint without tp_plan to dequantize it, got a model sharded over {tp.world_size(model)} ranks"
+            )
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if dtype is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
