@@ -15,11 +15,17 @@ Each (model, method) runs in a fresh subprocess, so its peak resident memory whi
 * decode tokens/s at batch 1 and 8: greedy ``generate`` of ``--new-tokens`` tokens after a 32-token prompt, the time
   of a 1-token ``generate`` (prefill) subtracted: ``batch * (new - 1) / (t(new) - t(1))``;
 
-each with its ratio to fp32 and bf16 measured in the same run. Writes ``<out-dir>/<prefix>.json``, ``.md`` and PNG
+each with its ratio to fp32 and bf16 measured in the same run. With llama.cpp built by
+``scripts/build_llamacpp.py`` (found in its cache; ``--llamacpp on`` insists, ``off`` skips it), a ``llamacpp-q8_0``
+row per model comes from ``llama-bench`` on the Q8_0 GGUF of the same weights, with the same threads: prefill is its
+``pp<prompt-tokens>`` and decode batch 1 its ``tg<new-tokens>`` (one sequence from an empty context; llama-bench has
+no batched decode, so batch 8 stays empty). Writes ``<out-dir>/<prefix>.json``, ``.md`` and PNG
 charts and prints the markdown, including the issue's targets evaluated on the figures.
 
     python scripts/bench_e2e.py --models smollm2 --quick
     python scripts/bench_e2e.py --models qwen --methods fp32,bf16,llmint8-t6,bnb-t6
+    python scripts/build_llamacpp.py --models smollm2,qwen && python scripts/bench_e2e.py --models smollm2,qwen \
+        --methods bf16,llmint8-t6,bnb-t6 --batches 1,8 --llamacpp on
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -43,6 +50,7 @@ DEFAULT_METHODS = "fp32,bf16,llmint8-t6,llmint8-t0,naive-int8,bnb-t6,bnb-t0,torc
 DECODE_PROMPT_TOKENS = 32
 SAMPLE_INTERVAL_S = 0.005
 PAGE_BYTES = 4096
+LLAMACPP_METHOD = "llamacpp-q8_0"
 METRICS = ("load_s", "peak_rss_load_bytes", "peak_anon_load_bytes", "footprint_bytes", "storage_bytes",
            "prefill_tps", "decode_b1_tps", "decode_b8_tps")
 
@@ -207,6 +215,62 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# llama.cpp (the 8-bit CPU peer), through llama-bench
+# ---------------------------------------------------------------------------------------------------------------
+def llamacpp_paths(model: str) -> tuple[Path | None, Path | None]:
+    """``(llama-bench, Q8_0 GGUF)`` of ``model`` from build_llamacpp.py's cache (None where not built)."""
+    import build_llamacpp as L
+
+    gguf = L.q8_0_gguf(model) if model in L.MODELS else None
+    return L.binary("llama-bench"), gguf
+
+
+def parse_llama_bench(entries: list[dict[str, Any]], prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """``prefill_tps`` / ``decode_b1_tps`` (and their stddev) from ``llama-bench -o json`` entries."""
+    out: dict[str, float] = {}
+    for entry in entries:
+        n_prompt, n_gen = int(entry.get("n_prompt", 0)), int(entry.get("n_gen", 0))
+        if n_prompt == prompt_tokens and n_gen == 0:
+            key = "prefill_tps"
+        elif n_gen == new_tokens and n_prompt == 0:
+            key = "decode_b1_tps"
+        else:
+            continue
+        out[key] = float(entry["avg_ts"])
+        out[key + "_stddev"] = float(entry.get("stddev_ts", 0.0))
+    missing = {"prefill_tps", "decode_b1_tps"} - set(out)
+    if missing:
+        raise RuntimeError(f"llama-bench reported no {sorted(missing)} for pp{prompt_tokens}/tg{new_tokens} in "
+                           f"{[(e.get('n_prompt'), e.get('n_gen')) for e in entries]!r}")
+    return out
+
+
+def llamacpp_row(spec: C.ModelSpec, threads: int, prompt_tokens: int, new_tokens: int, repeats: int,
+                 timeout: float) -> dict[str, Any]:
+    """One ``llamacpp-q8_0`` row: llama-bench's prefill and decode tok/s on the Q8_0 GGUF, ``threads`` threads."""
+    row: dict[str, Any] = {"model": spec.name, "method": LLAMACPP_METHOD, "dtype": "q8_0", "status": "ok",
+                           "threads": threads}
+    bench, gguf = llamacpp_paths(spec.name)
+    if bench is None or gguf is None:
+        row.update(status="error", error=f"llama.cpp or the {spec.name} Q8_0 GGUF is not built: run "
+                                         f"python scripts/build_llamacpp.py --models {spec.name}")
+        return row
+    cmd = [str(bench), "-m", str(gguf), "-p", str(prompt_tokens), "-n", str(new_tokens), "-t", str(threads),
+           "-r", str(max(1, repeats)), "-o", "json"]
+    row["command"] = " ".join(cmd)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"llama-bench exited with {result.returncode}: {result.stderr[-2000:]}")
+        row.update(parse_llama_bench(json.loads(result.stdout), prompt_tokens, new_tokens))
+        row["storage_bytes"] = gguf.stat().st_size
+        row["prompt_tokens"], row["new_tokens"] = prompt_tokens, new_tokens
+    except Exception as exc:  # reported in the table like any other method that cannot run
+        row.update(status="error", error=C.error_string(exc))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Parent
 # ---------------------------------------------------------------------------------------------------------------
 def convert_checkpoint(spec: C.ModelSpec, out: Path, dtype: str) -> None:
@@ -295,6 +359,16 @@ def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict
         if bf16 and ours.get("prefill_tps") and bf16.get("prefill_tps"):
             check(model, "prefill >= 1.5x bf16 (ratio)", ours["prefill_tps"] / bf16["prefill_tps"], 1.5,
                   lambda v, b: v >= b)
+        # Issue 14: decode at llama.cpp's Q8_0 speed, and further above bf16.
+        llama = _find(rows, model, LLAMACPP_METHOD)
+        if llama and ours.get("decode_b1_tps") and llama.get("decode_b1_tps"):
+            check(model, "issue 14: decode b1 >= 1.0x llama.cpp Q8_0 (ratio)",
+                  ours["decode_b1_tps"] / llama["decode_b1_tps"], 1.0, lambda v, b: v >= b)
+        for batch, bound in ((1, 2.5), (8, 1.8)):
+            key = f"decode_b{batch}_tps"
+            if bf16 and ours.get(key) and bf16.get(key):
+                check(model, f"issue 14: decode b{batch} >= {bound}x bf16 (ratio)", ours[key] / bf16[key], bound,
+                      lambda v, b: v >= b)
         def mb(row: dict[str, Any], key: str) -> float | None:
             return row[key] / C.MB if row.get(key) is not None else None
 
@@ -363,7 +437,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                           C.row_kernel(r)])
         out += [C.markdown_table(headers, table), ""]
     if data["checks"]:
-        out.append("## Targets (issue 5), on these figures\n")
+        out.append("## Targets (issue 5) and issue 14, on these figures\n")
         table = [[c["model"], c["target"], f"{c['value']:.2f}", f"{c['bound']:.2f}", "PASS" if c["pass"] else "FAIL"]
                  for c in data["checks"]]
         out += [C.markdown_table(["model", "target", "llmint8 t=6", "bound", "result"], table), ""]
@@ -412,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="bench", help="output file names: PREFIX.json, PREFIX.md, PREFIX_*.png")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per (model, method) job")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--llamacpp", default="auto", choices=["auto", "on", "off"],
+                        help="llama.cpp Q8_0 rows (scripts/build_llamacpp.py): auto = where built, on = required")
     parser.add_argument("--in-process", action="store_true",
                         help="run every job in this process (smoke tests; no isolation, memory figures shared)")
     args = parser.parse_args(argv)
@@ -435,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"text_name": text_name, "text_sha256": C.sha256_text(text), "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens, "batches": batches, "repeats": args.repeats,
                 "decode_repeats": args.decode_repeats, "quick": args.quick, "dtype": args.dtype,
-                "checkpoint_dtype": args.checkpoint_dtype}
+                "checkpoint_dtype": args.checkpoint_dtype, "llamacpp": args.llamacpp}
     data: dict[str, Any] = {
         "kind": "bench", "meta": C.run_metadata(["scripts/bench_e2e.py", *argv]), "settings": settings,
         "model_labels": {m.name: m.label for m in models}, "fp16_checkpoint_bytes": {}, "results": [], "checks": [],
@@ -443,10 +519,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     for spec in models:
         data["fp16_checkpoint_bytes"][spec.name] = 2 * C.checkpoint_param_count(spec.path())
+    import torch
     from tqdm.auto import tqdm
 
-    bar = tqdm([(m, meth) for m in models for meth in methods], desc="bench jobs", unit="job")
+    threads = args.threads or torch.get_num_threads()  # llama.cpp needs a number: the workers' default
+    jobs: list[tuple[C.ModelSpec, Any]] = []
+    for spec in models:
+        if spec.kind == "causal" and not args.no_speed and (
+            args.llamacpp == "on" or (args.llamacpp == "auto" and all(llamacpp_paths(spec.name)))
+        ):
+            jobs.append((spec, None))  # None: the llama.cpp row of this model
+        jobs += [(spec, method) for method in methods]
+    bar = tqdm(jobs, desc="bench jobs", unit="job")
     for spec, method in bar:
+        if method is None:
+            bar.set_postfix_str(f"{spec.name} {LLAMACPP_METHOD}")
+            row = llamacpp_row(spec, threads, args.prompt_tokens, args.new_tokens, args.repeats, args.timeout)
+            data["results"].append(row)
+            shown = {k: round(row[k], 2) for k in ("prefill_tps", "decode_b1_tps") if k in row}
+            tqdm.write(f"[bench_e2e] {spec.name} {LLAMACPP_METHOD}: {shown or row.get('error')}")
+            _write_outputs(data, args, final=False)
+            continue
         bar.set_postfix_str(f"{spec.name} {method.key}")
         model_arg = C.model_arg(spec)
         job = {"model_arg": model_arg, "method": method.key, "text": text, "prompt_tokens": args.prompt_tokens,

@@ -381,3 +381,70 @@ def test_decode_outliers_counts_prefill_and_decoded_tokens(tiny, tmp_path, capsy
     with pytest.raises(SystemExit):
         decode_outliers.parse_args(["--new-tokens", "0"])
     assert "got 0" in capsys.readouterr().err
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+# A stand-in for llama.cpp's llama-bench: checks the arguments bench_e2e passes and prints -o json entries.
+import json, sys
+args = sys.argv[1:]
+opt = dict(zip(args[::2], args[1::2]))
+assert opt["-o"] == "json" and opt["-t"] == "{threads}", args
+print(json.dumps([
+    {{"n_prompt": int(opt["-p"]), "n_gen": 0, "avg_ts": 1000.0, "stddev_ts": 5.0}},
+    {{"n_prompt": 0, "n_gen": int(opt["-n"]), "avg_ts": {decode}, "stddev_ts": 0.5}},
+]))
+"""
+
+
+def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch):
+    """A llama.cpp row from a (fake) llama-bench in build_llamacpp's cache; its figures feed the issue-14 targets."""
+    cache = tmp_path / "llamacpp"
+    (cache / "bin").mkdir(parents=True)
+    (cache / "models").mkdir()
+    (cache / "models" / "smollm2-q8_0.gguf").write_bytes(b"GGUF" + bytes(100))
+    fake = cache / "bin" / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, threads=2, decode=3.25))
+    fake.chmod(0o755)
+    (cache / "bin" / "llama-quantize").write_text("#!/bin/sh\nexit 1\n")
+    (cache / "bin" / "llama-quantize").chmod(0o755)
+    monkeypatch.setenv("HF_INT8_LLAMACPP_CACHE", str(cache))
+    out = tmp_path / "b"
+    # The tiny llama under the name "smollm2": the name picks the GGUF in the cache.
+    argv = ["--models", f"smollm2={tiny['llama']}", "--methods", "bf16,llmint8-t6", "--text", str(tiny["text"]),
+            "--prompt-tokens", "64", "--new-tokens", "4", "--repeats", "1", "--threads", "2", "--out-dir", str(out),
+            "--in-process", "--no-plots"]
+    assert bench_e2e.main(argv) == 0
+    data = json.loads((out / "bench.json").read_text())
+    rows = {r["method"]: r for r in data["results"]}
+    assert list(rows) == ["llamacpp-q8_0", "bf16", "llmint8-t6@bf16"]
+    llama = rows["llamacpp-q8_0"]
+    assert llama["status"] == "ok", llama
+    assert (llama["prefill_tps"], llama["decode_b1_tps"], llama["threads"]) == (1000.0, 3.25, 2)
+    assert llama["storage_bytes"] == 104 and "decode_b8_tps" not in llama
+    targets = {c["target"]: c for c in data["checks"]}
+    peer = targets["issue 14: decode b1 >= 1.0x llama.cpp Q8_0 (ratio)"]
+    assert peer["value"] == pytest.approx(rows["llmint8-t6@bf16"]["decode_b1_tps"] / 3.25)
+    assert peer["pass"] == (peer["value"] >= 1.0)
+    for batch, bound in ((1, 2.5), (8, 1.8)):
+        check = targets[f"issue 14: decode b{batch} >= {bound}x bf16 (ratio)"]
+        assert check["bound"] == bound and check["pass"] == (check["value"] >= bound)
+    assert "| llamacpp-q8_0 |" in (out / "bench.md").read_text()
+
+    # --llamacpp off leaves it out; --llamacpp on without a build reports why in the row.
+    assert bench_e2e.main(argv + ["--llamacpp", "off", "--prefix", "off"]) == 0
+    assert "llamacpp-q8_0" not in {r["method"] for r in json.loads((out / "off.json").read_text())["results"]}
+    monkeypatch.setenv("HF_INT8_LLAMACPP_CACHE", str(tmp_path / "empty"))
+    assert bench_e2e.main(argv + ["--llamacpp", "on", "--prefix", "on", "--methods", "bf16"]) == 0
+    row = json.loads((out / "on.json").read_text())["results"][0]
+    assert row["method"] == "llamacpp-q8_0" and row["status"] == "error" and "build_llamacpp.py" in row["error"]
+
+
+def test_parse_llama_bench_needs_both_figures():
+    entries = [{"n_prompt": 512, "n_gen": 0, "avg_ts": 40.5, "stddev_ts": 1.0},
+               {"n_prompt": 0, "n_gen": 128, "avg_ts": 17.25, "stddev_ts": 0.1}]
+    assert bench_e2e.parse_llama_bench(entries, 512, 128) == {
+        "prefill_tps": 40.5, "prefill_tps_stddev": 1.0, "decode_b1_tps": 17.25, "decode_b1_tps_stddev": 0.1}
+    with pytest.raises(RuntimeError, match="decode_b1_tps"):
+        bench_e2e.parse_llama_bench(entries[:1], 512, 128)
+    with pytest.raises(RuntimeError, match="prefill_tps"):
+        bench_e2e.parse_llama_bench(entries, 256, 128)
