@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Where one decode step (batch 1) of an llmint8 model spends its time, and how far it is from the weight-read bound.
+
+A decode step runs the model on one new token against a KV cache. This script loads the model with ``Int8Config``
+(bf16 by default, like ``bench_e2e``), prefills a ``--prompt-tokens`` prompt, then times ``--steps`` decode forwards:
+
+1. without instrumentation: the step time (median) -- the figure the breakdown is compared against;
+2. with forward pre/post hooks on every module of interest, summing wall time per category per step:
+   ``linear layers`` (every ``Int8Linear``; ``nn.Linear`` in a bf16 run), ``output head`` (``lm_head``),
+   ``attention + KV cache`` (the attention modules minus their projections: rotary embedding, cache update,
+   scaled-dot-product attention), ``norms`` (RMSNorm/LayerNorm), ``MLP activation`` (the MLP modules minus their
+   projections: SiLU and the gate product),
+   ``embedding``; ``other (Python, dispatch, residuals, mask)`` is the uninstrumented step minus all of these;
+3. the weight-read bound: bytes of every weight a step reads (int8 codes, scales, the floating-point head and
+   embedding row) over the read bandwidth measured in the same run (``bench_linear.measure_bandwidth``).
+
+Hooks cost a few microseconds each (printed: the instrumented step minus the plain one); nested timings are taken
+by module, so a category never counts a child twice.
+
+    python scripts/profile_decode.py                       # Qwen2.5-Coder-1.5B (prepared by hf_int8.assets)
+    python scripts/profile_decode.py --model smollm2 --steps 20
+    python scripts/profile_decode.py --quantize-lm-head    # the opt-in int8 output head
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+CATEGORIES = (
+    "linear layers",
+    "output head",
+    "attention + KV cache",
+    "norms",
+    "MLP activation",
+    "embedding",
+)
+OTHER = "other (Python, dispatch, residuals, mask)"
+
+
+def categorize(model) -> dict[str, tuple[str, list[str]]]:
+    """``{module name: (category, [names of its children timed separately])}`` for the modules that get hooks."""
+    from torch import nn
+
+    from hf_int8.nn import Int8Linear
+
+    head = model.get_output_embeddings()
+    out: dict[str, tuple[str, list[str]]] = {}
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if module is head:
+            out[name] = ("output head", [])
+        elif isinstance(module, (Int8Linear, nn.Linear)):
+            out[name] = ("linear layers", [])
+        elif isinstance(module, nn.Embedding):
+            out[name] = ("embedding", [])
+        elif "Norm" in cls:
+            out[name] = ("norms", [])
+        elif cls.endswith("Attention") or cls.endswith("MLP"):
+            category = "attention + KV cache" if cls.endswith("Attention") else "MLP activation"
+            # Its projections are timed as linear layers.
+            children = [f"{name}.{c}" for c, m in module.named_children() if isinstance(m, (Int8Linear, nn.Linear))]
+            out[name] = (category, children)
+    return out
+
+
+class StepTimer:
+    """Forward hooks that sum wall time per category; ``children`` of a module are subtracted from it."""
+
+    def __init__(self, model, plan: dict[str, tuple[str, list[str]]]) -> None:
+        self.plan = plan
+        self.module_time: dict[str, float] = defaultdict(float)
+        self._start: dict[str, float] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            if name in plan:
+                self.handles.append(module.register_forward_pre_hook(self._pre(name)))
+                self.handles.append(module.register_forward_hook(self._post(name)))
+
+    def _pre(self, name: str):
+        def hook(module, args):
+            self._start[name] = time.perf_counter()
+
+        return hook
+
+    def _post(self, name: str):
+        def hook(module, args, output):
+            self.module_time[name] += time.perf_counter() - self._start.pop(name)
+
+        return hook
+
+    def reset(self) -> None:
+        self.module_time.clear()
+
+    def categories(self) -> dict[str, float]:
+        sums = dict.fromkeys(CATEGORIES, 0.0)
+        for name, (category, children) in self.plan.items():
+            own = self.module_time.get(name, 0.0) - sum(self.module_time.get(c, 0.0) for c in children)
+            sums[category] += own
+        return sums
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def weight_bytes_per_step(model) -> dict[str, int]:
+    """Bytes one decode step reads: int8 layers (codes + scales + bias), other floating-point weights, the head."""
+    import torch
+
+    from hf_int8.nn import Int8Linear
+
+    head = model.get_output_embeddings()
+    sizes = {"int8 layers": 0, "output head": 0, "other weights": 0}
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module is not head:
+            sizes["other weights"] += module.weight.shape[1] * module.weight.element_size()  # one row per token
+            seen.add(id(module.weight))
+            continue
+        key = "output head" if module is head else "int8 layers" if isinstance(module, Int8Linear) else "other weights"
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            sizes[key] += tensor.numel() * tensor.element_size()
+    if id(head.weight) in seen and head.weight.dtype != torch.int8:  # tied to the embedding: the head reads it all
+        sizes["output head"] += head.weight.numel() * head.weight.element_size()
+    return sizes
+
+
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    C.quiet_library_warnings()
+    C.seed_everything()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = C.parse_models(args.model)[0]
+    method = C.parse_methods(args.method, args.dtype)[0]
+    if method.family != "llmint8" and args.quantize_lm_head:
+        raise ValueError(f"--quantize-lm-head applies to llmint8 methods, got {args.method!r}")
+    start = time.perf_counter()
+    if args.quantize_lm_head:
+        from transformers import AutoModelForCausalLM
+
+        from hf_int8 import Int8Config
+
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path(), dtype=C.DTYPES[method.dtype], device_map="cpu",
+            quantization_config=Int8Config(threshold=method.threshold, quantize_lm_head=True),
+        ).eval()  # fmt: skip
+    else:
+        model = C.load_model(spec, method)
+    load_s = time.perf_counter() - start
+    tokenizer = C.load_tokenizer(spec)
+    from eval_quality import read_text
+
+    text, _ = read_text(args.text)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
+    prompt = torch.tensor([ids])
+
+    def decode(n: int, timer: StepTimer | None) -> tuple[list[float], list[dict[str, float]]]:
+        out = model(input_ids=prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times, cats = [], []
+        for _ in range(n):
+            if timer:
+                timer.reset()
+            t0 = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t0)
+            if timer:
+                cats.append(timer.categories())
+        return times, cats
+
+    with torch.inference_mode():
+        decode(args.warmup, None)
+        plain, _ = decode(args.steps, None)
+        timer = StepTimer(model, categorize(model))
+        hooked, per_step = decode(args.steps, timer)
+        timer.remove()
+    step = statistics.median(plain)
+    breakdown = {c: statistics.median(s[c] for s in per_step) for c in CATEGORIES}
+    breakdown[OTHER] = step - sum(breakdown.values())
+
+    import bench_linear
+
+    nbytes = weight_bytes_per_step(model)
+    bandwidth, probe = bench_linear.measure_bandwidth("cpu", args.probe_mib << 20, lambda: None)
+    bound_s = sum(nbytes.values()) / bandwidth
+    return {
+        "meta": C.run_metadata(["scripts/profile_decode.py", *sys.argv[1:]]),
+        "model": spec.label, "method": method.key, "quantize_lm_head": args.quantize_lm_head,
+        "threads": torch.get_num_threads(), "load_s": load_s, "prompt_tokens": len(ids), "steps": args.steps,
+        "step_s": step, "step_hooked_s": statistics.median(hooked), "tokens_per_s": 1.0 / step,
+        "breakdown_s": breakdown, "weight_bytes": nbytes, "bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_probe": probe, "weight_read_bound_s": bound_s, "kernels": C.kernels_in_use(),
+    }  # fmt: skip
+
+
+def render(r: dict[str, Any]) -> str:
+    step = r["step_s"]
+    lines = [
+        f"# One decode step: {r['model']}, {r['method']}"
+        + (", int8 output head" if r["quantize_lm_head"] else ""),
+        "",
+        C.machine_markdown(r["meta"]),
+        "",
+        f"Batch 1, {r['prompt_tokens']}-token prompt, median of {r['steps']} steps, {r['threads']} threads: "
+        f"**{step * 1e3:.1f} ms/step = {r['tokens_per_s']:.2f} tok/s** (with hooks: {r['step_hooked_s'] * 1e3:.1f} "
+        "ms; the difference is the hooks' own cost, left in the categories).",
+        "",
+    ]
+    rows = [[name, f"{sec * 1e3:.2f}", f"{100 * sec / step:.1f}%"] for name, sec in r["breakdown_s"].items()]
+    lines += [C.markdown_table(["part", "ms/step", "share"], rows), ""]
+    nb = r["weight_bytes"]
+    bw = r["bandwidth_bytes_per_s"]
+    rows = [[k, f"{v / 1e6:.1f}", f"{v / bw * 1e3:.2f}"] for k, v in nb.items()]
+    rows.append(["total", f"{sum(nb.values()) / 1e6:.1f}", f"{r['weight_read_bound_s'] * 1e3:.2f}"])
+    lines += [
+        f"Weight bytes one step reads, and their read time at {bw / 1e9:.1f} GB/s ({r['bandwidth_probe']}, "
+        "same run):",
+        "",
+        C.markdown_table(["weights", "MB", "ms at read bandwidth"], rows),
+        "",
+        f"Bound: {1 / r['weight_read_bound_s']:.1f} tok/s; this step reaches "
+        f"{100 * r['weight_read_bound_s'] / step:.0f}% of it.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen", help="smollm2, qwen or NAME=FOLDER (a causal LM)")
+    parser.add_argument("--method", default="llmint8-t6", help="an llmint8 method key, or bf16 (as in bench_e2e)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES))
+    parser.add_argument("--quantize-lm-head", action="store_true", help="Int8Config(quantize_lm_head=True)")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--probe-mib", type=int, default=512, help="bandwidth probe buffer (MiB)")
+    parser.add_argument("--text", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.prompt_tokens < 1:
+        raise ValueError(
+            f"need --steps >= 1, --warmup >= 0, --prompt-tokens >= 1, got {args.steps!r}, {args.warmup!r}, "
+            f"{args.prompt_tokens!r}"
+        )
+    result = profile(args)
+    if args.out:
+        C.write_json(args.out, result)
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
