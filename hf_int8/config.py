@@ -24,6 +24,11 @@ class Int8Config(QuantizationConfigMixin):
         skip_modules: names (or dotted suffixes) of extra modules to keep in floating point. They are *added* to the
             defaults (the output embedding / ``lm_head``, tied weights and the model's ``_keep_in_fp32_modules``),
             never replacing them.
+        quantize_lm_head: also quantize the output head (``lm_head``) to int8 (default ``False``: it stays in
+            floating point like every LLM.int8() implementation). A decode step reads the whole head, so this cuts
+            its bytes by 2x (bf16) / 4x (fp32); its perplexity cost is measured in ``docs/speed.md``. With tied
+            embeddings the head gets its own int8 copy of the embedding matrix and the embedding itself is
+            unchanged; the model is then saved untied. ``skip_modules`` naming the head wins over this flag.
         format_version: on-disk layout version; written by this package, checked when loading.
     """
 
@@ -34,6 +39,7 @@ class Int8Config(QuantizationConfigMixin):
         threshold: float = DEFAULT_THRESHOLD,
         skip_modules: list[str] | tuple[str, ...] | None = None,
         format_version: int = FORMAT_VERSION,
+        quantize_lm_head: bool = False,
         **kwargs: Any,
     ) -> None:
         method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -42,12 +48,13 @@ class Int8Config(QuantizationConfigMixin):
         if kwargs:
             raise ValueError(
                 f"Int8Config got unknown keys {sorted(kwargs)!r}; known keys are "
-                "['format_version', 'quant_method', 'skip_modules', 'threshold']"
+                "['format_version', 'quant_method', 'quantize_lm_head', 'skip_modules', 'threshold']"
             )
         self.quant_method = QUANT_METHOD
         self.threshold = threshold
         self.skip_modules = list(skip_modules) if isinstance(skip_modules, (list, tuple)) else skip_modules
         self.format_version = format_version
+        self.quantize_lm_head = quantize_lm_head
         self.post_init()
 
     def post_init(self) -> None:
@@ -66,6 +73,8 @@ class Int8Config(QuantizationConfigMixin):
             for name in self.skip_modules:
                 if not isinstance(name, str) or not name.strip():
                     raise ValueError(f"skip_modules entries must be non-empty strings, got {name!r}")
+        if not isinstance(self.quantize_lm_head, bool):  # "false" from a hand-edited config.json would be truthy
+            raise ValueError(f"quantize_lm_head must be True or False, got {self.quantize_lm_head!r}")
         v = self.format_version
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"format_version must be a positive integer, got {v!r}")
@@ -76,12 +85,17 @@ class Int8Config(QuantizationConfigMixin):
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "quant_method": QUANT_METHOD,
             "threshold": self.threshold,
             "skip_modules": list(self.skip_modules) if self.skip_modules is not None else None,
             "format_version": self.format_version,
         }
+        # Written only when set: checkpoints with a floating-point head keep the config older releases read, and an
+        # older release refuses (unknown key) a checkpoint whose head is int8 instead of loading it as floats.
+        if self.quantize_lm_head:
+            out["quantize_lm_head"] = True
+        return out
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Int8Config) and self.to_dict() == other.to_dict()

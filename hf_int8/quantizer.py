@@ -351,11 +351,58 @@ class Int8HfQuantizer(HfQuantizer):
                 if has_head or not name.endswith(".bias") or name.removesuffix(".bias") in user_skip
             }
         )
+        self._int8_head_after_loading = None
+        if getattr(self.quantization_config, "quantize_lm_head", False):
+            self._plan_int8_head(model, user_skip, list(model._keep_in_fp32_modules or []))
         self.quantized_module_names = replace_with_int8_linear(
             model, self.modules_to_not_convert, self.quantization_config.threshold
         )
         model.config.quantization_config = self.quantization_config
         self._check_checkpoint(model, kwargs.get("checkpoint_files"))
+
+    def _plan_int8_head(self, model: nn.Module, user_skip: list[str], keep_in_fp32: list[str]) -> None:
+        """``quantize_lm_head=True``: take the output head off the skip list, or (tied head) quantize it after loading.
+
+        A head the user skips, or one the model keeps in fp32, stays floating point. A head tied to the input
+        embedding cannot become an Int8Linear before loading (the tie would hand it the float embedding): it is
+        loaded tied and replaced afterwards by an int8 copy, leaving the embedding untouched.
+        """
+        head = model.get_output_embeddings()
+        if head is None or type(head) is not nn.Linear:
+            return
+        head_name = next(name for name, module in model.named_modules() if module is head)
+        if any(not should_convert_module(head_name, [p]) for p in user_skip + keep_in_fp32):
+            return
+        tied_keys = getattr(model, "all_tied_weights_keys", None) or {}
+        inputs = model.get_input_embeddings()
+        tied = f"{head_name}.weight" in tied_keys or (inputs is not None and head.weight is inputs.weight)
+        if tied and not self.pre_quantized:
+            self._int8_head_after_loading = head_name
+            return
+        self.modules_to_not_convert = [
+            name for name in self.modules_to_not_convert if name != head_name and not head_name.startswith(name + ".")
+        ]
+
+    def _quantize_tied_head(self, model: nn.Module, head_name: str) -> None:
+        """Replace the loaded (tied) head by an int8 copy and untie it, so it saves and reloads as its own layer."""
+        head = model.get_submodule(head_name)
+        if head.weight.device.type == "meta":
+            raise ValueError(
+                f"quantize_lm_head=True cannot quantize {head_name!r}: its weight (tied to the input embedding) is "
+                f"offloaded (device {head.weight.device}); keep it on cpu/cuda in the device_map"
+            )
+        int8_head = Int8Linear.from_float(head, threshold=self.quantization_config.threshold)
+        int8_head._hf_int8_loaded = True
+        int8_head._hf_int8_from_conv1d = False
+        parent, child = get_module_from_name(model, head_name)
+        parent._modules[child] = int8_head
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+        tied_keys = getattr(model, "all_tied_weights_keys", None)
+        if isinstance(tied_keys, dict):
+            tied_keys.pop(f"{head_name}.weight", None)
+        self.quantized_module_names = sorted({*self.quantized_module_names, head_name})
 
     def _check_checkpoint(self, model: nn.Module, checkpoint_files: list[str] | None) -> None:
         """Refuse damaged, incomplete or mismatched checkpoint files before a single weight is loaded."""
@@ -418,6 +465,8 @@ class Int8HfQuantizer(HfQuantizer):
             if isinstance(module, Int8Linear):
                 if module.weight_scale.dtype != torch.float32 and module.weight_scale.device.type != "meta":
                     raise ValueError(f"{name}.{SCALE_NAME} was loaded as {module.weight_scale.dtype!r}, not float32")
+        if getattr(self, "_int8_head_after_loading", None):
+            self._quantize_tied_head(model, self._int8_head_after_loading)
         model.is_loaded_in_8bit = True
         _refuse_dtype_cast(model)
         hub.attach(model)  # save_pretrained / push_to_hub write the llmint8 model card
