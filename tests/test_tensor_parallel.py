@@ -86,6 +86,22 @@ def _worker(fp_dir: str, sp_saved: str, out: str) -> None:
         for name, m in reloaded.named_modules()
         if isinstance(m, Int8Linear)
     }
+    refusals = {}
+    try:
+        reloaded.dequantize()
+    except ValueError as exc:
+        refusals["dequantize"] = str(exc)
+    # A custom plan naming transformers' own style for an int8 layer is refused by name; the llmint8_ one works.
+    from transformers.distributed import DistributedConfig
+
+    for style in ("rowwise", "llmint8_rowwise"):
+        plan = DistributedConfig(tp_plan={"model.layers.*.mlp.down_proj": style})
+        try:
+            custom = AutoModelForCausalLM.from_pretrained(sp_saved, distributed_config=plan, dtype=torch.float32)
+            with torch.no_grad():
+                refusals[style] = torch.equal(custom(ids).logits, reloaded_logits)
+        except ValueError as exc:
+            refusals[style] = str(exc)
     torch.save(
         {
             "logits": logits,
@@ -94,6 +110,7 @@ def _worker(fp_dir: str, sp_saved: str, out: str) -> None:
             "int8_bytes": tp.int8_bytes(model),
             "reloaded_logits": reloaded_logits,
             "reloaded_shards": reloaded_shards,
+            "refusals": refusals,
         },
         out_dir / f"rank{rank}.pt",
     )
@@ -230,6 +247,36 @@ def test_single_process_checkpoint_loads_sharded(tp_run):
             assert torch.equal(codes, rank_result["shards"][name]["codes"]), name
             assert torch.equal(scale, rank_result["shards"][name]["scale"]), name
         assert torch.equal(rank_result["reloaded_logits"], rank_result["logits"])
+
+
+def test_refusals_and_custom_plans(tp_run):
+    _, ranks, _ = tp_run
+    for rank_result in ranks:
+        refusals = rank_result["refusals"]
+        assert "cannot dequantize a tensor-parallel llmint8 model" in refusals["dequantize"]
+        assert "model.layers.0.mlp.down_proj is an llmint8 layer sharded by a tensor-parallel style" in refusals[
+            "rowwise"
+        ]
+        assert refusals["llmint8_rowwise"] is True  # loads, and gives the logits of the default plan
+
+
+def test_plan_rewrite_covers_int8_layers_only():
+    """Without launching anything: which rules of llama's plan are pointed at hf_int8's styles."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_int8  # noqa: F401
+    from hf_int8 import tp
+    from hf_int8.quantizer import replace_with_int8_linear
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_tiny_config())
+    replace_with_int8_linear(model, ["lm_head", "model.layers.1.mlp.down_proj"], 6.0)
+    plan = dict(model.tp_plan)
+    tp.rewrite_plan(model, plan)
+    assert plan["model.layers.*.self_attn.q_proj"] == "llmint8_colwise"
+    assert plan["model.layers.*.mlp.down_proj"] == "llmint8_rowwise"  # layer 0's is int8; layer 1's keeps rowwise
+    assert plan["lm_head"] == "colwise_gather_output"  # a floating-point layer: transformers' own style
+    assert plan["model.embed_tokens"] == "embedding_rowwise"
 
 
 if __name__ == "__main__":
