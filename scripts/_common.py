@@ -131,6 +131,11 @@ class MethodSpec:
         return self.family not in ("float",)
 
     @property
+    def quantize_lm_head(self) -> bool:
+        """Whether the method quantizes the output head as well (``Int8Config(quantize_lm_head=True)``)."""
+        return self.family == "llmint8" and self.key.partition("@")[0].endswith("-int8head")
+
+    @property
     def worker_env(self) -> dict[str, str]:
         """Environment the method's worker process needs (the reference-kernel control turns the extension off)."""
         return {NATIVE_OFF_VARIABLE: "1"} if self.reference_kernels else {}
@@ -141,6 +146,8 @@ BASE_METHODS: dict[str, tuple[str, float | None, str]] = {
     "bf16": ("float", None, "floating point, bfloat16"),
     "llmint8-t6": ("llmint8", 6.0, "hf_int8 LLM.int8(), threshold 6.0"),
     "llmint8-t0": ("llmint8", 0.0, "hf_int8 LLM.int8(), threshold 0 (no outlier path)"),
+    # The opt-in int8 output head (Int8Config(quantize_lm_head=True)): the decode-speed lever of issue 14.
+    "llmint8-t6-int8head": ("llmint8", 6.0, "hf_int8 LLM.int8(), threshold 6.0, lm_head in int8 too"),
     # A control, not a default: the same algorithm on the pure-PyTorch reference kernels. Per layer it matches the
     # native kernels to fp32 rounding; end to end the difference shows how much a model's perplexity moves when only
     # the fp32 summation order changes (int8 rounding and the outlier threshold amplify such differences).
@@ -225,7 +232,7 @@ def _quantization_config(method: MethodSpec):
     if method.family == "llmint8":
         from hf_int8 import Int8Config
 
-        return Int8Config(threshold=method.threshold)
+        return Int8Config(threshold=method.threshold, quantize_lm_head=method.quantize_lm_head)
     if method.family == "bnb":
         from transformers import BitsAndBytesConfig
 

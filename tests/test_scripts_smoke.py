@@ -396,30 +396,35 @@ print(json.dumps([
 """
 
 
-def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch):
+def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch, request):
     """A llama.cpp row from a (fake) llama-bench in build_llamacpp's cache; its figures feed the issue-14 targets."""
     cache = tmp_path / "llamacpp"
     (cache / "bin").mkdir(parents=True)
     (cache / "models").mkdir()
     (cache / "models" / "smollm2-q8_0.gguf").write_bytes(b"GGUF" + bytes(100))
     fake = cache / "bin" / "llama-bench"
-    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, threads=2, decode=3.25))
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, threads=1, decode=3.25))
     fake.chmod(0o755)
     (cache / "bin" / "llama-quantize").write_text("#!/bin/sh\nexit 1\n")
     (cache / "bin" / "llama-quantize").chmod(0o755)
     monkeypatch.setenv("HF_INT8_LLAMACPP_CACHE", str(cache))
     out = tmp_path / "b"
     # The tiny llama under the name "smollm2": the name picks the GGUF in the cache.
-    argv = ["--models", f"smollm2={tiny['llama']}", "--methods", "bf16,llmint8-t6", "--text", str(tiny["text"]),
-            "--prompt-tokens", "64", "--new-tokens", "4", "--repeats", "1", "--threads", "2", "--out-dir", str(out),
+    argv = ["--models", f"smollm2={tiny['llama']}", "--methods", "bf16,llmint8-t6,llmint8-t6-int8head",
+            "--text", str(tiny["text"]),
+            "--prompt-tokens", "64", "--new-tokens", "8", "--repeats", "3", "--threads", "1", "--out-dir", str(out),
             "--in-process", "--no-plots"]
+    # One thread keeps the tiny decode timings measurable on a machine whose cores are busy; the in-process worker
+    # sets it for this whole process, so it is put back afterwards.
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     assert bench_e2e.main(argv) == 0
     data = json.loads((out / "bench.json").read_text())
     rows = {r["method"]: r for r in data["results"]}
-    assert list(rows) == ["llamacpp-q8_0", "bf16", "llmint8-t6@bf16"]
+    assert list(rows) == ["llamacpp-q8_0", "bf16", "llmint8-t6@bf16", "llmint8-t6-int8head@bf16"]
     llama = rows["llamacpp-q8_0"]
     assert llama["status"] == "ok", llama
-    assert (llama["prefill_tps"], llama["decode_b1_tps"], llama["threads"]) == (1000.0, 3.25, 2)
+    assert (llama["prefill_tps"], llama["decode_b1_tps"], llama["threads"]) == (1000.0, 3.25, 1)
     assert llama["storage_bytes"] == 104 and "decode_b8_tps" not in llama
     targets = {c["target"]: c for c in data["checks"]}
     peer = targets["issue 14: decode b1 >= 1.0x llama.cpp Q8_0 (ratio)"]
@@ -428,6 +433,8 @@ def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch
     for batch, bound in ((1, 2.5), (8, 1.8)):
         check = targets[f"issue 14: decode b{batch} >= {bound}x bf16 (ratio)"]
         assert check["bound"] == bound and check["pass"] == (check["value"] >= bound)
+    head = targets["issue 14: decode b1 >= 1.0x llama.cpp Q8_0 (ratio), int8 lm_head"]
+    assert head["value"] == pytest.approx(rows["llmint8-t6-int8head@bf16"]["decode_b1_tps"] / 3.25)
     assert "| llamacpp-q8_0 |" in (out / "bench.md").read_text()
 
     # --llamacpp off leaves it out; --llamacpp on without a build reports why in the row.
@@ -448,3 +455,11 @@ def test_parse_llama_bench_needs_both_figures():
         bench_e2e.parse_llama_bench(entries[:1], 512, 128)
     with pytest.raises(RuntimeError, match="prefill_tps"):
         bench_e2e.parse_llama_bench(entries, 256, 128)
+
+
+def test_int8_head_method_asks_for_an_int8_lm_head():
+    head, plain, bnb = C.parse_methods("llmint8-t6-int8head,llmint8-t6,bnb-t6", "bf16")
+    assert (head.key, head.threshold, head.quantize_lm_head) == ("llmint8-t6-int8head@bf16", 6.0, True)
+    assert not plain.quantize_lm_head and not bnb.quantize_lm_head
+    assert C._quantization_config(head).quantize_lm_head is True
+    assert C._quantization_config(plain).quantize_lm_head is False
