@@ -463,3 +463,23 @@ def test_int8_head_method_asks_for_an_int8_lm_head():
     assert not plain.quantize_lm_head and not bnb.quantize_lm_head
     assert C._quantization_config(head).quantize_lm_head is True
     assert C._quantization_config(plain).quantize_lm_head is False
+
+
+def test_bench_static_compile_eager_and_static_cache(tiny, tmp_path, capsys, request):
+    """The static-cache path runs and is compared with eager (the compile mode is measured by hand, not here)."""
+    import bench_static_compile
+
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    out = tmp_path / "sc.json"
+    argv = ["--model", f"tl={tiny['llama']}", "--modes", "eager,static", "--new-tokens", "6", "--repeats", "1",
+            "--threads", "1", "--text", str(tiny["text"]), "--out", str(out)]
+    assert bench_static_compile.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert list(data["modes"]) == ["eager", "static"]
+    for row in data["modes"].values():
+        assert isinstance(row["same_tokens_as_eager"], bool) and row["compile_s"] is None
+    assert data["modes"]["eager"]["same_tokens_as_eager"] is True
+    assert "| static |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'static'"):
+        bench_static_compile.main(["--model", f"tl={tiny['llama']}", "--modes", "static"])
