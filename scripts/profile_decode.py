@@ -120,6 +120,8 @@ def weight_bytes_per_step(model) -> dict[str, int]:
     from hf_int8.nn import Int8Linear
 
     head = model.get_output_embeddings()
+    inputs = model.get_input_embeddings()
+    tied = inputs is not None and head.weight is inputs.weight
     sizes = {"int8 layers": 0, "output head": 0, "other weights": 0}
     seen: set[int] = set()
     for module in model.modules():
@@ -133,7 +135,7 @@ def weight_bytes_per_step(model) -> dict[str, int]:
                 continue
             seen.add(id(tensor))
             sizes[key] += tensor.numel() * tensor.element_size()
-    if id(head.weight) in seen and head.weight.dtype != torch.int8:  # tied to the embedding: the head reads it all
+    if tied:  # the embedding's tensor, counted above as one row: the head reads all of it
         sizes["output head"] += head.weight.numel() * head.weight.element_size()
     return sizes
 
