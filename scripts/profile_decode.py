@@ -5,12 +5,14 @@ A decode step runs the model on one new token against a KV cache. This script lo
 (bf16 by default, like ``bench_e2e``), prefills a ``--prompt-tokens`` prompt, then times ``--steps`` decode forwards:
 
 1. without instrumentation: the step time (median) -- the figure the breakdown is compared against;
-2. with forward pre/post hooks on every module of interest, summing wall time per category per step:
+2. alternating with those plain steps (so both see the same load on a shared machine), steps with forward
+   pre/post hooks on every module of interest, summing wall time per category; the breakdown shown is that of the
+   hooked step of median length, so its parts add up to that step:
    ``linear layers`` (every ``Int8Linear``; ``nn.Linear`` in a bf16 run), ``output head`` (``lm_head``),
    ``attention + KV cache`` (the attention modules minus their projections: rotary embedding, cache update,
    scaled-dot-product attention), ``norms`` (RMSNorm/LayerNorm), ``MLP activation`` (the MLP modules minus their
    projections: SiLU and the gate product),
-   ``embedding``; ``other (Python, dispatch, residuals, mask)`` is the uninstrumented step minus all of these;
+   ``embedding``; ``other (Python, dispatch, residuals, mask)`` is the rest of that step (hooks' cost included);
 3. the weight-read bound: bytes of every weight a step reads (int8 codes, scales, the floating-point head and
    embedding row) over the read bandwidth measured in the same run (``bench_linear.measure_bandwidth``).
 
@@ -81,6 +83,7 @@ class StepTimer:
         self.module_time: dict[str, float] = defaultdict(float)
         self._start: dict[str, float] = {}
         self.handles = []
+        self.enabled = True
         for name, module in model.named_modules():
             if name in plan:
                 self.handles.append(module.register_forward_pre_hook(self._pre(name)))
@@ -88,13 +91,15 @@ class StepTimer:
 
     def _pre(self, name: str):
         def hook(module, args):
-            self._start[name] = time.perf_counter()
+            if self.enabled:
+                self._start[name] = time.perf_counter()
 
         return hook
 
     def _post(self, name: str):
         def hook(module, args, output):
-            self.module_time[name] += time.perf_counter() - self._start.pop(name)
+            if self.enabled:
+                self.module_time[name] += time.perf_counter() - self._start.pop(name)
 
         return hook
 
@@ -171,30 +176,34 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
     prompt = torch.tensor([ids])
 
-    def decode(n: int, timer: StepTimer | None) -> tuple[list[float], list[dict[str, float]]]:
+    timer = StepTimer(model, categorize(model))
+
+    def decode(n: int) -> tuple[list[float], list[float], list[dict[str, float]]]:
+        """``n`` plain and ``n`` timed steps, alternating, so that both see the same machine load."""
+        timer.enabled = False
         out = model(input_ids=prompt, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        times, cats = [], []
-        for _ in range(n):
-            if timer:
-                timer.reset()
+        plain, hooked, cats = [], [], []
+        for step in range(2 * n):
+            timer.enabled = step % 2 == 1
+            timer.reset()
             t0 = time.perf_counter()
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - t0)
-            if timer:
+            (hooked if timer.enabled else plain).append(time.perf_counter() - t0)
+            if timer.enabled:
                 cats.append(timer.categories())
-        return times, cats
+        return plain, hooked, cats
 
     with torch.inference_mode():
-        decode(args.warmup, None)
-        plain, _ = decode(args.steps, None)
-        timer = StepTimer(model, categorize(model))
-        hooked, per_step = decode(args.steps, timer)
+        decode(max(1, args.warmup // 2))
+        plain, hooked, per_step = decode(args.steps)
         timer.remove()
     step = statistics.median(plain)
-    breakdown = {c: statistics.median(s[c] for s in per_step) for c in CATEGORIES}
-    breakdown[OTHER] = step - sum(breakdown.values())
+    order = sorted(range(len(hooked)), key=hooked.__getitem__)
+    middle = order[len(order) // 2]  # the hooked step of median length: its parts add up to it
+    breakdown = dict(per_step[middle])
+    breakdown[OTHER] = hooked[middle] - sum(breakdown.values())
 
     import bench_linear
 
@@ -205,7 +214,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         "meta": C.run_metadata(["scripts/profile_decode.py", *sys.argv[1:]]),
         "model": spec.label, "method": method.key, "quantize_lm_head": args.quantize_lm_head,
         "threads": torch.get_num_threads(), "load_s": load_s, "prompt_tokens": len(ids), "steps": args.steps,
-        "step_s": step, "step_hooked_s": statistics.median(hooked), "tokens_per_s": 1.0 / step,
+        "step_s": step, "step_hooked_s": hooked[middle], "tokens_per_s": 1.0 / step,
         "breakdown_s": breakdown, "weight_bytes": nbytes, "bandwidth_bytes_per_s": bandwidth,
         "bandwidth_probe": probe, "weight_read_bound_s": bound_s, "kernels": C.kernels_in_use(),
     }  # fmt: skip
@@ -220,11 +229,12 @@ def render(r: dict[str, Any]) -> str:
         C.machine_markdown(r["meta"]),
         "",
         f"Batch 1, {r['prompt_tokens']}-token prompt, median of {r['steps']} steps, {r['threads']} threads: "
-        f"**{step * 1e3:.1f} ms/step = {r['tokens_per_s']:.2f} tok/s** (with hooks: {r['step_hooked_s'] * 1e3:.1f} "
-        "ms; the difference is the hooks' own cost, left in the categories).",
+        f"**{step * 1e3:.1f} ms/step = {r['tokens_per_s']:.2f} tok/s**. Breakdown of the median hooked step "
+        f"({r['step_hooked_s'] * 1e3:.1f} ms; hooks cost the difference, in 'other'):",
         "",
     ]
-    rows = [[name, f"{sec * 1e3:.2f}", f"{100 * sec / step:.1f}%"] for name, sec in r["breakdown_s"].items()]
+    hooked = r["step_hooked_s"]
+    rows = [[name, f"{sec * 1e3:.2f}", f"{100 * sec / hooked:.1f}%"] for name, sec in r["breakdown_s"].items()]
     lines += [C.markdown_table(["part", "ms/step", "share"], rows), ""]
     nb = r["weight_bytes"]
     bw = r["bandwidth_bytes_per_s"]
