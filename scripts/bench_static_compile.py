@@ -9,6 +9,8 @@ Three ways to run greedy ``generate`` on the same model in one process (same pro
   the first ``generate`` pays the compile (reported as ``compile_s``: its time minus a steady-state run), later
   calls reuse the graph.
 
+After one warm-up call per mode, the modes take turns for each of ``--repeats`` rounds (same load for all).
+
 Decode tok/s is ``(new - 1) / (t(new) - t(1))`` (prefill subtracted), median of ``--repeats``; the generated tokens of
 every mode are compared with eager's (greedy: they should match; a mismatch is reported, not hidden).
 
@@ -49,36 +51,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eager_forward = model.forward
+    forwards = {m: torch.compile(eager_forward, dynamic=False) if m == "static+compile" else eager_forward
+                for m in args.modes}  # fmt: skip
+
+    def generate(mode: str, n: int) -> torch.Tensor:
+        model.forward = forwards[mode]
+        extra = {} if mode == "eager" else {"cache_implementation": "static"}
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=pad, **extra)  # fmt: skip
+
     results: dict[str, Any] = {}
     reference = None
-    for mode in args.modes:
-        extra: dict[str, Any] = {}
-        if mode != "eager":
-            extra["cache_implementation"] = "static"
-        model.forward = torch.compile(eager_forward, dynamic=False) if mode == "static+compile" else eager_forward
-
-        def generate(n: int, extra=extra) -> torch.Tensor:
-            with torch.inference_mode():
-                return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=pad, **extra)  # fmt: skip
-
+    for mode in args.modes:  # first call of each mode: warm-up (and the compile)
         start = time.perf_counter()
-        out = generate(args.new_tokens)  # first call: warm-up (and the compile)
-        first_s = time.perf_counter() - start
-        one = statistics.median(_timed(lambda: generate(1)) for _ in range(args.repeats))
-        full_times = [_timed(lambda: generate(args.new_tokens)) for _ in range(args.repeats)]
-        full = statistics.median(full_times)
-        row = {
-            "decode_tps": (args.new_tokens - 1) / (full - one) if full > one else None,
-            "first_generate_s": first_s,
-            "generate_s": full,
-            "compile_s": first_s - full if mode == "static+compile" else None,
-        }
+        out = generate(mode, args.new_tokens)
         tokens = out[0, ids.shape[1] :].tolist()
-        if reference is None:
-            reference = tokens
-        row["same_tokens_as_eager"] = tokens == reference
-        results[mode] = row
+        reference = reference if reference is not None else tokens
+        results[mode] = {"first_generate_s": time.perf_counter() - start, "same_tokens_as_eager": tokens == reference}
+    # Then the modes take turns, so a change of load on a shared machine hits them alike.
+    one: dict[str, list[float]] = {m: [] for m in args.modes}
+    full: dict[str, list[float]] = {m: [] for m in args.modes}
+    for _ in range(args.repeats):
+        for mode in args.modes:
+            one[mode].append(_timed(lambda mode=mode: generate(mode, 1)))
+            full[mode].append(_timed(lambda mode=mode: generate(mode, args.new_tokens)))
+    for mode, row in results.items():
+        t1, tn = statistics.median(one[mode]), statistics.median(full[mode])
+        row["decode_tps"] = (args.new_tokens - 1) / (tn - t1) if tn > t1 else None
+        row["generate_s"] = tn
+        row["compile_s"] = row["first_generate_s"] - tn if mode == "static+compile" else None
         print(f"[bench_static_compile] {mode}: {row}", file=sys.stderr, flush=True)
     model.forward = eager_forward
     return {
