@@ -119,7 +119,7 @@ class StepTimer:
 
 
 def weight_bytes_per_step(model) -> dict[str, int]:
-    """Bytes one decode step reads: int8 layers (codes + scales + bias), other floating-point weights, the head."""
+    """Bytes one decode step reads: linear layers (int8 codes + scales + bias), other weights, the output head."""
     import torch
 
     from hf_int8.nn import Int8Linear
@@ -127,14 +127,15 @@ def weight_bytes_per_step(model) -> dict[str, int]:
     head = model.get_output_embeddings()
     inputs = model.get_input_embeddings()
     tied = inputs is not None and head.weight is inputs.weight
-    sizes = {"int8 layers": 0, "output head": 0, "other weights": 0}
+    sizes = {"linear layers": 0, "output head": 0, "other weights": 0}
     seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding) and module is not head:
             sizes["other weights"] += module.weight.shape[1] * module.weight.element_size()  # one row per token
             seen.add(id(module.weight))
             continue
-        key = "output head" if module is head else "int8 layers" if isinstance(module, Int8Linear) else "other weights"
+        linear = isinstance(module, (Int8Linear, torch.nn.Linear))
+        key = "output head" if module is head else "linear layers" if linear else "other weights"
         for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             if id(tensor) in seen:
                 continue
