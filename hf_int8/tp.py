@@ -52,6 +52,9 @@ class Int8Shard:
     world: int
     mesh: Any  # the TP DeviceMesh, used to gather the layer back when saving
 
+    def __deepcopy__(self, memo: dict) -> Int8Shard:
+        return self  # immutable, and the process group behind ``mesh`` is not something a copy could duplicate
+
     def take(self, codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the full ``codes`` [out, in] and ``scale`` [out] (copies: the full ones are freed)."""
         end = self.offset + self.size

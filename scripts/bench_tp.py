@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-tokens", type=int, default=64, help="greedy tokens for the demo prompt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--world", type=int, default=2, help="tensor-parallel processes (1 thread each)")
+    parser.add_argument("--also-1x1", action="store_true",
+                        help="add a 1 process x 1 thread row: the per-thread baseline, which core contention from "
+                             "other jobs does not slow down the way it slows a 2-thread process")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--quality", action="store_true", help="perplexity and logits, plus an fp32 reference row")
     parser.add_argument("--max-tokens", type=int, default=8192)
@@ -375,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     tp_name = f"llmint8 {args.world}x1 TP"
     configs = [{"config": SINGLE, "tp": False, "threads": THREADS, "quantize": args.source == "fp"},
                {"config": tp_name, "tp": True, "threads": 1, "quantize": args.source == "fp"}]
+    if args.also_1x1:
+        configs.append({"config": "llmint8 1x1", "tp": False, "threads": 1, "quantize": args.source == "fp"})
     if args.quality:
         configs.append({"config": "fp32 1x2", "tp": False, "threads": THREADS, "quantize": False,
                         "speed": False, "path": str(spec.path())})
