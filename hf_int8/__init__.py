@@ -1,8 +1,10 @@
 """hf_int8: LLM.int8() as a first-class transformers quantization method, ``quant_method="llmint8"``.
 
-``import hf_int8`` registers the method with transformers; then
-``from_pretrained(path, quantization_config=Int8Config())`` quantizes on load, and a saved llmint8 checkpoint
-reloads as int8 with no extra argument.
+Installing the package is enough: its start-up hook (``hf_int8_autoload``) imports this module as soon as a program
+imports transformers' quantizer registry, and ``hf_int8.peft`` when it imports peft. ``import hf_int8`` registers the
+method too (idempotent). Then ``from_pretrained(path, quantization_config=Int8Config())`` (or
+``{"quant_method": "llmint8"}``) quantizes on load, and a saved llmint8 checkpoint reloads as int8 with no extra
+argument.
 """
 
 from __future__ import annotations
