@@ -264,6 +264,7 @@ def llamacpp_row(spec: C.ModelSpec, threads: int, prompt_tokens: int, new_tokens
             raise RuntimeError(f"llama-bench exited with {result.returncode}: {result.stderr[-2000:]}")
         row.update(parse_llama_bench(json.loads(result.stdout), prompt_tokens, new_tokens))
         row["storage_bytes"] = gguf.stat().st_size
+        row["prefill_logits"] = "llama-bench's own"  # llama.cpp's choice of outputs, not set from here
         row["prompt_tokens"], row["new_tokens"] = prompt_tokens, new_tokens
     except Exception as exc:  # reported in the table like any other method that cannot run
         row.update(status="error", error=C.error_string(exc))
