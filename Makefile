@@ -39,7 +39,7 @@ $(STAMPS)/deps: $(PY) pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "$(TRANSFORMERS_SPEC)" "accelerate==1.15.0" "safetensors>=0.4" numpy ninja \
 		"setuptools>=68" wheel "gguf==0.19.0" tqdm pytest hypothesis ruff \
-		"bitsandbytes==0.50.2" "peft==0.21.2" matplotlib
+		"bitsandbytes==0.50.2" "peft==0.21.2" "trl==1.16.0" matplotlib
 	@touch $@
 
 # The arch list of the last build, rewritten only when it differs: a new TORCH_CUDA_ARCH_LIST rebuilds the kernels.
