@@ -61,7 +61,7 @@ def test_quantize_prints_a_summary(fp_path, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["--threshold", "-1"], 2, "threshold must be finite and >= 0 (0 disables the outlier path), got -1.0"),
+        (["--threshold", "-1"], 2, "threshold must be a finite number >= 0 (0 disables the outlier path), got -1.0"),
         (["--threshold", "nan"], 2, "got nan"),
         (["--skip", "no_such_layer"], 3, "skip_modules entry 'no_such_layer' matches no module"),
     ],
