@@ -275,7 +275,7 @@ print(json.dumps({
 
 
 @pytest.mark.slow
-def test_trl_sft_trainer_with_a_plain_lora_config_without_importing_hf_int8(smollm2_path, lee_text, tmp_path):
+def test_trl_sft_with_a_plain_lora_config_without_importing_hf_int8(smollm2_path, lee_text, tmp_path):
     """TRL's SFTTrainer(model, peft_config=LoraConfig(...)) on an llmint8 SmolLM2 over real text (issue 15)."""
     pytest.importorskip("trl", reason="trl (a test extra) is not installed")
     pytest.importorskip("datasets", reason="datasets (installed with trl) is not installed")
