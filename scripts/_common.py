@@ -463,6 +463,18 @@ def run_worker(
         return {"status": "error", "error": f"worker exited with code {proc.returncode} and wrote no result. {tail}"}
 
 
+def start_single_model_run(args) -> tuple[ModelSpec, MethodSpec]:
+    """Set-up shared by the one-model scripts: quiet warnings, fixed seeds, ``--threads``, and the parsed
+    ``--model`` / ``--method`` (with ``--dtype`` as the method's default dtype)."""
+    import torch
+
+    quiet_library_warnings()
+    seed_everything()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return parse_models(args.model)[0], parse_methods(args.method, args.dtype)[0]
+
+
 def error_string(exc: BaseException) -> str:
     """One line for a results table: exception type and first line of its message (trimmed)."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

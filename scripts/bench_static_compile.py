@@ -37,12 +37,7 @@ MODES = ("eager", "static", "static+compile")
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    C.quiet_library_warnings()
-    C.seed_everything()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = C.parse_models(args.model)[0]
-    method = C.parse_methods(args.method, args.dtype)[0]
+    spec, method = C.start_single_model_run(args)
     model = C.load_model(spec, method)
     tokenizer = C.load_tokenizer(spec)
     from eval_quality import read_text

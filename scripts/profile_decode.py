@@ -149,12 +149,7 @@ def weight_bytes_per_step(model) -> dict[str, int]:
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    C.quiet_library_warnings()
-    C.seed_everything()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = C.parse_models(args.model)[0]
-    method = C.parse_methods(args.method, args.dtype)[0]
+    spec, method = C.start_single_model_run(args)
     if method.family != "llmint8" and args.quantize_lm_head:
         raise ValueError(f"--quantize-lm-head applies to llmint8 methods, got {args.method!r}")
     start = time.perf_counter()

@@ -483,3 +483,21 @@ def test_bench_static_compile_eager_and_static_cache(tiny, tmp_path, capsys, req
     assert "| static |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="'static'"):
         bench_static_compile.main(["--model", f"tl={tiny['llama']}", "--modes", "static"])
+
+
+def test_profile_decode_splits_a_step_into_parts(tiny, tmp_path, capsys, request):
+    """One decode step of a tiny llmint8 model, split by part, against the weight-read bound of the same run."""
+    import profile_decode
+
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    out = tmp_path / "profile.json"
+    argv = ["--model", f"tl={tiny['llama']}", "--prompt-tokens", "8", "--steps", "2", "--warmup", "1",
+            "--threads", "1", "--probe-mib", "16", "--text", str(tiny["text"]), "--out", str(out)]
+    assert profile_decode.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["steps"] == 2 and data["step_s"] > 0 and data["tokens_per_s"] > 0
+    parts = data["breakdown_s"]
+    assert all(v >= 0 for v in parts.values()) and sum(parts.values()) > 0
+    assert data["weight_bytes"]["linear layers"] > 0 and data["weight_read_bound_s"] > 0
+    assert "Bound:" in capsys.readouterr().out
