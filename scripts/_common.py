@@ -146,7 +146,7 @@ BASE_METHODS: dict[str, tuple[str, float | None, str]] = {
     "bf16": ("float", None, "floating point, bfloat16"),
     "llmint8-t6": ("llmint8", 6.0, "hf_int8 LLM.int8(), threshold 6.0"),
     "llmint8-t0": ("llmint8", 0.0, "hf_int8 LLM.int8(), threshold 0 (no outlier path)"),
-    # The opt-in int8 output head (Int8Config(quantize_lm_head=True)): the decode-speed lever of issue 14.
+    # The opt-in int8 output head (Int8Config(quantize_lm_head=True)): a decode-speed lever.
     "llmint8-t6-int8head": ("llmint8", 6.0, "hf_int8 LLM.int8(), threshold 6.0, lm_head in int8 too"),
     # A control, not a default: the same algorithm on the pure-PyTorch reference kernels. Per layer it matches the
     # native kernels to fp32 rounding; end to end the difference shows how much a model's perplexity moves when only

@@ -360,19 +360,19 @@ def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict
         if bf16 and ours.get("prefill_tps") and bf16.get("prefill_tps"):
             check(model, "prefill >= 1.5x bf16 (ratio)", ours["prefill_tps"] / bf16["prefill_tps"], 1.5,
                   lambda v, b: v >= b)
-        # Issue 14: decode at llama.cpp's Q8_0 speed, and further above bf16; also with the opt-in int8 head.
+        # Speed targets: decode at llama.cpp's Q8_0 speed, and further above bf16; also with the opt-in int8 head.
         llama = _find(rows, model, LLAMACPP_METHOD)
         for variant, suffix in (("llmint8-t6", ""), ("llmint8-t6-int8head", ", int8 lm_head")):
             row = _find(rows, model, variant)
             if row is None:
                 continue
             if llama and row.get("decode_b1_tps") and llama.get("decode_b1_tps"):
-                check(model, f"issue 14: decode b1 >= 1.0x llama.cpp Q8_0 (ratio){suffix}",
+                check(model, f"speed target: decode b1 >= 1.0x llama.cpp Q8_0 (ratio){suffix}",
                       row["decode_b1_tps"] / llama["decode_b1_tps"], 1.0, lambda v, b: v >= b)
             for batch, bound in ((1, 2.5), (8, 1.8)):
                 key = f"decode_b{batch}_tps"
                 if bf16 and row.get(key) and bf16.get(key):
-                    check(model, f"issue 14: decode b{batch} >= {bound}x bf16 (ratio){suffix}",
+                    check(model, f"speed target: decode b{batch} >= {bound}x bf16 (ratio){suffix}",
                           row[key] / bf16[key], bound, lambda v, b: v >= b)
         def mb(row: dict[str, Any], key: str) -> float | None:
             return row[key] / C.MB if row.get(key) is not None else None
@@ -442,7 +442,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                           C.row_kernel(r)])
         out += [C.markdown_table(headers, table), ""]
     if data["checks"]:
-        out.append("## Targets (issue 5) and issue 14, on these figures\n")
+        out.append("## Targets, on these figures\n")
         table = [[c["model"], c["target"], f"{c['value']:.2f}", f"{c['bound']:.2f}", "PASS" if c["pass"] else "FAIL"]
                  for c in data["checks"]]
         out += [C.markdown_table(["model", "target", "llmint8 t=6", "bound", "result"], table), ""]

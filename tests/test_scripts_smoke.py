@@ -170,7 +170,7 @@ def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
     assert _table_header(markdown, "method") == ["method", "load s", "peak RSS load MB", "peak anon load MB",
                                                  "footprint MB", "storage MB", "prefill tok/s", "decode b1 tok/s",
                                                  "decode b8 tok/s", "llmint8 kernel"]
-    assert "## Targets (issue 5)" in markdown and "in-process run" in markdown
+    assert "## Targets" in markdown and "in-process run" in markdown
     if HAS_MATPLOTLIB:
         _check_pngs(data["charts"], ["bench_speed.png", "bench_memory.png"])
         import plots
@@ -427,13 +427,13 @@ def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch
     assert (llama["prefill_tps"], llama["decode_b1_tps"], llama["threads"]) == (1000.0, 3.25, 1)
     assert llama["storage_bytes"] == 104 and "decode_b8_tps" not in llama
     targets = {c["target"]: c for c in data["checks"]}
-    peer = targets["issue 14: decode b1 >= 1.0x llama.cpp Q8_0 (ratio)"]
+    peer = targets["speed target: decode b1 >= 1.0x llama.cpp Q8_0 (ratio)"]
     assert peer["value"] == pytest.approx(rows["llmint8-t6@bf16"]["decode_b1_tps"] / 3.25)
     assert peer["pass"] == (peer["value"] >= 1.0)
     for batch, bound in ((1, 2.5), (8, 1.8)):
-        check = targets[f"issue 14: decode b{batch} >= {bound}x bf16 (ratio)"]
+        check = targets[f"speed target: decode b{batch} >= {bound}x bf16 (ratio)"]
         assert check["bound"] == bound and check["pass"] == (check["value"] >= bound)
-    head = targets["issue 14: decode b1 >= 1.0x llama.cpp Q8_0 (ratio), int8 lm_head"]
+    head = targets["speed target: decode b1 >= 1.0x llama.cpp Q8_0 (ratio), int8 lm_head"]
     assert head["value"] == pytest.approx(rows["llmint8-t6-int8head@bf16"]["decode_b1_tps"] / 3.25)
     assert "| llamacpp-q8_0 |" in (out / "bench.md").read_text()
 
