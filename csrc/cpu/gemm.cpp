@@ -1,6 +1,6 @@
-// int8 GEMM driver: picks the kernel for the ISA and the number of rows, lays A out the way that kernel wants,
-// splits the columns between threads (at::parallel_for) and lets the kernel finish every element through the fused
-// epilogue. Also the ops int8_matmul and int8_scaled_matmul.
+// int8 GEMM driver: picks the kernel for the ISA and the number of rows, splits the columns between threads
+// (at::parallel_for) and lets the kernel finish every element through the fused epilogue. Also the ops int8_matmul
+// and int8_scaled_matmul.
 //
 // Paths (see gemm_path_name):
 //   avx512-vnni small-M   M <= 8, streams B once (decode)
@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "hf_int8/cpu_kernels.h"
@@ -164,13 +163,7 @@ const char* gemm_path_name(Isa isa, int64_t M) {
   }
 }
 
-ALayout gemm_a_layout(Isa isa, int64_t M, int64_t K) {
-  switch (choose(isa, M)) {
-    default: return {K, M};
-  }
-}
-
-void gemm(Isa isa, const GemmProblem& p, bool a_padded) {
+void gemm(Isa isa, const GemmProblem& p) {
   if (p.M == 0 || p.N == 0) return;
   if (p.K == 0) {  // empty sums: every accumulator is 0
     finish_all(p, nullptr, 0);
@@ -178,17 +171,6 @@ void gemm(Isa isa, const GemmProblem& p, bool a_padded) {
   }
   const Path path = choose(isa, p.M);
   GemmProblem q = p;
-
-  // A in the layout the kernel reads (zero padding in K and, for AMX, in rows).
-  at::Tensor a_copy;
-  const ALayout layout = gemm_a_layout(isa, p.M, p.K);
-  if (!a_padded && (layout.ld != p.K || layout.rows != p.M)) {
-    a_copy = at::zeros({layout.rows, layout.ld}, at::kChar);
-    int8_t* dst = a_copy.data_ptr<int8_t>();
-    for (int64_t m = 0; m < p.M; ++m) std::memcpy(dst + m * layout.ld, p.a + m * p.lda, static_cast<size_t>(p.K));
-    q.a = dst;
-    q.lda = layout.ld;
-  }
 
   // Row sums of A for the +128 shift of the VNNI kernels.
   at::Tensor rowsum;
@@ -287,7 +269,7 @@ at::Tensor int8_matmul_cpu(const at::Tensor& a, const at::Tensor& b) {
   p.ep.kind = OutKind::kInt32;
   p.ep.out = out.data_ptr();
   p.ep.ldo = p.N;
-  gemm(selected_isa(), p, /*a_padded=*/false);
+  gemm(selected_isa(), p);
   return out;
 }
 
@@ -321,7 +303,7 @@ at::Tensor int8_scaled_matmul_cpu(const at::Tensor& a, const at::Tensor& b, cons
   p.ep.row_scale = rs.data_ptr<float>();
   p.ep.col_scale = cs.data_ptr<float>();
   p.ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  gemm(selected_isa(), p, /*a_padded=*/false);
+  gemm(selected_isa(), p);
   return out;
 }
 

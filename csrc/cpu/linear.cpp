@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "hf_int8/cpu_kernels.h"
@@ -72,17 +71,12 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (M == 0 || N == 0) return out.view(out_shape);
 
   const Isa isa = selected_isa();
-  const ALayout layout = gemm_a_layout(isa, M, K);
-  at::Tensor codes = at::empty({layout.rows, layout.ld}, x.options().dtype(at::kChar));
-  if (layout.rows > M) {
-    std::memset(codes.data_ptr<int8_t>() + M * layout.ld, 0, static_cast<size_t>((layout.rows - M) * layout.ld));
-  }
+  at::Tensor codes = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor row_scale = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor rowsum = at::empty({M}, x.options().dtype(at::kInt));
   std::vector<uint8_t> col_mask(static_cast<size_t>(K));
   ActQuantOut q;
   q.codes = codes.data_ptr<int8_t>();
-  q.ldc = layout.ld;
   q.row_scale = row_scale.data_ptr<float>();
   q.rowsum = rowsum.data_ptr<int32_t>();
   q.col_mask = col_mask.data();
@@ -112,7 +106,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   p.N = N;
   p.K = K;
   p.a = codes.data_ptr<int8_t>();
-  p.lda = layout.ld;
+  p.lda = K;
   p.a_rowsum = rowsum.data_ptr<int32_t>();
   p.b = w.data_ptr<int8_t>();
   p.ldb = K;
@@ -125,7 +119,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   p.ep.n_outliers = n_outliers;
   p.ep.outlier_cols = n_outliers > 0 ? cols.data_ptr<int64_t>() : nullptr;
   p.ep.x_outlier = n_outliers > 0 ? x_outlier.data_ptr<float>() : nullptr;
-  gemm(isa, p, /*a_padded=*/true);
+  gemm(isa, p);
   return out.view(out_shape);
 }
 

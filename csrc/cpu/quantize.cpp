@@ -24,7 +24,6 @@
 #endif
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -285,9 +284,7 @@ int64_t quantize_activation_into(Isa isa, InKind in, const void* x, int64_t M, i
       } else {
         absmax = ops.stats(row, K, 0.0f, nullptr);
       }
-      int8_t* codes = out.codes + m * out.ldc;
-      const int32_t sum = ops.encode(row, K, multiplier_from_absmax(absmax), mask, codes);
-      if (out.ldc > K) std::memset(codes + K, 0, static_cast<size_t>(out.ldc - K));
+      const int32_t sum = ops.encode(row, K, multiplier_from_absmax(absmax), mask, out.codes + m * K);
       if (out.rowsum != nullptr) out.rowsum[m] = sum;
       out.row_scale[m] = scale_from_absmax(absmax);
     }
@@ -327,7 +324,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation_cpu(const at:
   at::Tensor mask = at::empty({K}, xc.options().dtype(at::kBool));
   ActQuantOut out;
   out.codes = codes.data_ptr<int8_t>();
-  out.ldc = K;
   out.row_scale = row_scale.data_ptr<float>();
   out.col_mask = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
   quantize_activation_into(selected_isa(), in, xc.data_ptr(), M, K, K, static_cast<float>(threshold), out);
@@ -345,7 +341,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_weight_cpu(const at::Tensor& weight)
   at::Tensor scale = at::empty({N}, w.options().dtype(at::kFloat));
   ActQuantOut out;
   out.codes = codes.data_ptr<int8_t>();
-  out.ldc = K;
   out.row_scale = scale.data_ptr<float>();
   // Row-wise absmax quantization is activation quantization without outlier columns (threshold 0).
   quantize_activation_into(selected_isa(), in, w.data_ptr(), N, K, K, 0.0f, out);

@@ -139,8 +139,7 @@ inline void finish_element(const GemmProblem& p, int64_t m, int64_t n, int32_t a
 // ------------------------------------------------------------------------------------------------------------------
 // Result buffers of the LLM.int8() activation quantization of x [M, K] (row stride ldx elements).
 struct ActQuantOut {
-  int8_t* codes = nullptr;     // [M, ldc], columns [K, ldc) are zero-filled (padding for the packed GEMMs)
-  int64_t ldc = 0;
+  int8_t* codes = nullptr;     // [M, K] row-major
   float* row_scale = nullptr;  // [M]  absmax / INT8_MAX over the non-outlier columns
   int32_t* rowsum = nullptr;   // [M]  sum of the codes of each row, or nullptr when not needed
   uint8_t* col_mask = nullptr; // [K]  1 where the column holds an outlier (|x| >= threshold in any row)
@@ -161,19 +160,10 @@ int64_t quantize_activation_into(Isa isa, InKind in, const void* x, int64_t M, i
 // ------------------------------------------------------------------------------------------------------------------
 // GEMM (gemm.cpp): runs the problem on the best path for `isa`, threaded, writing ep.out.
 // ------------------------------------------------------------------------------------------------------------------
-// How A must be laid out for the path gemm() picks: rows of `ld` bytes (columns [K, ld) zero) and `rows` rows
-// allocated (rows [M, rows) zero). A GemmProblem whose A does not satisfy this is copied into such a buffer first;
-// callers that produce A themselves (int8_linear) write it this way directly and set a_padded.
-struct ALayout {
-  int64_t ld = 0;
-  int64_t rows = 0;
-};
-ALayout gemm_a_layout(Isa isa, int64_t M, int64_t K);
-
 // Which kernel gemm() runs for this ISA and problem size ("avx512-vnni small-M", ...), for tests and benchmarks.
 const char* gemm_path_name(Isa isa, int64_t M);
 
-void gemm(Isa isa, const GemmProblem& p, bool a_padded);
+void gemm(Isa isa, const GemmProblem& p);
 
 // ISA kernels. Each computes the rows/columns it is given and finishes them through the epilogue.
 constexpr int64_t kPanelCols = 16;  // columns of B per packed panel: [ceil(Kp / 4)][16][4] bytes (VNNI / AMX layout)
