@@ -52,8 +52,6 @@ Path choose(Isa isa, int64_t M) {
   return Path::kGeneric;
 }
 
-int64_t round_up(int64_t v, int64_t m) { return ceil_div(v, m) * m; }
-
 // Precomputes w_outlier(n, j) = float(b[n, col_j]) * col_scale[n] as [n_outliers, N].
 at::Tensor outlier_weights(const GemmProblem& p) {
   const Epilogue& ep = p.ep;

@@ -9,13 +9,7 @@
 //
 // Blocking: each thread owns a range of weight rows, taken in blocks of about 1 MiB that stay in L2 while every
 // 32-token block of the packed activations passes over them; the first pass prefetches the block from memory.
-// GCC 12 warns about the _mm512_undefined_*() placeholders inside its own AVX-512 intrinsics (GCC bug 105593,
-// fixed in GCC 13): false positives, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include "hf_int8/cpu_avx512_epilogue.h"
+#include "hf_int8/cpu_avx512.h"
 #include "hf_int8/cpu_kernels.h"
 
 #if HF_INT8_X86
@@ -204,7 +198,7 @@ HF_INT8_TARGET_AMX void configure_tiles() {
 }
 
 void pack_activations(const GemmProblem& p, int64_t panel_begin, int64_t panel_end, uint8_t* panels) {
-  const int64_t kq = ceil_div(p.K, kKAlign) * kKAlign / 4;
+  const int64_t kq = round_up(p.K, kKAlign) / 4;
   for (int64_t q = panel_begin; q < panel_end; ++q) {
     const int64_t m0 = q * kPanelCols;
     avx512::pack_panel(p.a + m0 * p.lda, p.lda, std::min<int64_t>(kPanelCols, p.M - m0), p.K, kq, /*flip=*/false,
@@ -214,7 +208,7 @@ void pack_activations(const GemmProblem& p, int64_t panel_begin, int64_t panel_e
 
 HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int64_t n_begin, int64_t n_end,
                              int64_t rows_per_block) {
-  const int64_t kp = ceil_div(p.K, kKAlign) * kKAlign;
+  const int64_t kp = round_up(p.K, kKAlign);
   const int64_t panel_bytes = kp * 16;
   const int64_t m_panels = ceil_div(p.M, kPanelCols);
   // The last weight rows are copied to a zero-padded block when the tiles would read past the weight (fewer than 32
@@ -257,7 +251,7 @@ HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int6
 
 HF_INT8_TARGET_AMX void gemm_kblocked(const GemmProblem& p, const uint8_t* x_panels, int64_t n_begin, int64_t n_end,
                                       int64_t rows_per_block) {
-  const int64_t kp = ceil_div(p.K, kKAlign) * kKAlign;
+  const int64_t kp = round_up(p.K, kKAlign);
   const int64_t panel_bytes = kp * 16;
   const int64_t m_panels = ceil_div(p.M, kPanelCols);
   const int64_t subs_max = ceil_div(rows_per_block, 32);

@@ -10,13 +10,7 @@
 // packed (M > 8): B is packed per 16 columns into the VNNI layout [K/4][16][4] (u8), then a 12 x 32 register tile
 //   (24 accumulators) walks K four bytes at a time with A broadcast from memory: no horizontal reductions, and the
 //   epilogue runs on the accumulators straight from registers.
-// GCC 12 warns about the _mm512_undefined_*() placeholders inside its own AVX-512 intrinsics (GCC bug 105593,
-// fixed in GCC 13): false positives, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include "hf_int8/cpu_avx512_epilogue.h"
+#include "hf_int8/cpu_avx512.h"
 #include "hf_int8/cpu_kernels.h"
 
 #if HF_INT8_X86

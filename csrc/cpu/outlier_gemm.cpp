@@ -16,19 +16,13 @@
 //   register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over dequantized weights, walking the outlier columns
 //   in chunks whose gathered weights fit in L1.
 // Not BLAS: a BLAS splits its work, and its fp32 sums, by the number of threads.
-// GCC 12 warns about the _mm512_undefined_*() placeholders inside its own AVX-512 intrinsics (GCC bug 105593,
-// fixed in GCC 13): false positives, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-#include "hf_int8/cpu_avx512_epilogue.h"
+#include "hf_int8/cpu_avx512.h"
 #include "hf_int8/cpu_kernels.h"
 
 #if HF_INT8_X86
@@ -41,8 +35,6 @@ namespace {
 
 constexpr int64_t kStripRows = 32;  // weight rows per work item (the product is padded to a multiple of this)
 constexpr int64_t kJChunk = 256;    // FMA path: outlier columns per pass over the tokens (table: 32 KiB, in L1)
-
-int64_t round_up_to(int64_t v, int64_t m) { return ceil_div(v, m) * m; }
 
 struct Problem {
   const float* x;        // [M, J]: the outlier columns of the activations
@@ -315,13 +307,13 @@ void to_b_tiles(const uint16_t* rows, int64_t n_pieces, int64_t mp, int64_t jp, 
 
 }  // namespace
 
-int64_t outlier_product_cols(int64_t N) { return round_up_to(N, kStripRows); }
+int64_t outlier_product_cols(int64_t N) { return round_up(N, kStripRows); }
 
 bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& storage, AmxOutliers& out) {
 #if HF_INT8_X86
   if (isa < Isa::kAmx || !amx::bf16_available()) return false;
   const int64_t M = p.M, J = p.ep.n_outliers;
-  const int64_t mp = round_up_to(M, kAmxRows), jp = round_up_to(J, kAmxJStep);
+  const int64_t mp = round_up(M, kAmxRows), jp = round_up(J, kAmxJStep);
   std::vector<uint16_t> rows(static_cast<size_t>(kMaxPieces * mp * jp), 0);  // [piece][mp][jp], row-major
   uint16_t* pieces = rows.data();
   const float* x = p.ep.x_outlier;

@@ -9,12 +9,6 @@
 //     row scale. Outlier columns get code 0.
 // Rows are split into fixed blocks for the threads; each block ORs its outlier columns into its own bitmap and the
 // bitmaps are combined in block order, so the result never depends on the number of threads.
-// GCC 12 warns about the _mm512_undefined_*() placeholders inside its own AVX-512 intrinsics (GCC bug 105593,
-// fixed in GCC 13): false positives, silenced for this file.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "hf_int8/cpu_avx512.h"
 #include "hf_int8/cpu_kernels.h"
 
 namespace hf_int8::cpu {
@@ -118,10 +113,6 @@ HF_INT8_TARGET_AVX512 inline __m512 load16(const void* x, int64_t k, __mmask16 m
   }
 }
 
-HF_INT8_TARGET_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1u);
-}
-
 HF_INT8_TARGET_AVX512 inline __m512 abs16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
 }
@@ -132,7 +123,7 @@ HF_INT8_TARGET_AVX512 float row_stats_avx512(const void* x, int64_t K, float thr
   __mmask16 nan = 0;
   const __m512 vt = _mm512_set1_ps(threshold);
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = tail_mask(K - k);
+    const __mmask16 m = avx512::mask16(K - k);
     const __m512 v = load16<kIn>(x, k, m);
     const __m512 a = abs16(v);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -147,7 +138,7 @@ HF_INT8_TARGET_AVX512 float row_masked_absmax_avx512(const void* x, int64_t K, c
   __m512 vmax = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = tail_mask(K - k) & __mmask16(~bits[k / kBitsPerWord]);
+    const __mmask16 m = avx512::mask16(K - k) & __mmask16(~bits[k / kBitsPerWord]);
     const __m512 v = load16<kIn>(x, k, m);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     vmax = _mm512_max_ps(vmax, abs16(v));
@@ -163,7 +154,7 @@ HF_INT8_TARGET_AVX512 int32_t row_encode_avx512(const void* x, int64_t K, float 
   const __m512 hi = _mm512_set1_ps(static_cast<float>(kInt8Max));
   __m512i vsum = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = tail_mask(K - k);
+    const __mmask16 m = avx512::mask16(K - k);
     const __mmask16 keep = bits != nullptr ? __mmask16(m & ~bits[k / kBitsPerWord]) : m;
     const __m512 v = load16<kIn>(x, k, keep);  // outlier columns load as 0, like masked_fill(mask, 0)
     const __m512 q = _mm512_mul_ps(v, vmul);

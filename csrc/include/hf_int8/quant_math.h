@@ -53,4 +53,7 @@ HF_INT8_HD int32_t unshift_u8_accumulator(int32_t acc_u8s8, int32_t weight_row_s
 
 HF_INT8_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// a rounded up to a multiple of b.
+HF_INT8_HD int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
 }  // namespace hf_int8

@@ -1,7 +1,19 @@
-// AVX-512 helpers of the packed GEMM kernels (VNNI and AMX): 16 x 16 dword transpose, and the epilogue that
-// turns 16 accumulators of one row into the output dtype.
-// Same operations, in the same order, as finish_element() in cpu_kernels.h (and as the reference).
+// AVX-512 helpers shared by the CPU kernels (quantization, VNNI and AMX GEMMs, outlier product): lane masks, a
+// 16 x 16 dword transpose, an int8 gather, and the epilogue that turns 16 accumulators of one row into the output
+// dtype (the same operations, in the same order, as finish_element() in cpu_kernels.h and as the reference).
+//
+// Include this header in every file that uses AVX-512 intrinsics. GCC 12 reports -Wuninitialized and
+// -Wmaybe-uninitialized inside its own intrinsics (avx512fintrin.h): _mm512_undefined_epi32() and friends are
+// written `__m512i __Y = __Y;` on purpose, the "don't care" source of a masked builtin whose lanes are all
+// overwritten, and once inlined GCC 12 flags that self-initialisation (GCC bug 105593, fixed in GCC 13). The
+// warnings are false positives about the compiler's own headers, so they are silenced here, once; the pragma
+// applies to the rest of the including file.
 #pragma once
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include "hf_int8/cpu_kernels.h"
 
