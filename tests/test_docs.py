@@ -601,7 +601,7 @@ def test_commands_that_do_not_exist_are_found() -> None:
         "make demo MODEL=/path/to/model",
         "python scripts/bench_linear.py --quick --json out.json",
         "hf-int8 --quiet quantize src out --threshold 6.0 --skip down_proj o_proj --overwrite",
-        "python -m hf_int8.assets prepare --qwen",
+        "python scripts/assets.py prepare --qwen",
         "pytest -s tests/test_training.py -k costs_the_same",
     ]
     for command in good:
@@ -614,7 +614,7 @@ def test_commands_that_do_not_exist_are_found() -> None:
         "python scripts/no_such_script.py": "no script",
         "hf-int8 frobnicate out/": "unknown command 'frobnicate'",
         "hf-int8 quantize src out --no-such-option": "unknown option",
-        "python -m hf_int8.assets prepare --everything": "unknown option",
+        "python scripts/assets.py prepare --everything": "unknown option",
         "python -m hf_int8.no_such_module": "no module",
         "pytest tests/test_no_such_file.py": "does not exist",
         "pytest tests/test_training.py -k no_such_test_name": "matches no test",

@@ -18,8 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"  # on sys.path: tests/conftest.py puts it there
 
 import _common as C  # noqa: E402
 import bench_e2e  # noqa: E402

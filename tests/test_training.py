@@ -253,9 +253,8 @@ def test_train_forward_costs_the_same_as_eval_forward():
 
 @pytest.mark.slow
 def test_lora_on_smollm2_lowers_the_loss_on_real_text():
+    import assets
     from transformers import AutoTokenizer
-
-    from hf_int8 import assets
 
     path, text = assets.smollm2_path(), assets.lee_background_text()
     tokenizer = AutoTokenizer.from_pretrained(path)

