@@ -36,6 +36,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -43,6 +44,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -70,10 +72,14 @@ MAX_COLD_BYTES = 1 << 30  # cap of the cold-weights footprint per method (memory
 TARGET_CALL_SECONDS = 0.25  # per round, a method repeats until about this much time (within --repeats)
 BNB_SPEC = "bitsandbytes==0.50.2"
 STAGE_PREFIX = "stage: "  # --breakdown methods: parts of the native path, reported in their own table
-# A plain read of the native path's own weight copies (hf_int8._C.stream_read), timed interleaved with the methods for
+# A plain read of the native path's own weight copies (the stream_read probe), timed interleaved with the methods for
 # few tokens: the native time against it separates the kernel's efficiency from how much bandwidth the (shared)
 # machine gives at that moment, which moves the fixed bound measured once per run.
 WEIGHT_READ = STAGE_PREFIX + "weight read"
+# The read-bandwidth probe: a development tool, built by this script on first use (not part of the hf_int8 package).
+PROBE_SOURCE = Path(__file__).resolve().parent / "csrc" / "bandwidth.cpp"
+PROBE_MODULE = "hf_int8_stream_read"
+PROBE_NAME = "stream_read of scripts/csrc/bandwidth.cpp"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,19 +109,50 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+@functools.cache
+def _probe_module():
+    """The compiled probe (``PROBE_SOURCE``), or None after one line on stderr saying why it could not be built."""
+    from torch.utils import cpp_extension
+
+    try:
+        # Cached in the torch extensions folder ($TORCH_EXTENSIONS_DIR): rebuilt only when the source changes.
+        # -fopenmp: at::parallel_for is inlined into the probe and runs on OpenMP threads like the kernels.
+        return cpp_extension.load(PROBE_MODULE, [str(PROBE_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"])
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
+        # The probe is optional: without it the bandwidth is torch.sum's, which can only understate the bound.
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"bench_linear: cannot build the read-bandwidth probe {PROBE_SOURCE} ({reason}); "
+              "measuring the bandwidth with torch.sum only", file=sys.stderr, flush=True)
+        return None
+
+
+def stream_read_probe() -> Callable[[torch.Tensor], int] | None:
+    """The multi-stream read of a contiguous CPU tensor (returns a checksum), or None when the probe cannot be built.
+
+    AVX2 loads are used where the CPU has them, unless ``HF_INT8_CPU_ISA`` caps the kernels below AVX2: the probe
+    then reads the way the capped kernels do.
+    """
+    module = _probe_module()
+    if module is None:
+        return None
+    native = cpu_module()
+    return functools.partial(module.stream_read, avx2=native is None or native.cpu_isa() != "none")
+
+
 def measure_bandwidth(device: str, nbytes: int, sync: Callable[[], None], repeats: int = 7) -> tuple[float, str]:
     """Read bandwidth in bytes/s over a buffer of ``nbytes`` (larger than the LLC / L2), and how it was read.
 
-    The best of ``torch.sum`` and, on CPU, ``hf_int8._C.stream_read`` (several streams per thread with prefetch, the
+    The best of ``torch.sum`` and, on CPU, the ``stream_read`` probe (several streams per thread with prefetch, the
     access pattern of the decode kernel): a single-stream reduction under-reads a core's bandwidth, which would
     understate the bound. Each probe's fastest repeat counts: on a shared machine interference only slows a read
     down, and the bound is what the memory can deliver.
     """
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     probes: dict[str, Callable[[], object]] = {"torch.sum": buf.sum}
-    module = cpu_module()
-    if device == "cpu" and module is not None and hasattr(module, "stream_read"):
-        probes["hf_int8._C.stream_read"] = lambda: module.stream_read(buf)
+    stream_read = stream_read_probe() if device == "cpu" else None
+    if stream_read is not None:
+        probes[PROBE_NAME] = lambda: stream_read(buf)
     best, how = 0.0, ""
     for name, probe in probes.items():
         probe()
@@ -237,10 +274,10 @@ def build_methods(args, k: int, n: int, tokens_list: list[int], cold_bytes: int,
     methods.append(Method("hf_int8 native", [
         lambda w=w, s=s: hf_int8.ops.int8_linear(cur["x"], w, s, bias, thr) for w, s in int8_copies
     ], cursor=int8_cursor))
-    module = cpu_module()
-    if device == "cpu" and module is not None and hasattr(module, "stream_read"):
+    stream_read = stream_read_probe() if device == "cpu" else None
+    if stream_read is not None:
         def read(w):
-            return module.stream_read(w) if cur["xq"].shape[0] <= FEW_TOKENS else None
+            return stream_read(w) if cur["xq"].shape[0] <= FEW_TOKENS else None
 
         methods.append(Method(WEIGHT_READ, [lambda w=w: read(w) for w, _ in int8_copies], cursor=int8_cursor))
     if args.breakdown:
@@ -436,7 +473,7 @@ def main(argv=None) -> int:
         f"cache {cache >> 20} MiB); weights cycled through {cold >> 20} MiB of copies per method",
         f"- median of up to {args.rounds} x {args.repeats} interleaved calls; ratio = peer time / native time",
         f"- % of BW bound = (weight bytes / read bandwidth) / native time; % of weight read = time of a plain read of "
-        f"the same int8 weight copies (hf_int8._C.stream_read, interleaved with the methods) / native time; both for "
+        f"the same int8 weight copies ({PROBE_NAME}, interleaved with the methods) / native time; both for "
         f"<= {FEW_TOKENS} tokens",
     ]
     print("\n".join(header[:2]), file=sys.stderr)

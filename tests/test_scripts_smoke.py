@@ -241,6 +241,31 @@ def test_bench_linear_breakdown_table(tmp_path, capsys):
     assert "| 83x100 | 7 |" in printed.split("Where the native time goes")[1]
 
 
+@pytest.mark.parametrize("isa", [None, "none"])
+def test_bench_linear_bandwidth_probe_is_built_by_the_script(isa, monkeypatch):
+    """The read-bandwidth probe is development code: bench_linear.py builds it from scripts/csrc, hf_int8._C lacks it.
+    It reads the buffer's bytes (a checksum they change), with AVX2 loads or, when the kernels are capped, without."""
+    import bench_linear
+
+    from hf_int8._extension import cpu_module
+
+    if isa is not None:
+        monkeypatch.setenv("HF_INT8_CPU_ISA", isa)
+    native = cpu_module()
+    assert native is None or not hasattr(native, "stream_read")
+    probe = bench_linear.stream_read_probe()
+    assert probe is not None  # the machine that builds the kernels builds the probe
+    assert probe.keywords == {"avx2": isa is None and (native is None or native.cpu_isa() != "none")}
+    buf = torch.zeros(1 << 20, dtype=torch.uint8)  # two of the probe's 512 KiB work items
+    assert probe(buf) == 0
+    buf[0] = 1
+    assert probe(buf) != 0
+    with pytest.raises(ValueError, match="contiguous"):
+        probe(torch.zeros(1 << 20)[::2])
+    bandwidth, how = bench_linear.measure_bandwidth("cpu", 8 << 20, lambda: None, repeats=1)
+    assert bandwidth > 0 and how in (bench_linear.PROBE_NAME, "torch.sum")
+
+
 def test_bench_linear_methods_reading_the_same_weights_take_the_next_copy():
     """Methods timed one after the other on the same int8 weight copies must not read the copies the previous method
     just pulled into the cache: they share one cursor over the copies; methods with copies of their own do not."""

@@ -13,8 +13,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "gemm_path",
       [](int64_t tokens) { return std::string(hf_int8::cpu::gemm_path_name(hf_int8::cpu::selected_isa(), tokens)); },
       "Kernel the int8 GEMM runs for this many tokens (rows) on the selected ISA", pybind11::arg("tokens"));
-  m.def("stream_read", &hf_int8::cpu::stream_read,
-        "Reads a contiguous CPU buffer like the decode kernel reads weights (8 streams per thread, prefetch); returns "
-        "a checksum. Used by scripts/bench_linear.py to measure read bandwidth",
-        pybind11::arg("buffer"));
 }

@@ -238,7 +238,4 @@ void outlier_block(const GemmProblem& p, const AmxOutliers& o, const uint16_t* t
                    float* block);
 }  // namespace amx
 
-// Reads every byte of `buffer` as fast as a core can stream (bandwidth.cpp); returns a checksum.
-int64_t stream_read(const at::Tensor& buffer);
-
 }  // namespace hf_int8::cpu
