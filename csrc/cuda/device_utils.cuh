@@ -87,7 +87,5 @@ void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStr
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 }  // namespace cuda
 }  // namespace hf_int8

@@ -106,14 +106,39 @@ __device__ __forceinline__ int dp4a_16(const uint4& x, const uint4& w, int acc) 
   return acc;
 }
 
-// Dequantize (acc * (row_scale * col_scale)), add the outlier product and the bias, in this order and with
-// round-to-nearest fp32 operations (no FMA contraction), as the reference does.
-__device__ __forceinline__ float epilogue_value(int acc, float rs, float cs, bool add_outlier, float outlier,
-                                                bool add_bias, float bias) {
+// ------------------------------------------------------------------------------------------------------------
+// Outlier product and epilogue, shared by both kernels
+// ------------------------------------------------------------------------------------------------------------
+// Activation x[row, col] of an outlier column, as fp32.
+__device__ __forceinline__ float outlier_activation(const Params& p, int64_t row, int64_t col) {
+  return load_float(p.x, p.x_dtype, row * p.k + col);
+}
+
+// Dequantized weight of an outlier column, code * col_scale, rounded on its own (never contracted into the FMA that
+// multiplies it with the activation), as the reference computes it.
+__device__ __forceinline__ float dequantized_weight(int code, float col_scale) {
+  return __fmul_rn(static_cast<float>(code), col_scale);
+}
+
+// bias[c] as fp32, 0 without bias (c must be a column of C).
+__device__ __forceinline__ float bias_at(const Params& p, int64_t c) {
+  return p.bias != nullptr ? load_float(p.bias, p.bias_dtype, c) : 0.0f;
+}
+
+// out[r, c] of int8_matmul: the raw accumulator.
+__device__ __forceinline__ void store_int32(const Params& p, int64_t r, int64_t c, int acc) {
+  static_cast<int32_t*>(p.out)[r * p.n + c] = acc;
+}
+
+// out[r, c] of the other ops: dequantize (acc * (row_scale * col_scale)), add the outlier product (when some column
+// is an outlier, as in the reference) and the bias, in this order and with round-to-nearest fp32 operations (no FMA
+// contraction), then round once to the output dtype.
+__device__ __forceinline__ void store_dequantized(const Params& p, int64_t r, int64_t c, int acc, float rs, float cs,
+                                                  bool add_outlier, float outlier, float bias) {
   float v = __fmul_rn(static_cast<float>(acc), __fmul_rn(rs, cs));
   if (add_outlier) v = __fadd_rn(v, outlier);
-  if (add_bias) v = __fadd_rn(v, bias);
-  return v;
+  if (p.bias != nullptr) v = __fadd_rn(v, bias);
+  store_float(p.out, p.out_dtype, r * p.n + c, v);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -121,6 +146,10 @@ __device__ __forceinline__ float epilogue_value(int acc, float rs, float cs, boo
 // ------------------------------------------------------------------------------------------------------------
 template <int BM, int BN, int WM, int WN>
 struct TileConfig {
+  static constexpr int kBM = BM;  // block tile: BM rows of A x BN rows of B
+  static constexpr int kBN = BN;
+  static constexpr int kWM = WM;  // warp tile: WM x WN
+  static constexpr int kWN = WN;
   static constexpr int kWarpsM = BM / WM;
   static constexpr int kWarpsN = BN / WN;
   static constexpr int kWarps = kWarpsM * kWarpsN;
@@ -136,205 +165,232 @@ struct TileConfig {
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
 };
 
-template <int BM, int BN, int WM, int WN>
-__global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
-    hf_int8_gemm_imma_kernel(const Params p) {
-  using Cfg = TileConfig<BM, BN, WM, WN>;
+// Per-thread accumulators of a warp tile: fragment (mi, ni), element e (tile_layout.h).
+template <class Cfg, typename T>
+using Fragments = T[Cfg::kMi][Cfg::kNi][4];
+
+template <class Cfg, typename T>
+__device__ __forceinline__ void fill(Fragments<Cfg, T>& f, T v) {
+#pragma unroll
+  for (int mi = 0; mi < Cfg::kMi; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::kNi; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f[mi][ni][e] = v;
+}
+
+// Where a thread of the tensor-core kernel works: its block's BM x BN tile of C, its warp's WM x WN part of it.
+template <class Cfg>
+struct BlockThread {
+  int64_t m0, n0;  // first row and column of the block's tile
+  int tid, lane, warp, warp_m, warp_n;
+
+  __device__ __forceinline__ static BlockThread here() {
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    return {int64_t(blockIdx.y) * Cfg::kBM, int64_t(blockIdx.x) * Cfg::kBN, tid, tid & 31, warp,
+            warp / Cfg::kWarpsN, warp % Cfg::kWarpsN};
+  }
+  // First row / column of the warp tile inside the block's tile.
+  __device__ __forceinline__ int warp_row() const { return warp_m * Cfg::kWM; }
+  __device__ __forceinline__ int warp_col() const { return warp_n * Cfg::kWN; }
+  // Row and column in C of accumulator element e of fragment (mi, ni).
+  __device__ __forceinline__ int64_t row(int mi, int e) const {
+    return m0 + warp_row() + mi * 16 + tile::acc_row(lane, e);
+  }
+  __device__ __forceinline__ int64_t col(int ni, int e) const {
+    return n0 + warp_col() + ni * 8 + tile::acc_col(lane, e);
+  }
+};
+
+// Copies rows [row0, row0 + ROWS) x bytes [k0, k0 + kTileK) of a row-major int8 operand (`rows` rows of k bytes)
+// into a swizzled shared tile (tile_layout.h), zero-filled past the last row and past k; each thread of the block
+// copies its share of the 16-byte chunks.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_operand_tile(int8_t* tile, const int8_t* src, int64_t rows, int64_t row0,
+                                                  int64_t k, int64_t k0, bool vec16, int tid) {
+#pragma unroll
+  for (int it = 0; it < ROWS * tile::kChunksPerRow / THREADS; ++it) {
+    const int i = tid + it * THREADS;
+    const int r = tile::copy_row(i);
+    const int c = tile::copy_chunk(i);
+    const int64_t gr = row0 + r;
+    const int64_t gk = k0 + c * tile::kChunkBytes;
+    int8_t* dst = tile + tile::smem_offset(r, c);
+    if (vec16) {
+      const bool valid = gr < rows && gk < k;
+      copy16(dst, valid ? src + gr * k + gk : src, valid);
+    } else {
+      copy16_bytes(dst, src + (gr < rows ? gr : 0) * k, gk, k, gr < rows);
+    }
+  }
+}
+
+// Stages K-tile kt of the block's A rows and B rows into pipeline stage `stage` (A tile first, then B tile).
+template <class Cfg>
+__device__ __forceinline__ void load_stage(const Params& p, int8_t* smem, int stage, int kt,
+                                           const BlockThread<Cfg>& t) {
+  int8_t* sa = smem + stage * Cfg::kStageBytes;
+  const int64_t k0 = int64_t(kt) * kTileK;
+  load_operand_tile<Cfg::kBM, Cfg::kThreads>(sa, p.a, p.m, t.m0, p.k, k0, p.vec16, t.tid);
+  load_operand_tile<Cfg::kBN, Cfg::kThreads>(sa + Cfg::kBM * kTileK, p.b, p.n, t.n0, p.k, k0, p.vec16, t.tid);
+}
+
+// acc += the staged A tile x B tile of one stage (kTileK bytes of K: two k32 steps), on this warp's tile.
+template <class Cfg>
+__device__ __forceinline__ void mma_stage(const int8_t* stage, const BlockThread<Cfg>& t, Fragments<Cfg, int>& acc) {
   constexpr int MI = Cfg::kMi;
   constexpr int NI = Cfg::kNi;
-  __shared__ __align__(128) int8_t smem[Cfg::kSmemBytes];
-
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int warp_m = warp / Cfg::kWarpsN;
-  const int warp_n = warp % Cfg::kWarpsN;
-  const int64_t m0 = int64_t(blockIdx.y) * BM;
-  const int64_t n0 = int64_t(blockIdx.x) * BN;
-  const int64_t K = p.k;
-  const int ktiles = static_cast<int>((K + kTileK - 1) / kTileK);
-
-  auto load_stage = [&](int stage, int kt) {
-    int8_t* sa = smem + stage * Cfg::kStageBytes;
-    int8_t* sb = sa + BM * kTileK;
-    const int64_t k0 = int64_t(kt) * kTileK;
+  const int8_t* sa = stage;
+  const int8_t* sb = sa + Cfg::kBM * kTileK;
 #pragma unroll
-    for (int it = 0; it < BM * tile::kChunksPerRow / Cfg::kThreads; ++it) {
-      const int i = tid + it * Cfg::kThreads;
-      const int r = tile::copy_row(i);
-      const int c = tile::copy_chunk(i);
-      const int64_t gm = m0 + r;
-      const int64_t gk = k0 + c * tile::kChunkBytes;
-      int8_t* dst = sa + tile::smem_offset(r, c);
-      if (p.vec16) {
-        const bool valid = gm < p.m && gk < K;
-        copy16(dst, valid ? p.a + gm * K + gk : p.a, valid);
-      } else {
-        copy16_bytes(dst, p.a + (gm < p.m ? gm : 0) * K, gk, K, gm < p.m);
-      }
+  for (int ks = 0; ks < kTileK / 32; ++ks) {
+    uint32_t af[MI][4];
+    uint32_t bf[NI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      const int row = t.warp_row() + mi * 16 + tile::ldsm_a_row(t.lane);
+      ptx::ldmatrix_x4(af[mi], sa + tile::smem_offset(row, tile::ldsm_a_chunk(t.lane, ks)));
     }
 #pragma unroll
-    for (int it = 0; it < BN * tile::kChunksPerRow / Cfg::kThreads; ++it) {
-      const int i = tid + it * Cfg::kThreads;
-      const int r = tile::copy_row(i);
-      const int c = tile::copy_chunk(i);
-      const int64_t gn = n0 + r;
-      const int64_t gk = k0 + c * tile::kChunkBytes;
-      int8_t* dst = sb + tile::smem_offset(r, c);
-      if (p.vec16) {
-        const bool valid = gn < p.n && gk < K;
-        copy16(dst, valid ? p.b + gn * K + gk : p.b, valid);
-      } else {
-        copy16_bytes(dst, p.b + (gn < p.n ? gn : 0) * K, gk, K, gn < p.n);
-      }
+    for (int nj = 0; nj < NI / 2; ++nj) {
+      const int row = t.warp_col() + nj * 16 + tile::ldsm_b_row(t.lane);
+      uint32_t r[4];
+      ptx::ldmatrix_x4(r, sb + tile::smem_offset(row, tile::ldsm_b_chunk(t.lane, ks)));
+      bf[2 * nj][0] = r[0];
+      bf[2 * nj][1] = r[1];
+      bf[2 * nj + 1][0] = r[2];
+      bf[2 * nj + 1][1] = r[3];
     }
-  };
-
-  int acc[MI][NI][4];
 #pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) mma_s8_16832(acc[mi][ni], af[mi], bf[ni]);
+  }
+}
+
+// Writes the warp tile's raw int32 accumulators (int8_matmul).
+template <class Cfg>
+__device__ __forceinline__ void store_tile_int32(const Params& p, const BlockThread<Cfg>& t,
+                                                 const Fragments<Cfg, int>& acc) {
+#pragma unroll
+  for (int mi = 0; mi < Cfg::kMi; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::kNi; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t r = t.row(mi, e);
+        const int64_t c = t.col(ni, e);
+        if (r < p.m && c < p.n) store_int32(p, r, c, acc[mi][ni][e]);
+      }
+}
+
+// The outlier columns among [kb, kb + kThreads) of the mask, compacted into col_list in ascending order (so the fp32
+// sum order is fixed): a ballot per warp, the warps' counts through shared memory. Returns how many there are.
+// Every thread of the block must call it.
+template <class Cfg>
+__device__ __forceinline__ int compact_outlier_columns(const Params& p, int64_t kb, const BlockThread<Cfg>& t,
+                                                       int* col_list, int* warp_counts) {
+  const int64_t kc = kb + t.tid;
+  const bool flag = kc < p.k && p.mask[kc];
+  const unsigned ballot = ptx::ballot(flag);
+  if (t.lane == 0) warp_counts[t.warp] = __popc(ballot);
+  __syncthreads();
+  int offset = 0;
+  int total = 0;
+  for (int w = 0; w < Cfg::kWarps; ++w) {
+    const int cnt = warp_counts[w];
+    offset += w < t.warp ? cnt : 0;
+    total += cnt;
+  }
+  if (flag) col_list[offset + __popc(ballot & ((1u << t.lane) - 1u))] = static_cast<int>(kc);
+  __syncthreads();
+  return total;
+}
+
+// Stages outlier columns cols[0 .. jn) for the block: xs[r][j] = x[m0 + r, cols[j]] and ws[r][j] = the dequantized
+// weight B[n0 + r, cols[j]] * col_scale[n0 + r]; zero for j >= jn and past the last row of A or B.
+template <class Cfg>
+__device__ __forceinline__ void stage_outlier_columns(const Params& p, const BlockThread<Cfg>& t, const int* cols,
+                                                      int jn, float* xs, float* ws) {
+  for (int i = t.tid; i < Cfg::kBM * kOutlierChunk; i += Cfg::kThreads) {
+    const int r = i / kOutlierChunk;
+    const int j = i % kOutlierChunk;
+    float v = 0.0f;
+    if (j < jn && t.m0 + r < p.m) v = outlier_activation(p, t.m0 + r, cols[j]);
+    xs[r * kOutlierStride + j] = v;
+  }
+  for (int i = t.tid; i < Cfg::kBN * kOutlierChunk; i += Cfg::kThreads) {
+    const int r = i / kOutlierChunk;
+    const int j = i % kOutlierChunk;
+    float v = 0.0f;
+    if (j < jn && t.n0 + r < p.n) v = dequantized_weight(p.b[(t.n0 + r) * p.k + cols[j]], p.col_scale[t.n0 + r]);
+    ws[r * kOutlierStride + j] = v;
+  }
+}
+
+// o += the product of the staged columns (xs . ws^T) at this thread's accumulator positions, in column order.
+template <class Cfg>
+__device__ __forceinline__ void accumulate_outlier_columns(const BlockThread<Cfg>& t, const float* xs, const float* ws,
+                                                           Fragments<Cfg, float>& o) {
+  constexpr int MI = Cfg::kMi;
+  constexpr int NI = Cfg::kNi;
+#pragma unroll 1
+  for (int j = 0; j < kOutlierChunk; ++j) {
+    float xv[MI][2];
+    float wv[NI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        xv[mi][h] = xs[(t.warp_row() + mi * 16 + tile::acc_row(t.lane, 2 * h)) * kOutlierStride + j];
+      }
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ktiles) load_stage(s, s);
-    ptx::cp_async_commit();
-  }
-
-  for (int kt = 0; kt < ktiles; ++kt) {
-    ptx::cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below
-    const int next = kt + kStages - 1;
-    if (next < ktiles) load_stage(next % kStages, next);
-    ptx::cp_async_commit();
-
-    const int8_t* sa = smem + (kt % kStages) * Cfg::kStageBytes;
-    const int8_t* sb = sa + BM * kTileK;
-#pragma unroll
-    for (int ks = 0; ks < kTileK / 32; ++ks) {
-      uint32_t af[MI][4];
-      uint32_t bf[NI][2];
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        const int row = warp_m * WM + mi * 16 + tile::ldsm_a_row(lane);
-        ptx::ldmatrix_x4(af[mi], sa + tile::smem_offset(row, tile::ldsm_a_chunk(lane, ks)));
+      for (int h = 0; h < 2; ++h) {
+        wv[ni][h] = ws[(t.warp_col() + ni * 8 + tile::acc_col(t.lane, h)) * kOutlierStride + j];
       }
-#pragma unroll
-      for (int nj = 0; nj < NI / 2; ++nj) {
-        const int row = warp_n * WN + nj * 16 + tile::ldsm_b_row(lane);
-        uint32_t r[4];
-        ptx::ldmatrix_x4(r, sb + tile::smem_offset(row, tile::ldsm_b_chunk(lane, ks)));
-        bf[2 * nj][0] = r[0];
-        bf[2 * nj][1] = r[1];
-        bf[2 * nj + 1][0] = r[2];
-        bf[2 * nj + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) mma_s8_16832(acc[mi][ni], af[mi], bf[ni]);
-    }
-  }
-  ptx::cp_async_wait<0>();
-  __syncthreads();  // shared memory is reused by the outlier staging below
-
-  // Coordinates of accumulator (mi, ni, e) in C.
-  auto row_of = [&](int mi, int e) { return m0 + warp_m * WM + mi * 16 + tile::acc_row(lane, e); };
-  auto col_of = [&](int ni, int e) { return n0 + warp_n * WN + ni * 8 + tile::acc_col(lane, e); };
-
-  if (p.out_dtype == DType::kInt32) {
-    int32_t* out = static_cast<int32_t*>(p.out);
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t r = row_of(mi, e);
-          const int64_t c = col_of(ni, e);
-          if (r < p.m && c < p.n) out[r * p.n + c] = acc[mi][ni][e];
-        }
-    return;
+        for (int e = 0; e < 4; ++e) o[mi][ni][e] = fmaf(xv[mi][e >> 1], wv[ni][e & 1], o[mi][ni][e]);
   }
+}
 
-  // ---- outlier product: o[i][j] = sum over outlier columns c of x[i, c] * (B[j, c] * col_scale[j]) ----
-  float o[MI][NI][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[mi][ni][e] = 0.0f;
+// o[i][j] += sum over the outlier columns c of x[i, c] * (B[j, c] * col_scale[j]) for the block's tile, the columns
+// taken kThreads of the mask at a time and staged kOutlierChunk at a time in shared memory (which the drained
+// pipeline no longer needs). Returns whether any column is an outlier.
+template <class Cfg>
+__device__ __forceinline__ bool outlier_product(const Params& p, int8_t* smem, const BlockThread<Cfg>& t,
+                                                Fragments<Cfg, float>& o) {
+  int* col_list = reinterpret_cast<int*>(smem);
+  int* warp_counts = col_list + Cfg::kThreads;
+  float* xs = reinterpret_cast<float*>(warp_counts + 32);
+  float* ws = xs + Cfg::kBM * kOutlierStride;
   bool any_outlier = false;
-  if (p.mask != nullptr) {
-    int* col_list = reinterpret_cast<int*>(smem);
-    int* warp_counts = col_list + Cfg::kThreads;
-    float* xs = reinterpret_cast<float*>(warp_counts + 32);
-    float* ws = xs + BM * kOutlierStride;
-    for (int64_t kb = 0; kb < K; kb += Cfg::kThreads) {
-      const int64_t kc = kb + tid;
-      const bool flag = kc < K && p.mask[kc];
-      const unsigned ballot = ptx::ballot(flag);
-      if (lane == 0) warp_counts[warp] = __popc(ballot);
+  for (int64_t kb = 0; kb < p.k; kb += Cfg::kThreads) {
+    const int total = compact_outlier_columns(p, kb, t, col_list, warp_counts);
+    any_outlier = any_outlier || total > 0;
+    for (int j0 = 0; j0 < total; j0 += kOutlierChunk) {
+      const int jn = total - j0 < kOutlierChunk ? total - j0 : kOutlierChunk;
+      stage_outlier_columns(p, t, col_list + j0, jn, xs, ws);
       __syncthreads();
-      int offset = 0;
-      int total = 0;
-      for (int w = 0; w < Cfg::kWarps; ++w) {
-        const int cnt = warp_counts[w];
-        offset += w < warp ? cnt : 0;
-        total += cnt;
-      }
-      if (flag) col_list[offset + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int>(kc);
+      accumulate_outlier_columns(t, xs, ws, o);
       __syncthreads();
-      any_outlier = any_outlier || total > 0;
-      for (int j0 = 0; j0 < total; j0 += kOutlierChunk) {
-        const int jn = total - j0 < kOutlierChunk ? total - j0 : kOutlierChunk;
-        for (int i = tid; i < BM * kOutlierChunk; i += Cfg::kThreads) {
-          const int r = i / kOutlierChunk;
-          const int j = i % kOutlierChunk;
-          float v = 0.0f;
-          if (j < jn && m0 + r < p.m) v = load_float(p.x, p.x_dtype, (m0 + r) * K + col_list[j0 + j]);
-          xs[r * kOutlierStride + j] = v;
-        }
-        for (int i = tid; i < BN * kOutlierChunk; i += Cfg::kThreads) {
-          const int r = i / kOutlierChunk;
-          const int j = i % kOutlierChunk;
-          float v = 0.0f;
-          if (j < jn && n0 + r < p.n)
-            v = __fmul_rn(static_cast<float>(p.b[(n0 + r) * K + col_list[j0 + j]]), p.col_scale[n0 + r]);
-          ws[r * kOutlierStride + j] = v;
-        }
-        __syncthreads();
-#pragma unroll 1
-        for (int j = 0; j < kOutlierChunk; ++j) {
-          float xv[MI][2];
-          float wv[NI][2];
-#pragma unroll
-          for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-              xv[mi][h] = xs[(warp_m * WM + mi * 16 + tile::acc_row(lane, 2 * h)) * kOutlierStride + j];
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-              wv[ni][h] = ws[(warp_n * WN + ni * 8 + tile::acc_col(lane, h)) * kOutlierStride + j];
-#pragma unroll
-          for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) o[mi][ni][e] = fmaf(xv[mi][e >> 1], wv[ni][e & 1], o[mi][ni][e]);
-        }
-        __syncthreads();
-      }
     }
   }
+  return any_outlier;
+}
 
-  // ---- dequantize + outliers + bias, one rounding to the output dtype ----
+// Finishes the warp tile: dequantize, add the outlier product and the bias, one rounding to the output dtype.
+template <class Cfg>
+__device__ __forceinline__ void store_tile(const Params& p, const BlockThread<Cfg>& t, const Fragments<Cfg, int>& acc,
+                                           const Fragments<Cfg, float>& o, bool any_outlier) {
+  constexpr int MI = Cfg::kMi;
+  constexpr int NI = Cfg::kNi;
   float rs[MI][2];
   float cs[NI][2];
   float bias[NI][2];
@@ -342,32 +398,68 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t r = row_of(mi, 2 * h);
+      const int64_t r = t.row(mi, 2 * h);
       rs[mi][h] = r < p.m ? p.row_scale[r] : 0.0f;
     }
 #pragma unroll
   for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t c = col_of(ni, h);
+      const int64_t c = t.col(ni, h);
       cs[ni][h] = c < p.n ? p.col_scale[c] : 0.0f;
-      bias[ni][h] = (p.bias != nullptr && c < p.n) ? load_float(p.bias, p.bias_dtype, c) : 0.0f;
+      bias[ni][h] = c < p.n ? bias_at(p, c) : 0.0f;
     }
-  const bool add_bias = p.bias != nullptr;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t r = row_of(mi, e);
-        const int64_t c = col_of(ni, e);
+        const int64_t r = t.row(mi, e);
+        const int64_t c = t.col(ni, e);
         if (r < p.m && c < p.n) {
-          const float v = epilogue_value(acc[mi][ni][e], rs[mi][e >> 1], cs[ni][e & 1], any_outlier, o[mi][ni][e],
-                                         add_bias, bias[ni][e & 1]);
-          store_float(p.out, p.out_dtype, r * p.n + c, v);
+          store_dequantized(p, r, c, acc[mi][ni][e], rs[mi][e >> 1], cs[ni][e & 1], any_outlier, o[mi][ni][e],
+                            bias[ni][e & 1]);
         }
       }
+}
+
+// Block tile BM x BN of C: a kStages-deep pipeline of K-tiles (load_stage) feeding the warps' MMAs (mma_stage), then
+// the epilogue in registers, with the outlier product staged through the freed shared memory.
+template <int BM, int BN, int WM, int WN>
+__global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
+    hf_int8_gemm_imma_kernel(const Params p) {
+  using Cfg = TileConfig<BM, BN, WM, WN>;
+  __shared__ __align__(128) int8_t smem[Cfg::kSmemBytes];
+  const BlockThread<Cfg> t = BlockThread<Cfg>::here();
+  const int ktiles = static_cast<int>(ceil_div(p.k, kTileK));
+
+  Fragments<Cfg, int> acc;
+  fill<Cfg>(acc, 0);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ktiles) load_stage(p, smem, s, s, t);
+    ptx::cp_async_commit();
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    ptx::cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below
+    const int next = kt + kStages - 1;
+    if (next < ktiles) load_stage(p, smem, next % kStages, next, t);
+    ptx::cp_async_commit();
+    mma_stage(smem + (kt % kStages) * Cfg::kStageBytes, t, acc);
+  }
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // shared memory is reused by the outlier staging below
+
+  if (p.out_dtype == DType::kInt32) {
+    store_tile_int32(p, t, acc);
+    return;
+  }
+  Fragments<Cfg, float> o;
+  fill<Cfg>(o, 0.0f);
+  const bool any_outlier = p.mask != nullptr && outlier_product(p, smem, t, o);
+  store_tile(p, t, acc, o, any_outlier);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -375,9 +467,18 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
 // ------------------------------------------------------------------------------------------------------------
 constexpr int kGemvWarps = 8;
 constexpr int kGemvUnroll = 4;  // 16-byte weight loads in flight per lane
+constexpr int kGemvMaxM = static_cast<int>(kDecodeMaxM);
+
+// o[i] += x[i, col] * w for the m activation rows, w the dequantized weight of outlier column col (fp32 FMA).
+__device__ __forceinline__ void add_outlier_column(const Params& p, int m, int64_t col, float w,
+                                                   float (&o)[kGemvMaxM]) {
+#pragma unroll
+  for (int i = 0; i < kGemvMaxM; ++i)
+    if (i < m) o[i] = fmaf(outlier_activation(p, i, col), w, o[i]);
+}
 
 __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(const Params p) {
-  constexpr int MAXM = static_cast<int>(kDecodeMaxM);
+  constexpr int MAXM = kGemvMaxM;
   __shared__ int part_acc[kGemvWarps][MAXM];
   __shared__ float part_out[kGemvWarps][MAXM];
   __shared__ int part_saw[kGemvWarps];
@@ -428,12 +529,7 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
                 // Rare path, kept rolled (small code): re-read the 16 mask and weight bytes from L1.
 #pragma unroll 1
                 for (int b = 0; b < 16; ++b) {
-                  if (p.mask[kk + b]) {
-                    const float wd = __fmul_rn(static_cast<float>(wrow[kk + b]), cs);
-#pragma unroll
-                    for (int i = 0; i < MAXM; ++i)
-                      if (i < M) o[i] = fmaf(load_float(p.x, p.x_dtype, i * K + kk + b), wd, o[i]);
-                  }
+                  if (p.mask[kk + b]) add_outlier_column(p, M, kk + b, dequantized_weight(wrow[kk + b], cs), o);
                 }
               }
             }
@@ -448,10 +544,7 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
           if (i < M) acc[i] += static_cast<int>(p.a[i * K + kk]) * w;
         if (with_outliers && p.mask[kk]) {
           saw_outlier = true;
-          const float wd = __fmul_rn(static_cast<float>(w), cs);
-#pragma unroll
-          for (int i = 0; i < MAXM; ++i)
-            if (i < M) o[i] = fmaf(load_float(p.x, p.x_dtype, i * K + kk), wd, o[i]);
+          add_outlier_column(p, M, kk, dequantized_weight(w, cs), o);
         }
       }
     }
@@ -493,12 +586,9 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
   for (int i = 0; i < MAXM; ++i) {
     if (i < M && lane == i) {
       if (p.out_dtype == DType::kInt32) {
-        static_cast<int32_t*>(p.out)[i * p.n + n] = acc[i];
+        store_int32(p, i, n, acc[i]);
       } else {
-        const bool add_bias = p.bias != nullptr;
-        const float bias = add_bias ? load_float(p.bias, p.bias_dtype, n) : 0.0f;
-        const float v = epilogue_value(acc[i], p.row_scale[i], p.col_scale[n], any_outlier, o[i], add_bias, bias);
-        store_float(p.out, p.out_dtype, i * p.n + n, v);
+        store_dequantized(p, i, n, acc[i], p.row_scale[i], p.col_scale[n], any_outlier, o[i], bias_at(p, n));
       }
     }
   }
@@ -510,7 +600,7 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
 template <int BM, int BN, int WM, int WN>
 void launch_imma(const Params& p, cudaStream_t stream) {
   using Cfg = TileConfig<BM, BN, WM, WN>;
-  const dim3 grid(static_cast<unsigned>(ceil_div64(p.n, BN)), static_cast<unsigned>(ceil_div64(p.m, BM)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, BN)), static_cast<unsigned>(ceil_div(p.m, BM)));
   launch_kernel(hf_int8_gemm_imma_kernel<BM, BN, WM, WN>, grid, dim3(Cfg::kThreads), stream, p);
 }
 
@@ -552,7 +642,7 @@ cudaError_t launch_int8_gemm(const GemmArgs& args, cudaStream_t stream) {
   if (args.m <= kDecodeMaxM) {
     p.ksplit = choose_ksplit(args.n, args.k, args.sm_count);
     const int rows_per_block = kGemvWarps / p.ksplit;
-    const unsigned grid = static_cast<unsigned>(ceil_div64(args.n, rows_per_block));
+    const unsigned grid = static_cast<unsigned>(ceil_div(args.n, rows_per_block));
     launch_kernel(hf_int8_gemv_dp4a_kernel, dim3(grid), dim3(32 * kGemvWarps), stream, p);
   } else if (args.m <= kSmallTileMaxM) {
     launch_imma<64, 64, 32, 32>(p, stream);

@@ -197,8 +197,8 @@ __global__ void __launch_bounds__(kScanThreads) hf_int8_outlier_columns_kernel(c
 }
 
 int row_threads(int64_t groups) {
-  const int64_t per_pass = ceil_div64(groups, kCacheGroups);
-  int64_t t = ceil_div64(per_pass, 32) * 32;
+  const int64_t per_pass = ceil_div(groups, kCacheGroups);
+  int64_t t = ceil_div(per_pass, 32) * 32;
   if (t < 32) t = 32;
   if (t > kMaxRowThreads) t = kMaxRowThreads;
   return static_cast<int>(t);
@@ -214,10 +214,10 @@ void launch_rows(const T* x, int64_t m, int64_t k, float threshold, const bool* 
 template <typename T, int V>
 void launch_scan(const T* x, int64_t m, int64_t k, float threshold, bool* mask, cudaStream_t stream) {
   const int64_t groups = k / V;
-  const unsigned gx = static_cast<unsigned>(ceil_div64(groups, kScanThreads));
+  const unsigned gx = static_cast<unsigned>(ceil_div(groups, kScanThreads));
   // Enough row slices for ~4 waves of blocks on a large GPU, each slice at least 8 rows long.
-  int64_t gy = ceil_div64(2048, gx);
-  const int64_t max_slices = ceil_div64(m, 8);
+  int64_t gy = ceil_div(2048, gx);
+  const int64_t max_slices = ceil_div(m, 8);
   if (gy > max_slices) gy = max_slices;
   if (gy > 65535) gy = 65535;
   if (gy < 1) gy = 1;
