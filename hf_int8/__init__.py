@@ -19,12 +19,11 @@ from transformers.quantizers.auto import (
 from . import ops
 from ._extension import load_extensions
 from ._extension import status as extension_status
-from .config import QUANT_METHOD, Int8Config
-from .memory import MemoryReport, memory_report
+from ._version import __version__ as __version__
+from .checkpoint.memory import MemoryReport, memory_report
+from .integration.config import QUANT_METHOD, Int8Config
+from .integration.quantizer import Int8HfQuantizer
 from .nn import Int8Linear
-from .quantizer import Int8HfQuantizer
-
-__version__ = "0.1.0"
 
 load_extensions()
 

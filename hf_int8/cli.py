@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from .checkpoint.format import CONFIG_NAME, README, SAFE_INDEX, is_weight_file
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,8 +38,7 @@ SAMPLE_TEXT = (
     "connections between the villages and the regional hospital, which is forty kilometres away. The chairwoman "
     "promised a written answer before the end of the month."
 )
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
-_SAVED_BY_MODEL = {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json"}
+_SAVED_BY_MODEL = {CONFIG_NAME, "generation_config.json", README, SAFE_INDEX}
 
 
 class CliError(Exception):
@@ -94,23 +92,13 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def _source_bytes(src: str) -> int | None:
     """Total tensor bytes of a local safetensors checkpoint (from the headers only), else ``None``."""
-    from safetensors import safe_open
+    from .checkpoint.integrity import read_header
 
     folder = Path(src)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         return None
-    total = 0
-    for path in files:
-        with safe_open(path, "pt") as handle:
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                numel = math.prod(piece.get_shape())
-                total += numel * _DTYPE_SIZES.get(piece.get_dtype(), 4)
-    return total
-
-
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    return sum(entry.end - entry.begin for path in files for entry in read_header(path).tensors.values())
 
 
 def _copy_tokenizer(src: str, out: Path) -> list[str]:
@@ -120,7 +108,7 @@ def _copy_tokenizer(src: str, out: Path) -> list[str]:
     if folder.is_dir():
         for entry in sorted(folder.iterdir()):
             if (entry.is_file() and entry.name not in _SAVED_BY_MODEL and not entry.name.startswith(".")
-                    and not entry.name.endswith(_WEIGHT_SUFFIXES) and entry.name != "hf_int8_asset.json"):
+                    and not is_weight_file(entry.name, any_framework=True) and entry.name != "hf_int8_asset.json"):
                 shutil.copy2(entry, out / entry.name)
                 copied.append(entry.name)
         return copied
@@ -136,7 +124,7 @@ def _copy_tokenizer(src: str, out: Path) -> list[str]:
 def _push(out: Path, repo: str, private: bool) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import push_folder
+    from .integration.hub import push_folder
 
     try:
         info = push_folder(out, repo, private=private or None)
@@ -153,7 +141,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import Int8Config, memory_report
-    from .interop import finish_output_folder
+    from .checkpoint.staging import write_folder
+    from .integration.hooks import save_unstaged
 
     try:
         qconfig = Int8Config(threshold=args.threshold, skip_modules=args.skip or None)
@@ -179,17 +168,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CliError(EXIT_INPUT, f"cannot load {args.src!r} as {cls.__name__} with llmint8: {exc}") from exc
     bar.update()
     bar.set_postfix_str(steps[1])
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, repo_id=args.push_to_hub)
+
+    def write(folder: str) -> list[str]:
+        save_unstaged(model, folder, repo_id=args.push_to_hub)
         bar.update()
         bar.set_postfix_str(steps[2])
-        tokenizer_files = _copy_tokenizer(args.src, tmp)
-        bar.update()
-        finish_output_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return _copy_tokenizer(args.src, Path(folder))
+
+    # One staged write (save, card, tokenizer, seal): OUT is the old folder or the complete new one, never a mix
+    tokenizer_files = write_folder(out, write, keep_files=False, seal=True)
+    bar.update()
     report = memory_report(model)
     url = None
     if args.push_to_hub:
@@ -214,125 +202,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # inspect
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class LayerStats:
-    """Activation statistics of one int8 layer's input on the sample text."""
-
-    name: str
-    in_features: int
-    tokens: int
-    threshold: float
-    outlier_columns: int
-    outlier_values: int
-    max_abs: float
-
-    @property
-    def column_fraction(self) -> float:
-        return self.outlier_columns / self.in_features
-
-    @property
-    def value_fraction(self) -> float:
-        return self.outlier_values / max(1, self.tokens * self.in_features)
-
-
-@contextmanager
-def record_outlier_stats(model) -> Iterator[tuple[list[LayerStats], list[Any]]]:
-    """While inside, every :class:`Int8Linear` call of ``model`` appends the :class:`LayerStats` of its input (one
-    record per call: a prefill forward gives one per layer, each decoded token one more) and its column maxima."""
-    from .nn import Int8Linear
-
-    stats: list[LayerStats] = []
-    column_max: list[Any] = []
-    hooks = []
-
-    def hook_for(name: str):
-        def hook(module, inputs):
-            x = inputs[0].detach().reshape(-1, module.in_features).float().abs()
-            col = x.amax(dim=0) if x.shape[0] else x.new_zeros(module.in_features)
-            thr = module.threshold
-            outlier_cols = int((col >= thr).sum()) if thr > 0 else 0
-            outlier_vals = int((x >= thr).sum()) if thr > 0 else 0
-            stats.append(LayerStats(name, module.in_features, x.shape[0], thr, outlier_cols, outlier_vals,
-                                    float(col.max()) if col.numel() else 0.0))
-            column_max.append(col)
-
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, Int8Linear):
-            hooks.append(module.register_forward_pre_hook(hook_for(name)))
+def _sample_text(args: argparse.Namespace) -> str:
+    """The text ``inspect`` runs: ``--text FILE`` or the built-in paragraph."""
+    if not args.text:
+        return SAMPLE_TEXT
     try:
-        yield stats, column_max
-    finally:
-        for handle in hooks:
-            handle.remove()
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(EXIT_INPUT, f"cannot read --text {args.text!r}: {exc}") from exc
+    if not text.strip():
+        raise CliError(EXIT_INPUT, f"--text {args.text!r} is empty")
+    return text
 
 
-def collect_outlier_stats(model, input_ids) -> tuple[list[LayerStats], list[float]]:
-    """Run ``model`` on ``input_ids`` and record each :class:`Int8Linear` input: per-layer stats, column maxima."""
+def _load_int8_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, quantization_config in the checkpoint)``: PATH loaded as llmint8, quantized on load if floating."""
     import torch
 
-    inputs = {"input_ids": input_ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = input_ids  # run the decoder's int8 layers on the same text
-    with record_outlier_stats(model) as (stats, column_max), torch.inference_mode():
-        model(**inputs)
-    values = torch.cat(column_max).tolist() if column_max else []
-    return stats, values
-
-
-def write_histogram(path: Path, stats: list[LayerStats], column_max: list[float], title: str) -> None:
-    """PNG: histogram of per-column max |x| (log scale) with the threshold, and outlier columns per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    values = np.asarray([v for v in column_max if v > 0], dtype=np.float64)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), constrained_layout=True)
-    if values.size:
-        bins = np.logspace(np.log10(values.min()), np.log10(values.max() * 1.001), 60)
-        top.hist(values, bins=bins, color="#4C72B0")
-    top.set_xscale("log")
-    top.set_yscale("log")
-    thresholds = sorted({s.threshold for s in stats if s.threshold > 0})
-    for thr in thresholds:
-        top.axvline(thr, color="#C44E52", linestyle="--", label=f"threshold {thr:g}")
-    if thresholds:
-        top.legend()
-    top.set_xlabel("max |activation| of an input column over the sample text")
-    top.set_ylabel("columns (all int8 layers)")
-    top.set_title(title)
-    bottom.bar(range(len(stats)), [100 * s.column_fraction for s in stats], color="#DD8452")
-    bottom.set_xlabel("int8 layer (model order)")
-    bottom.set_ylabel("outlier columns (%)")
-    bottom.set_xlim(-0.5, max(len(stats), 1) - 0.5)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import Int8Config, memory_report
+    from . import Int8Config
     from .nn import Int8Linear
 
-    if args.png:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise CliError(EXIT_USAGE, "--png needs matplotlib: pip install matplotlib") from exc
-    if args.max_tokens < 1:
-        raise CliError(EXIT_USAGE, f"--max-tokens must be >= 1, got {args.max_tokens!r}")
-    text = SAMPLE_TEXT
-    if args.text:
-        try:
-            text = Path(args.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CliError(EXIT_INPUT, f"cannot read --text {args.text!r}: {exc}") from exc
-        if not text.strip():
-            raise CliError(EXIT_INPUT, f"--text {args.text!r} is empty")
     config = _load_config(args.path)
     cls = _model_class(config)
     quantized = getattr(config, "quantization_config", None)
@@ -346,13 +235,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not any(isinstance(m, Int8Linear) for m in model.modules()):
         raise CliError(EXIT_INPUT, f"{args.path!r} loaded without any int8 layer (quantization_config "
                                    f"{quantized!r}): not an llmint8 checkpoint")
-    report = memory_report(model)
-    origin = ("llmint8 checkpoint" if quantized
-              else f"floating-point checkpoint, quantized on load (threshold {args.threshold})")
-    print(f"{args.path} ({origin})")
-    print(report)
-    result: dict[str, Any] = {"path": str(args.path), "memory": report.as_dict()}
+    return model, quantized
 
+
+def _token_ids(args: argparse.Namespace, text: str) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer_src = args.tokenizer or args.path
@@ -364,10 +250,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, : args.max_tokens]
     if ids.numel() == 0:
         raise CliError(EXIT_INPUT, "the sample text gave no tokens")
-    stats, column_max = collect_outlier_stats(model, ids)
+    return ids
+
+
+def _print_outlier_table(stats: list, tokens: int, source: str) -> None:
     with_outliers = [s for s in stats if s.outlier_columns]
-    source = f"--text {args.text}" if args.text else "built-in sample"
-    print(f"\noutlier statistics on {ids.shape[1]} tokens ({source}):")
+    print(f"\noutlier statistics on {tokens} tokens ({source}):")
     width = max(len(s.name) for s in stats)
     print(f"{'layer':<{width}}  {'in':>6}  {'outlier cols':>12}  {'% cols':>7}  {'% values':>9}  {'max |x|':>9}")
     for s in stats:
@@ -376,7 +264,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     largest = max(stats, key=lambda s: s.max_abs)
     print(f"{len(with_outliers)} of {len(stats)} int8 layers had outlier columns; largest |x| {largest.max_abs:.4g} "
           f"in {largest.name}")
-    result["tokens"] = int(ids.shape[1])
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import memory_report
+    from .analysis import collect_outlier_stats, write_histogram
+
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise CliError(EXIT_USAGE, "--png needs matplotlib: pip install matplotlib") from exc
+    if args.max_tokens < 1:
+        raise CliError(EXIT_USAGE, f"--max-tokens must be >= 1, got {args.max_tokens!r}")
+    text = _sample_text(args)
+    model, quantized = _load_int8_model(args)
+    report = memory_report(model)
+    origin = ("llmint8 checkpoint" if quantized
+              else f"floating-point checkpoint, quantized on load (threshold {args.threshold})")
+    print(f"{args.path} ({origin})")
+    print(report)
+    ids = _token_ids(args, text)
+    stats, column_max = collect_outlier_stats(model, ids)
+    _print_outlier_table(stats, int(ids.shape[1]), f"--text {args.text}" if args.text else "built-in sample")
+    result: dict[str, Any] = {"path": str(args.path), "memory": report.as_dict(), "tokens": int(ids.shape[1])}
     result["layers"] = [{**asdict(s), "column_fraction": s.column_fraction, "value_fraction": s.value_fraction}
                         for s in stats]
     if args.png:
@@ -392,7 +303,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # convert
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .interop import ConversionError, convert
+    from .integration.interop import ConversionError, convert
 
     src, out = Path(args.src), Path(args.out)
     if not src.is_dir():

@@ -25,20 +25,17 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from peft.tuners import tuners_utils
-from peft.tuners.lora.layer import Linear as _LoraLinear
-from peft.tuners.lora.model import LoraModel
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from . import ops
+from .integration._compat import lora_custom_modules, patch_all_linear_expansion, patch_lora_layer_factory
 from .nn import Int8Linear
 
-_PATCHED = "_hf_int8_patched"
 
-
-class Int8LoraLinear(_LoraLinear):
+class Int8LoraLinear(LoraLinear):
     """A LoRA adapter around a frozen :class:`Int8Linear`: ``int8_linear(x) + B(A(dropout(x))) * scaling``.
 
     ``merge`` / ``unmerge`` (and so ``merge_and_unload``) add the adapter's delta to the dequantized weight and
@@ -92,8 +89,7 @@ def _base_layer(module: nn.Module) -> nn.Module:
 
 def _claimed_by_user(config: LoraConfig, layer: nn.Module) -> bool:
     """True when the user registered their own LoRA layer for this type (PEFT's custom-module API): theirs wins."""
-    custom = getattr(config, "_custom_modules", None) or {}
-    return any(isinstance(layer, key) for key in custom)
+    return any(isinstance(layer, key) for key in lora_custom_modules(config))
 
 
 def _dispatch_int8(create_new_module):
@@ -114,7 +110,6 @@ def _dispatch_int8(create_new_module):
             kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = False
         return Int8LoraLinear(target, adapter_name, config=lora_config, **kwargs)
 
-    setattr(create, _PATCHED, True)
     return create
 
 
@@ -144,18 +139,13 @@ def _all_linear_with_int8(include_all_linear):
             peft_config.target_modules = set(peft_config.target_modules or ()) | int8
         return peft_config
 
-    setattr(include, _PATCHED, True)
     return include
 
 
 def install() -> None:
     """Teach PEFT's LoRA about :class:`Int8Linear` (idempotent; runs when this module is imported)."""
-    if not getattr(LoraModel._create_new_module, _PATCHED, False):
-        LoraModel._create_new_module = staticmethod(_dispatch_int8(LoraModel._create_new_module))
-    if not getattr(tuners_utils._maybe_include_all_linear_layers, _PATCHED, False):
-        tuners_utils._maybe_include_all_linear_layers = _all_linear_with_int8(
-            tuners_utils._maybe_include_all_linear_layers
-        )
+    patch_lora_layer_factory(_dispatch_int8)
+    patch_all_linear_expansion(_all_linear_with_int8)
 
 
 install()

@@ -85,7 +85,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import hf_int8
-        from hf_int8 import metrics, tp
+        from hf_int8 import metrics
+        from hf_int8.integration import tp
 
         path = job["path"]
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -33,7 +33,7 @@ def percentile(values: list[int], q: float) -> int:
 
 def collect(model, input_ids: torch.Tensor, new_tokens: int) -> dict[str, dict]:
     """Outlier-column counts per projection name (the module name's last part), from prefill and decode calls."""
-    from hf_int8.cli import record_outlier_stats
+    from hf_int8.analysis import record_outlier_stats
 
     with record_outlier_stats(model) as (calls, _), torch.inference_mode():
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_int8  # noqa: F401  (registers llmint8)
 from hf_int8 import Int8Config, Int8Linear
-from hf_int8.saving import STAGING_MARK
+from hf_int8.checkpoint.staging import STAGING_MARK
 
 THREADS = 4
 ROUNDS = 2

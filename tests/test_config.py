@@ -10,7 +10,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 import hf_int8  # noqa: F401  (registers llmint8)
 from hf_int8 import Int8Config
-from hf_int8.ops.constants import FORMAT_VERSION
+from hf_int8.checkpoint.format import FORMAT_VERSION
 
 
 def test_defaults():

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_int8  # noqa: F401
 from hf_int8 import Int8Config, Int8Linear
-from hf_int8.hub import CARD_BEGIN, CARD_END
+from hf_int8.checkpoint.card import CARD_BEGIN, CARD_END
 
 TOKEN = "hf_int8-test-token"
 TIMEOUT = 240

@@ -18,7 +18,8 @@ from tiny_models import gpt2_config, llama_config, save_fp_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import hf_int8  # noqa: F401
-from hf_int8 import Int8Config, Int8Linear, interop
+from hf_int8 import Int8Config, Int8Linear
+from hf_int8.integration import interop
 from hf_int8.ops.constants import INT8_MAX
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (a test extra) is not installed")

@@ -24,9 +24,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import hf_int8
-from hf_int8 import Int8Config, Int8Linear, integrity
-from hf_int8.integrity import SEAL_KEY
+import hf_int8  # noqa: F401  (registers llmint8)
+from hf_int8 import Int8Config, Int8Linear
+from hf_int8.checkpoint import integrity
+from hf_int8.checkpoint.integrity import SEAL_KEY
+from hf_int8.integration import conversion
 
 LAYER = "model.layers.0.mlp.up_proj"
 TOKENS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -80,13 +82,13 @@ def copy_of(tmp_path):
 def deserialize_calls(monkeypatch):
     """Counts the int8 layers whose weights reached the model (through the deserialize op)."""
     calls = []
-    original = hf_int8.quantizer.Int8DeserializeOp.convert
+    original = conversion.Int8DeserializeOp.convert
 
     def counting(self, input_dict, *args, **kwargs):
         calls.append(kwargs.get("full_layer_name"))
         return original(self, input_dict, *args, **kwargs)
 
-    monkeypatch.setattr(hf_int8.quantizer.Int8DeserializeOp, "convert", counting)
+    monkeypatch.setattr(conversion.Int8DeserializeOp, "convert", counting)
     return calls
 
 
@@ -338,7 +340,7 @@ def test_unsealed_checkpoint_loads_with_a_warning(saved, copy_of, caplog, refere
     """A valid checkpoint written by another tool (no seal) loads; the log says damage cannot be detected."""
     folder = copy_of(saved)
     _rewrite(folder, lambda t: None)
-    with caplog.at_level(logging.WARNING, logger="hf_int8.quantizer"):
+    with caplog.at_level(logging.WARNING, logger="hf_int8.integration.quantizer"):
         model = _load(folder)
     assert any("no hf_int8 seal" in r.getMessage() for r in caplog.records)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_int8  # noqa: F401  (registers llmint8)
 from hf_int8 import Int8Config, Int8Linear, ops
-from hf_int8.ops.constants import FORMAT_VERSION
+from hf_int8.checkpoint.format import FORMAT_VERSION
 
 # ---------------------------------------------------------------------------------------------------------------
 # Int8Config in code

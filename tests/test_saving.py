@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_int8  # noqa: F401  (registers llmint8)
 from hf_int8 import Int8Config, Int8Linear
-from hf_int8.saving import STAGING_MARK
+from hf_int8.checkpoint.staging import STAGING_MARK
 
 TOKENIZER = '{"fake": "tokenizer file the user keeps next to the model"}'
 USER_NOTES = "Notes written by the user, which a save must keep."
@@ -274,7 +274,7 @@ HELPER = textwrap.dedent(
     from transformers import AutoModelForCausalLM
 
     import hf_int8
-    from hf_int8 import integrity, saving
+    from hf_int8.checkpoint import integrity, staging
 
 
     def die():
@@ -310,16 +310,16 @@ HELPER = textwrap.dedent(
             integrity._write_with_metadata = write
         elif kind in ("carry", "fsync"):  # entering the post-save carry-over / the fsync of the staging folder
             name = {"carry": "_carry_over", "fsync": "_fsync_tree"}[kind]
-            original = getattr(saving, name)
+            original = getattr(staging, name)
 
             def hooked(*args, **kwargs):
                 if kind == "fsync" or not kwargs.get("precopy", True):
                     die()
                 return original(*args, **kwargs)
 
-            setattr(saving, name, hooked)
+            setattr(staging, name, hooked)
         elif kind in ("swap", "swapped"):  # just before / just after the atomic exchange or rename
-            exchange, rename = saving._exchange, os.rename
+            exchange, rename = staging._exchange, os.rename
 
             def hooked_exchange(a, b):
                 if kind == "swap":
@@ -329,15 +329,15 @@ HELPER = textwrap.dedent(
                 die()
 
             def hooked_rename(a, b):
-                if saving.STAGING_MARK not in os.path.basename(a):
+                if staging.STAGING_MARK not in os.path.basename(a):
                     return rename(a, b)
                 if kind == "swap":
                     die()
                 rename(a, b)
                 die()
 
-            saving._exchange = hooked_exchange
-            saving.os.rename = hooked_rename
+            staging._exchange = hooked_exchange
+            staging.os.rename = hooked_rename
         elif kind == "after":  # a plain timed kill, wherever the save happens to be
             threading.Thread(target=lambda: (time.sleep(float(arg)), die()), daemon=True).start()
 

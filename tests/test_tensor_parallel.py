@@ -56,7 +56,8 @@ def _worker(fp_dir: str, sp_saved: str, out: str) -> None:
     from transformers import AutoModelForCausalLM
 
     import hf_int8  # noqa: F401
-    from hf_int8 import Int8Config, Int8Linear, tp
+    from hf_int8 import Int8Config, Int8Linear
+    from hf_int8.integration import tp
 
     out_dir = Path(out)
     model = AutoModelForCausalLM.from_pretrained(
@@ -265,8 +266,8 @@ def test_plan_rewrite_covers_int8_layers_only():
     from transformers import AutoModelForCausalLM
 
     import hf_int8  # noqa: F401
-    from hf_int8 import tp
-    from hf_int8.quantizer import replace_with_int8_linear
+    from hf_int8.integration import tp
+    from hf_int8.integration.quantizer import replace_with_int8_linear
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_tiny_config())

@@ -19,11 +19,10 @@ import torch
 
 from . import _health, reference
 from ._health import NativeKernelFallbackWarning
-from .constants import DEFAULT_THRESHOLD, FORMAT_VERSION, INT8_MAX
+from .constants import DEFAULT_THRESHOLD, INT8_MAX
 
 __all__ = [
     "DEFAULT_THRESHOLD",
-    "FORMAT_VERSION",
     "INT8_MAX",
     "OP_NAMES",
     "NativeKernelFallbackWarning",

@@ -5,10 +5,11 @@ the checkpoint slice by slice. That does not fit an llmint8 layer: its ``weight_
 names, a saved checkpoint stores the int8 codes flattened to 1-D (which a column split cannot slice), and quantizing
 a column slice would give each rank scales of its own. So :class:`~hf_int8.nn.Int8Linear` layers are sharded here:
 
-* ``update_parallel_plan`` (see :mod:`hf_int8.quantizer`) renames every ``colwise*`` / ``rowwise*`` style that covers
-  an Int8Linear to ``llmint8_<style>``: the same style as transformers' for every other module, but the int8
-  ``weight`` and ``weight_scale`` of an Int8Linear become plain tensors of this rank's shard size (the bias is left
-  to transformers: a ``DTensor`` sharded with the rows, or replicated and added once after the sum for rowwise).
+* ``update_parallel_plan`` (see :mod:`hf_int8.integration.quantizer`) renames every ``colwise*`` / ``rowwise*``
+  style that covers an Int8Linear to ``llmint8_<style>``: the same style as transformers' for every other module,
+  but the int8 ``weight`` and ``weight_scale`` of an Int8Linear become plain tensors of this rank's shard size (the
+  bias is left to transformers: a ``DTensor`` sharded with the rows, or replicated and added once after the sum for
+  rowwise).
 * Loading reads the full tensor, quantizes it (or checks the saved one) as one process does, and keeps this rank's
   slice: colwise layers keep rows of the codes and their scales, rowwise layers keep columns of the codes and every
   row's scale (a row split of the input dimension does not change a row's absmax). Every rank's codes and scales are
@@ -26,18 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from .nn import Int8Linear
+from ..nn import Int8Linear
+from ._compat import mark_local_tensor_parallel, parallel_styles, plan_key
+
+T = TypeVar("T")
 
 STYLE_PREFIX = "llmint8_"
 _STYLE_FAMILIES = ("colwise", "rowwise")  # transformers' ColwiseParallel / RowwiseParallel styles
-_SAVE = "_hf_int8_tp_inner_save_pretrained"
 
 
 @dataclass(frozen=True)
@@ -116,14 +119,13 @@ def _shard_int8_weight(module: Int8Linear, dim: int, mesh: Any) -> None:
         module._buffers["weight_scale"] = torch.empty(size, dtype=torch.float32, device=scale.device)
     module._hf_int8_tp = Int8Shard(dim, offset, size, full, rank, world, mesh)
     # transformers' colwise/rowwise styles then run forward on local tensors (the bias DTensor included)
-    module._hf_quantized_needs_local_tp = True
+    mark_local_tensor_parallel(module)
 
 
 def _make_style(base: Any) -> Any:
     """A copy of the style ``base`` (same class and layouts) that shards Int8Linear weights as this module says."""
-    from transformers.distributed.tensor_parallel import ColwiseParallel
-
-    dim = 0 if isinstance(base, ColwiseParallel) else 1
+    _, colwise, _ = parallel_styles()
+    dim = 0 if isinstance(base, colwise) else 1
 
     def shard_param(self: Any, module: nn.Module, param: str, mesh: Any) -> None:
         if isinstance(module, Int8Linear) and param == "weight":
@@ -144,16 +146,15 @@ def register_styles() -> dict[str, str]:
     """
     if not _distributed_available():
         return {}
-    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, ColwiseParallel, RowwiseParallel
-
+    registry, colwise, rowwise = parallel_styles()
     names = {}
-    for name in list(ALL_PARALLEL_STYLES.keys()):
-        base = ALL_PARALLEL_STYLES[name]
-        if name.startswith(STYLE_PREFIX) or type(base) not in (ColwiseParallel, RowwiseParallel):
+    for name in list(registry.keys()):
+        base = registry[name]
+        if name.startswith(STYLE_PREFIX) or type(base) not in (colwise, rowwise):
             continue
         ours = STYLE_PREFIX + name
-        if ours not in ALL_PARALLEL_STYLES:
-            ALL_PARALLEL_STYLES.register(ours, _make_style(base))
+        if ours not in registry:
+            registry.register(ours, _make_style(base))
         names[name] = ours
     return names
 
@@ -168,9 +169,7 @@ def rewrite_plan(model: nn.Module, plan: dict[str, str] | None) -> None:
     styles = register_styles()
     if not styles:
         return
-    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
-
-    int8_names = {replace_layer_number_by_wildcard(n) for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    int8_names = {plan_key(n) for n, m in model.named_modules() if isinstance(m, Int8Linear)}
     for key, style in list(plan.items()):
         module_key = key.removesuffix(".weight")
         if module_key in int8_names and style in styles:
@@ -233,23 +232,25 @@ def _full_layers(layers: list[tuple[Int8Linear, torch.Tensor, torch.Tensor]]):
             module._buffers["weight_scale"] = scale
 
 
-def _tp_save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-    """``save_pretrained`` of a tensor-parallel llmint8 model: every rank calls it, rank 0 writes one ordinary
-    llmint8 checkpoint (the same files one process writes), through hf_int8's atomic, sealed save."""
+def save_gathered(model: nn.Module, save_full: Callable[[], T], save_scratch: Callable[[str], T]) -> T:
+    """Save a tensor-parallel llmint8 model: every rank calls this, rank 0 runs ``save_full()`` with the full int8
+    layers in place (one ordinary llmint8 checkpoint, the same files one process writes); the other ranks run
+    ``save_scratch(folder)`` into a scratch folder, taking part in transformers' gathers but writing nothing that
+    counts."""
     import torch.distributed as dist
 
-    group = next(s for s in map(shard_of, self.modules()) if s is not None).mesh.get_group()
+    group = next(s for s in map(shard_of, model.modules()) if s is not None).mesh.get_group()
     rank = dist.get_rank(group)
     # Agree that every rank's shards are sound before the gathers start: one rank raising alone would leave the
     # others waiting in a collective.
-    problems = _check_local(self)
+    problems = _check_local(model)
     flag = torch.tensor([len(problems)], dtype=torch.int64)
     dist.all_reduce(flag, group=group)
     if flag.item():
         detail = "\n  ".join(problems[:10]) or "(on another rank)"
         raise ValueError(f"refusing to save: {flag.item()} int8 shard problem(s), nothing was written:\n  {detail}")
     layers = []
-    for _, module in self.named_modules():  # the same order on every rank: the gathers pair up
+    for _, module in model.named_modules():  # the same order on every rank: the gathers pair up
         if shard_of(module) is not None:
             codes, scale = gather_layer(module)
             if rank == 0:
@@ -257,23 +258,12 @@ def _tp_save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwar
     try:
         if rank == 0:
             with _full_layers(layers):
-                return self.__dict__[_SAVE](save_directory, *args, **kwargs)
-        # The other ranks take part in transformers' gathers of the DTensor parameters (embeddings, lm_head, biases)
-        # but write nothing; a scratch folder keeps them away from rank 0's staging and atomic swap.
-        kwargs.pop("push_to_hub", None)
+                return save_full()
+        # A scratch folder keeps the other ranks away from rank 0's staging and atomic swap.
         with tempfile.TemporaryDirectory(prefix="hf_int8-tp-rank") as scratch:
-            return type(self).save_pretrained(self, scratch, *args, **kwargs)
+            return save_scratch(scratch)
     finally:
         dist.barrier(group=group)  # nobody reads the folder before rank 0 has swapped it in
-
-
-def install(model: nn.Module) -> None:
-    """Make ``save_pretrained`` of a tensor-parallel llmint8 model gather its int8 shards (wraps the current one)."""
-    current = model.__dict__.get("save_pretrained")
-    if getattr(current, "__func__", None) is _tp_save_pretrained:
-        return
-    model.__dict__[_SAVE] = current if current is not None else types.MethodType(type(model).save_pretrained, model)
-    model.save_pretrained = types.MethodType(_tp_save_pretrained, model)
 
 
 # ---- reporting --------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .nn import Int8Linear
+from ..nn import Int8Linear
 
 
 @dataclass

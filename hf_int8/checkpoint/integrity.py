@@ -20,11 +20,17 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 import uuid
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from torch import nn
+
+from ..nn import Int8Linear
+from .format import SCALE_NAME, WEIGHT_NAME, is_weight_file, layer_problems
 
 SEAL_KEY = "hf_int8.seal"
 SEAL_VERSION = 1
@@ -80,6 +86,16 @@ def _is_count(value: object) -> bool:
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and check the structure of a safetensors file; raise :class:`CheckpointError` naming what is wrong."""
     path = os.fspath(path)
+    raw, size = _read_raw_header(path)
+    data_start = 8 + len(raw)
+    table, metadata = _parse_table(path, raw)
+    tensors = {name: _tensor_entry(path, name, info, data_start) for name, info in table.items()}
+    _check_tiling(path, tensors, data_start, size)
+    return SafetensorsHeader(path, tensors, metadata, data_start, size)
+
+
+def _read_raw_header(path: str) -> tuple[bytes, int]:
+    """``(JSON header bytes, file size)``; pickle archives and truncated files are refused here."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -97,9 +113,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                     f"{path} is not a valid safetensors file (truncated?): its header claims {n} bytes but the file "
                     f"holds {size}"
                 )
-            raw = f.read(n)
+            return f.read(n), size
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint file {path}: {exc}") from exc
+
+
+def _parse_table(path: str, raw: bytes) -> tuple[dict, dict[str, str]]:
+    """``(tensor table, __metadata__)`` of the JSON header (duplicate keys and non-string metadata refused)."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -109,32 +129,36 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path} has a damaged safetensors header: __metadata__ must map strings to strings")
-    data_start = 8 + n
-    data_len = size - data_start
-    tensors = {}
-    for name, info in header.items():
-        what = f"tensor {name!r} in {path}"
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise CheckpointError(f"{what} has a damaged header entry: {info!r}")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_BITS:
-            raise CheckpointError(f"{what} has an unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise CheckpointError(f"{what} has an invalid shape {shape!r}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-            raise CheckpointError(f"{what} has invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        bits = numel * DTYPE_BITS[dtype]
-        if bits % 8 or end < begin or end - begin != bits // 8:
-            raise CheckpointError(
-                f"{what}: dtype {dtype} and shape {shape} need {bits / 8:g} bytes but data_offsets {offsets} span "
-                f"{end - begin}"
-            )
-        tensors[name] = TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
-    # The tensors must tile the data section exactly: no gap, no overlap, nothing missing at the end.
+    return header, dict(metadata)
+
+
+def _tensor_entry(path: str, name: str, info: object, data_start: int) -> TensorEntry:
+    """One checked header entry: known dtype, valid shape and offsets, a byte range that fits dtype and shape."""
+    what = f"tensor {name!r} in {path}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{what} has a damaged header entry: {info!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPE_BITS:
+        raise CheckpointError(f"{what} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{what} has an invalid shape {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise CheckpointError(f"{what} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = numel * DTYPE_BITS[dtype]
+    if bits % 8 or end < begin or end - begin != bits // 8:
+        raise CheckpointError(
+            f"{what}: dtype {dtype} and shape {shape} need {bits / 8:g} bytes but data_offsets {offsets} span "
+            f"{end - begin}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_tiling(path: str, tensors: dict[str, TensorEntry], data_start: int, size: int) -> None:
+    """The tensors must tile the data section exactly: no gap, no overlap, nothing missing at the end."""
     position = data_start
     for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
         if entry.begin != position:
@@ -144,9 +168,8 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     if position != size:
         raise CheckpointError(
             f"{path} is truncated or has trailing bytes: its tensors need a data section of {position - data_start} "
-            f"bytes, the file has {data_len}"
+            f"bytes, the file has {size - data_start}"
         )
-    return SafetensorsHeader(path, tensors, dict(metadata), data_start, size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,19 +233,17 @@ def _write_with_metadata(header: SafetensorsHeader, metadata: dict[str, str]) ->
     os.replace(staging, header.path)
 
 
-def is_weight_file(name: str) -> bool:
-    """True for the safetensors weight files of a Transformers folder (``model*.safetensors``)."""
-    return name.endswith(".safetensors") and name.startswith("model")
-
-
 def seal_folder(folder: str | os.PathLike) -> str:
     """Seal every ``model*.safetensors`` file of ``folder`` as one save; return the new ``save_id``.
 
-    Used by hf_int8's atomic ``save_pretrained`` on its staging folder; also usable on any folder of safetensors
-    weights (e.g. one written by a converter) to give it the same protection on load.
+    Used by :func:`hf_int8.checkpoint.staging.write_folder` on its staging folder; also usable on any folder of
+    safetensors weights (e.g. one written by another tool) to give it the same protection on load.
     """
     folder = os.fspath(folder)
-    files = sorted(f for f in os.listdir(folder) if is_weight_file(f) and os.path.isfile(os.path.join(folder, f)))
+    files = sorted(
+        f for f in os.listdir(folder)
+        if is_weight_file(f, shards_only=True) and os.path.isfile(os.path.join(folder, f))
+    )
     if not files:
         raise CheckpointError(f"{folder} holds no model*.safetensors file to seal")
     save_id = uuid.uuid4().hex
@@ -337,7 +358,7 @@ def check_checkpoint_files(paths: Iterable[str | os.PathLike], verify_data: bool
 # ---------------------------------------------------------------------------------------------------------------
 # Checks of a checkpoint against the model it is about to be loaded into
 # ---------------------------------------------------------------------------------------------------------------
-def _resolve_module(model, prefix: str):
+def _resolve_module(model: nn.Module, prefix: str) -> nn.Module | None:
     """The submodule a checkpoint key prefix names, allowing for a base-model prefix added or removed."""
     base = getattr(model, "base_model_prefix", "") or ""
     candidates = [prefix]
@@ -353,50 +374,52 @@ def _resolve_module(model, prefix: str):
     return None
 
 
-def check_llmint8_layout(summary: CheckpointSummary, model, scale_name: str = "weight_scale") -> None:
+def check_llmint8_layout(
+    summary: CheckpointSummary,
+    model: nn.Module,
+    *,
+    tied_keys: dict[str, str] | None = None,
+    ignore_missing: Iterable[str] = (),
+) -> None:
     """Refuse a pre-quantized checkpoint whose tensors do not fit the int8 layers of ``model`` (before loading).
 
-    Every int8 layer needs an int8 ``weight`` (``[out, in]``, or flattened ``[out * in]``) and a float32
-    ``weight_scale`` ``[out]``; an int8 tensor or a scale for a layer kept in floating point means the checkpoint
-    and the config disagree (``skip_modules`` edited?). All problems are reported at once, naming file and tensor.
+    Every int8 layer needs its tensors, by the rules of :func:`hf_int8.checkpoint.format.layer_problems` (checked on
+    the header entries); an int8 tensor or a scale for a layer kept in floating point means the checkpoint and the
+    config disagree (``skip_modules`` edited?); and every other tensor of the model must be there, except those tied
+    to one that is (``tied_keys``: target -> source) or matched by a regex of ``ignore_missing``. All problems are
+    reported at once, naming file and tensor.
     """
-    from .nn import Int8Linear
-
     index = summary.tensor_index()
     problems: list[str] = []
-    seen: dict[str, set[str]] = {}
+    layers: dict[str, dict[str, TensorEntry]] = {}
+    modules: dict[str, Int8Linear] = {}
     for name, (path, entry) in sorted(index.items()):
         prefix, _, leaf = name.rpartition(".")
         module = _resolve_module(model, prefix)
-        where = f"{name} in {os.path.basename(path)}"
         if module is None:
             continue  # unexpected keys are transformers' business (it reports them)
         if not isinstance(module, Int8Linear):
-            if leaf == scale_name or (leaf == "weight" and entry.dtype in ("I8", "U8")):
+            if leaf == SCALE_NAME or (leaf == WEIGHT_NAME and entry.dtype in ("I8", "U8")):
                 problems.append(
-                    f"{where} is an llmint8 {'scale' if leaf == scale_name else 'int8 weight'}, but "
-                    f"{prefix} is kept in floating point by this config (skip_modules edited?)"
+                    f"{name} in {os.path.basename(path)} is an llmint8 "
+                    f"{'scale' if leaf == SCALE_NAME else 'int8 weight'}, but {prefix} is kept in floating point by "
+                    "this config (skip_modules edited?)"
                 )
             continue
-        seen.setdefault(id(module), set()).add(leaf)
-        out_f, in_f = module.out_features, module.in_features
-        if leaf == "weight":
-            if entry.dtype != "I8":
-                problems.append(f"{where} must be int8 (I8) in an llmint8 checkpoint, got {entry.dtype}")
-            elif entry.shape not in ((out_f, in_f), (out_f * in_f,)):
-                problems.append(f"{where} must have shape {[out_f, in_f]}, got {list(entry.shape)}")
-        elif leaf == scale_name:
-            if entry.dtype != "F32":
-                problems.append(f"{where} must be float32 (F32), got {entry.dtype}")
-            elif entry.shape != (out_f,):
-                problems.append(f"{where} must have shape {[out_f]}, got {list(entry.shape)}")
-    for name, module in model.named_modules():
-        found = seen.get(id(module))
-        if isinstance(module, Int8Linear) and found:  # a layer with no key at all is reported after loading
-            for leaf in ("weight", scale_name):
-                if leaf not in found:
-                    problems.append(f"{name}.{leaf} is missing from the checkpoint (its other tensors are there)")
-    problems.extend(_missing_keys(model, index.keys()))
+        layers.setdefault(prefix, {})[leaf] = entry
+        modules[prefix] = module
+    for prefix, entries in layers.items():  # a layer with no key at all is reported after loading
+        missing = [leaf for leaf in (WEIGHT_NAME, SCALE_NAME) if leaf not in entries]
+        problems.extend(
+            f"{prefix}.{leaf} is missing from the checkpoint (its other tensors are there)" for leaf in missing
+        )
+        if not missing:
+            module = modules[prefix]
+            found = layer_problems(prefix, entries[WEIGHT_NAME], entries[SCALE_NAME], module.out_features,
+                                   module.in_features)
+            path = os.path.basename(index[f"{prefix}.{WEIGHT_NAME}"][0])
+            problems.extend(f"{problem} (in {path})" for problem in found)
+    problems.extend(_missing_keys(model, index.keys(), tied_keys or {}, list(ignore_missing)))
     if problems:
         shown = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -406,14 +429,12 @@ def check_llmint8_layout(summary: CheckpointSummary, model, scale_name: str = "w
         )
 
 
-def _missing_keys(model, present_keys) -> list[str]:
+def _missing_keys(model: nn.Module, present_keys: Iterable[str], tied: dict[str, str], ignore: list[str]) -> list[str]:
     """Model tensors a complete checkpoint must hold but these files lack (tied and ignorable keys excepted).
 
     transformers would initialize such tensors randomly with only a warning: for a saved llmint8 model that is an
     incomplete checkpoint, never a valid one.
     """
-    import re
-
     base = getattr(model, "base_model_prefix", "") or ""
     present = set()
     for key in present_keys:
@@ -422,12 +443,10 @@ def _missing_keys(model, present_keys) -> list[str]:
             present.add(key[len(base) + 1 :])
         elif base:
             present.add(f"{base}.{key}")
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    patterns = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-    ignore = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+    pattern = re.compile("|".join(f"({p})" for p in ignore)) if ignore else None
     missing = []
     for key in model.state_dict().keys():
-        if key in present or (ignore is not None and ignore.search(key)):
+        if key in present or (pattern is not None and pattern.search(key)):
             continue
         source = tied.get(key)
         if source is not None and source in present:

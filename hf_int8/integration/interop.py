@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,19 +48,28 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import integrity
+from ..checkpoint import staging
+from ..checkpoint.card import card_section, merge_card, strip_card
+from ..checkpoint.format import (
+    CONFIG_NAME,
+    README,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    SCALE_NAME,
+    WEIGHT_NAME,
+    check_layer_tensors,
+    safetensors_metadata,
+    unflatten_codes,
+)
+from ..ops.constants import INT8_MAX
+from ._compat import Conv1D, should_convert_module
 from .config import QUANT_METHOD, Int8Config
-from .ops.constants import INT8_MAX
 
-SCALE_NAME = "weight_scale"
 BNB_SCALE_NAME = "SCB"
 BNB_FORMAT_NAME = "weight_format"
 BNB_ROW_FORMAT = 0
 """``weight_format`` value of bitsandbytes' row-major int8 layout, the only one it saves."""
 
-CONFIG_NAME = "config.json"
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 _FORMATS = ("llmint8", "bnb")
 
 
@@ -172,8 +180,6 @@ def _meta_model(config_dict: dict[str, Any]) -> nn.Module:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    from transformers.pytorch_utils import Conv1D
-
     return [name for name, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D)]
 
 
@@ -188,7 +194,7 @@ def _linear_shape(model: nn.Module, name: str) -> tuple[int, int]:
 
 def _llmint8_selection(config_dict: dict[str, Any], threshold: float, skip: list[str] | None) -> list[str]:
     """Names of the layers hf_int8's loader makes int8 for this config and skip list (its own selection code)."""
-    from .quantizer import Int8HfQuantizer
+    from .quantizer import Int8HfQuantizer  # on use: the quantizer module imports this one's neighbours
 
     model = _meta_model(config_dict)
     quantizer = Int8HfQuantizer(Int8Config(threshold=threshold, skip_modules=skip or None), pre_quantized=False)
@@ -198,8 +204,6 @@ def _llmint8_selection(config_dict: dict[str, Any], threshold: float, skip: list
 
 def _bnb_selection(model: nn.Module, skip: list[str]) -> list[str]:
     """Names of the linear layers transformers' bitsandbytes 8-bit loader quantizes with ``llm_int8_skip_modules``."""
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
     patterns = list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return sorted(name for name in _linear_names(model) if should_convert_module(name, patterns))
 
@@ -207,24 +211,11 @@ def _bnb_selection(model: nn.Module, skip: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
-def _prepare_output(out: Path, overwrite: bool) -> Path:
+def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {out} is not empty (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-
-
-def finish_output_folder(tmp: Path, out: Path) -> None:
-    """Move the completed temporary folder into place (an interrupted conversion never leaves a half folder)."""
-    if out.exists():
-        old = out.with_name(f".old-{out.name}-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
 
 
 def _copy_other_files(src: Path, tmp: Path, skip: set[str]) -> None:
@@ -280,6 +271,70 @@ def _tqdm(items, progress: bool, desc: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The conversion skeleton, shared by both directions
+# ---------------------------------------------------------------------------------------------------------------
+# (reader, tensor name, module prefix) -> the tensors to write in its place (empty: written with another tensor)
+ConvertLayer = Callable[[_Reader, str, str], dict[str, torch.Tensor]]
+
+
+@dataclass
+class _Plan:
+    """What one conversion writes: which layers it rewrites and how, and the folder's new config/card/metadata."""
+
+    src: Path
+    config: dict[str, Any]
+    files: list[str]
+    key_to_file: dict[str, str]
+    index: dict[str, Any] | None
+    layers: set[str]  # module prefixes whose tensors go through convert_layer
+    convert_layer: ConvertLayer
+    quantization_config: dict[str, Any]
+    metadata: dict[str, str]
+    desc: str
+    card: Callable[[str | None], str | None]  # existing README text -> new README text (None: write none)
+    seal: bool
+
+
+def _write_converted(plan: _Plan, out: Path, overwrite: bool, progress: bool) -> list[str]:
+    """Write ``out`` from ``plan`` through one staged folder (``out`` never half-written); return its file names."""
+    _check_output(out, overwrite)
+
+    def write(folder: str) -> None:
+        tmp = Path(folder)
+        reader = _Reader(plan.src, plan.key_to_file)
+        try:
+            new_map, total = {}, 0
+            for name in _tqdm(plan.files, progress, plan.desc):
+                tensors: dict[str, torch.Tensor] = {}
+                for key in reader.keys_in(name):
+                    prefix = key.rpartition(".")[0]
+                    tensors.update(plan.convert_layer(reader, key, prefix) if prefix in plan.layers
+                                   else {key: reader.get(key)})
+                save_file(tensors, tmp / name, metadata=plan.metadata)
+                total += sum(t.numel() * t.element_size() for t in tensors.values())
+                new_map.update({k: name for k in tensors})
+        finally:
+            reader.close()
+        new_config = {**plan.config, "quantization_config": plan.quantization_config}
+        _copy_other_files(plan.src, tmp, {CONFIG_NAME, SAFE_INDEX, README, *plan.files})
+        (tmp / CONFIG_NAME).write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+        _write_index(tmp, plan.index, new_map, total)
+        readme = plan.src / README
+        card = plan.card(readme.read_text(encoding="utf-8") if readme.is_file() else None)
+        if card is not None:
+            (tmp / README).write_text(card, encoding="utf-8")
+
+    staging.write_folder(out, write, keep_files=False, seal=plan.seal)
+    return sorted(p.name for p in out.iterdir())
+
+
+def _read_source(src: Path) -> tuple[dict[str, Any], list[str], dict[str, str], dict[str, Any] | None, nn.Module]:
+    config = read_config(src)
+    files, key_to_file, index = weight_files(src)
+    return config, files, key_to_file, index, _meta_model(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # llmint8 -> bitsandbytes
 # ---------------------------------------------------------------------------------------------------------------
 def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
@@ -287,17 +342,12 @@ def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = 
     """Convert the llmint8 checkpoint folder ``src`` into a bitsandbytes 8-bit checkpoint folder ``out``."""
     from transformers import BitsAndBytesConfig
 
-    from .hub import CARD_BEGIN, CARD_END, CARD_TAGS
-    from .quantizer import check_quantized_tensors
-
     src, out = Path(src), Path(out)
-    config = read_config(src)
     kind = checkpoint_format(src)
     if kind != QUANT_METHOD:
         raise ConversionError(f"{src} is a {kind!r} checkpoint, not an llmint8 one (config.json quantization_config)")
+    config, files, key_to_file, index, model = _read_source(src)
     qcfg = Int8Config.from_dict(config["quantization_config"])
-    files, key_to_file, index = weight_files(src)
-    model = _meta_model(config)
     linears = _linear_names(model)
     quantized = sorted(n for n in linears if f"{n}.{SCALE_NAME}" in key_to_file)
     if not quantized:
@@ -309,59 +359,38 @@ def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = 
     kept_float = sorted(set(linears) - set(quantized))
     if _bnb_selection(model, kept_float) != quantized:
         raise ConversionError("could not express the llmint8 layer selection as llm_int8_skip_modules")
-
-    missing = [p for p in quantized if f"{p}.weight" not in key_to_file]
+    missing = [p for p in quantized if f"{p}.{WEIGHT_NAME}" not in key_to_file]
     if missing:
         raise ConversionError(f"{src} has {SCALE_NAME} but no weight for {missing[:5]!r}")
-    tmp = _prepare_output(out, overwrite)
-    reader = _Reader(src, key_to_file)
-    try:
-        new_map, total = {}, 0
-        quantized_set = set(quantized)
-        for name in _tqdm(files, progress, "convert to bitsandbytes"):
-            tensors: dict[str, torch.Tensor] = {}
-            for key in reader.keys_in(name):
-                prefix, _, leaf = key.rpartition(".")
-                if prefix in quantized_set and leaf == SCALE_NAME:
-                    continue  # written with its weight
-                if prefix in quantized_set and leaf == "weight":
-                    out_f, in_f = _linear_shape(model, prefix)
-                    codes, scale_key = reader.get(key), f"{prefix}.{SCALE_NAME}"
-                    if codes.dim() == 1 and codes.numel() == out_f * in_f:
-                        codes = codes.view(out_f, in_f)
-                    scale = reader.get(scale_key)
-                    check_quantized_tensors(prefix, codes, scale, out_f, in_f)
-                    tensors[key] = codes.contiguous()
-                    tensors[f"{prefix}.{BNB_SCALE_NAME}"] = (scale.double() * INT8_MAX).float()
-                    tensors[f"{prefix}.{BNB_FORMAT_NAME}"] = torch.tensor(BNB_ROW_FORMAT, dtype=torch.uint8)
-                else:
-                    tensors[key] = reader.get(key)
-            save_file(tensors, tmp / name, metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            new_map.update({k: name for k in tensors})
-        bnb_config = BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=qcfg.threshold, llm_int8_skip_modules=kept_float or None
-        )
-        new_config = dict(config)
-        new_config["quantization_config"] = bnb_config.to_dict()
-        _copy_other_files(src, tmp, {CONFIG_NAME, SAFE_INDEX, "README.md", *files})
-        (tmp / CONFIG_NAME).write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-        _write_index(tmp, index, new_map, total)
-        readme = src / "README.md"
-        if readme.is_file():  # keep the user's card, without the llmint8 section and tags that no longer apply
-            text = re.sub(re.escape(CARD_BEGIN) + r".*?" + re.escape(CARD_END) + r"\n?", "",
-                          readme.read_text(encoding="utf-8"), flags=re.DOTALL)
-            for tag in CARD_TAGS:
-                text = re.sub(rf"(?m)^- {re.escape(tag)}\n", "", text)
-            (tmp / "README.md").write_text(text, encoding="utf-8")
-    except BaseException:
-        reader.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    reader.close()
-    finish_output_folder(tmp, out)
-    return ConversionReport("bnb", str(src), str(out), quantized, kept_float, [], qcfg.threshold,
-                            sorted(p.name for p in out.iterdir()))
+
+    def convert_layer(reader: _Reader, key: str, prefix: str) -> dict[str, torch.Tensor]:
+        leaf = key.rpartition(".")[2]
+        if leaf == SCALE_NAME:
+            return {}  # written with its weight
+        if leaf != WEIGHT_NAME:
+            return {key: reader.get(key)}
+        out_f, in_f = _linear_shape(model, prefix)
+        codes = unflatten_codes(reader.get(key), out_f, in_f)
+        scale = reader.get(f"{prefix}.{SCALE_NAME}")
+        check_layer_tensors(prefix, codes, scale, out_f, in_f)
+        return {
+            key: codes.contiguous(),
+            f"{prefix}.{BNB_SCALE_NAME}": (scale.double() * INT8_MAX).float(),
+            f"{prefix}.{BNB_FORMAT_NAME}": torch.tensor(BNB_ROW_FORMAT, dtype=torch.uint8),
+        }
+
+    bnb_config = BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_threshold=qcfg.threshold, llm_int8_skip_modules=kept_float or None
+    )
+    plan = _Plan(
+        src, config, files, key_to_file, index, set(quantized), convert_layer, bnb_config.to_dict(),
+        {"format": "pt"}, "convert to bitsandbytes",
+        # keep the user's card, without the llmint8 section and tags that no longer apply
+        lambda existing: strip_card(existing) if existing is not None else None,
+        seal=False,
+    )
+    written = _write_converted(plan, out, overwrite, progress)
+    return ConversionReport("bnb", str(src), str(out), quantized, kept_float, [], qcfg.threshold, written)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,16 +399,13 @@ def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = 
 def to_llmint8(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                progress: bool = False) -> ConversionReport:
     """Convert the bitsandbytes 8-bit checkpoint folder ``src`` into an llmint8 checkpoint folder ``out``."""
-    from .hub import card_section, merge_card
-    from .quantizer import check_quantized_tensors, safetensors_metadata
-
     src, out = Path(src), Path(out)
-    config = read_config(src)
     kind = checkpoint_format(src)
     if kind == "bnb-4bit":
         raise ConversionError(f"{src} is a bitsandbytes 4-bit checkpoint; llmint8 is 8-bit: only 8-bit converts")
     if kind != "bnb":
         raise ConversionError(f"{src} is a {kind!r} checkpoint, not a bitsandbytes 8-bit one (load_in_8bit)")
+    config, files, key_to_file, index, model = _read_source(src)
     bnb = config["quantization_config"]
     if bnb.get("llm_int8_has_fp16_weight"):
         raise ConversionError(
@@ -387,8 +413,6 @@ def to_llmint8(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
             "with `hf-int8 quantize` instead"
         )
     threshold = bnb.get("llm_int8_threshold", 6.0)
-    files, key_to_file, index = weight_files(src)
-    model = _meta_model(config)
     linears = _linear_names(model)
     bnb_int8 = sorted(n for n in linears if f"{n}.{BNB_SCALE_NAME}" in key_to_file)
     if not bnb_int8:
@@ -399,80 +423,67 @@ def to_llmint8(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     int8_layers = sorted(set(bnb_int8) - set(dequantize))
     if _llmint8_selection(config, threshold, skip) != int8_layers:
         raise ConversionError("could not express the bitsandbytes layer selection as llmint8 skip_modules")
-    missing = [p for p in bnb_int8 if f"{p}.weight" not in key_to_file]
+    missing = [p for p in bnb_int8 if f"{p}.{WEIGHT_NAME}" not in key_to_file]
     if missing:
         raise ConversionError(f"{src} has {BNB_SCALE_NAME} but no weight for {missing[:5]!r}")
     qcfg = Int8Config(threshold=threshold, skip_modules=skip or None)
     float_dtype = _float_dtype(config)
+    sizes = {"int8_weights": 0, "scales": 0, "int8_layer_biases": 0, "float_layers": 0, "other_buffers": 0}
+    int8_set, deq_set = set(int8_layers), set(dequantize)
 
-    tmp = _prepare_output(out, overwrite)
-    reader = _Reader(src, key_to_file)
-    try:
-        new_map, total = {}, 0
-        sizes = {"int8_weights": 0, "scales": 0, "int8_layer_biases": 0, "float_layers": 0, "other_buffers": 0}
-        int8_set, deq_set = set(int8_layers), set(dequantize)
-        for name in _tqdm(files, progress, "convert to llmint8"):
-            tensors: dict[str, torch.Tensor] = {}
-            for key in reader.keys_in(name):
-                prefix, _, leaf = key.rpartition(".")
-                layer = prefix in int8_set or prefix in deq_set
-                if layer and leaf in (BNB_SCALE_NAME, BNB_FORMAT_NAME):
-                    continue  # written with the weight
-                if layer and leaf == "weight":
-                    out_f, in_f = _linear_shape(model, prefix)
-                    codes = reader.get(key)
-                    fmt_key = f"{prefix}.{BNB_FORMAT_NAME}"
-                    if fmt_key in reader:
-                        fmt = reader.get(fmt_key)
-                        if fmt.numel() != 1 or int(fmt.item()) != BNB_ROW_FORMAT:
-                            raise ConversionError(
-                                f"{fmt_key} in {key_to_file[fmt_key]} is {fmt.tolist()!r}; only the row-major layout "
-                                f"({BNB_ROW_FORMAT}) is supported"
-                            )
-                    scb = reader.get(f"{prefix}.{BNB_SCALE_NAME}")
-                    if scb.dtype != torch.float32:
-                        raise ConversionError(f"{prefix}.{BNB_SCALE_NAME} must be float32, got {scb.dtype!r}")
-                    scale = (scb.double() / INT8_MAX).float()
-                    check_quantized_tensors(prefix, codes, scale, out_f, in_f)
-                    if prefix in deq_set:
-                        weight = (codes.float() * scale.unsqueeze(1)).to(float_dtype)
-                        if type(model.get_submodule(prefix)) is not nn.Linear:
-                            weight = weight.t().contiguous()  # back to Conv1D's [in, out]
-                        tensors[key] = weight
-                        sizes["float_layers"] += weight.numel() * weight.element_size()
-                    else:
-                        tensors[key] = codes.reshape(-1)
-                        tensors[f"{prefix}.{SCALE_NAME}"] = scale
-                        sizes["int8_weights"] += codes.numel()
-                        sizes["scales"] += scale.numel() * 4
-                else:
-                    tensor = reader.get(key)
-                    tensors[key] = tensor
-                    kind_key = "int8_layer_biases" if prefix in int8_set and leaf == "bias" else "float_layers"
-                    sizes[kind_key] += tensor.numel() * tensor.element_size()
-            save_file(tensors, tmp / name, metadata={**safetensors_metadata(qcfg), "format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            new_map.update({k: name for k in tensors})
-        new_config = dict(config)
-        new_config["quantization_config"] = qcfg.to_dict()
-        _copy_other_files(src, tmp, {CONFIG_NAME, SAFE_INDEX, "README.md", *files})
-        (tmp / CONFIG_NAME).write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-        _write_index(tmp, index, new_map, total)
-        sizes["total"] = sum(sizes.values())
-        section = card_section(qcfg.to_dict(), config.get("architectures"), None, sizes, len(int8_layers),
+    def convert_layer(reader: _Reader, key: str, prefix: str) -> dict[str, torch.Tensor]:
+        leaf = key.rpartition(".")[2]
+        if leaf in (BNB_SCALE_NAME, BNB_FORMAT_NAME):
+            return {}  # written with the weight
+        if leaf != WEIGHT_NAME:
+            tensor = reader.get(key)
+            sizes["int8_layer_biases" if prefix in int8_set and leaf == "bias" else "float_layers"] += (
+                tensor.numel() * tensor.element_size()
+            )
+            return {key: tensor}
+        out_f, in_f = _linear_shape(model, prefix)
+        codes, scale = reader.get(key), _bnb_scale(reader, prefix, key_to_file)
+        check_layer_tensors(prefix, codes, scale, out_f, in_f)
+        if prefix in deq_set:
+            weight = (codes.float() * scale.unsqueeze(1)).to(float_dtype)
+            if type(model.get_submodule(prefix)) is not nn.Linear:
+                weight = weight.t().contiguous()  # back to Conv1D's [in, out]
+            sizes["float_layers"] += weight.numel() * weight.element_size()
+            return {key: weight}
+        sizes["int8_weights"] += codes.numel()
+        sizes["scales"] += scale.numel() * 4
+        return {key: codes.reshape(-1), f"{prefix}.{SCALE_NAME}": scale}
+
+    def card(existing: str | None) -> str:
+        totals = {**sizes, "total": sum(sizes.values())}  # complete once every tensor has been converted
+        section = card_section(qcfg.to_dict(), config.get("architectures"), None, totals, len(int8_layers),
                                sorted(set(linears) - set(int8_layers)))
-        readme = src / "README.md"
-        existing = readme.read_text(encoding="utf-8") if readme.is_file() else None
-        (tmp / "README.md").write_text(merge_card(existing, section), encoding="utf-8")
-        integrity.seal_folder(tmp)  # the same damage detection on load as a folder hf_int8's save_pretrained wrote
-    except BaseException:
-        reader.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    reader.close()
-    finish_output_folder(tmp, out)
+        return merge_card(existing, section)
+
+    plan = _Plan(
+        src, config, files, key_to_file, index, int8_set | deq_set, convert_layer, qcfg.to_dict(),
+        {**safetensors_metadata(qcfg.format_version), "format": "pt"}, "convert to llmint8", card,
+        seal=True,  # the same damage detection on load as a folder hf_int8's save_pretrained wrote
+    )
+    written = _write_converted(plan, out, overwrite, progress)
     return ConversionReport("llmint8", str(src), str(out), int8_layers, sorted(set(linears) - set(bnb_int8)),
-                            dequantize, threshold, sorted(p.name for p in out.iterdir()))
+                            dequantize, threshold, written)
+
+
+def _bnb_scale(reader: _Reader, prefix: str, key_to_file: dict[str, str]) -> torch.Tensor:
+    """The llmint8 ``weight_scale`` of a bitsandbytes layer: ``SCB / 127``, after checking its layout marker."""
+    fmt_key = f"{prefix}.{BNB_FORMAT_NAME}"
+    if fmt_key in reader:
+        fmt = reader.get(fmt_key)
+        if fmt.numel() != 1 or int(fmt.item()) != BNB_ROW_FORMAT:
+            raise ConversionError(
+                f"{fmt_key} in {key_to_file[fmt_key]} is {fmt.tolist()!r}; only the row-major layout "
+                f"({BNB_ROW_FORMAT}) is supported"
+            )
+    scb = reader.get(f"{prefix}.{BNB_SCALE_NAME}")
+    if scb.dtype != torch.float32:
+        raise ConversionError(f"{prefix}.{BNB_SCALE_NAME} must be float32, got {scb.dtype!r}")
+    return (scb.double() / INT8_MAX).float()
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, *, overwrite: bool = False,

@@ -1,257 +1,41 @@
-"""``Int8HfQuantizer``: the transformers side of the ``llmint8`` method.
-
-This is the one module of hf_int8 that touches transformers internals (the v5 quantizer hooks and the weight
-conversion ops of ``transformers.core_model_loading``).
+"""``Int8HfQuantizer``: the transformers side of the ``llmint8`` method (its ``HfQuantizer`` hooks).
 
 Quantize on load: ``_process_model_before_weight_loading`` swaps ``nn.Linear``/``Conv1D`` for :class:`Int8Linear`
-on the meta model; then each floating-point weight is quantized by :class:`Int8QuantizeOp` right after it is read
-from the checkpoint, so only one full-precision tensor is alive at a time. Loading a saved llmint8 checkpoint runs
-:class:`Int8DeserializeOp`, which checks the int8 codes and their scales before they reach the model.
+on the meta model and checks the checkpoint files; the tensors then go through the ops of
+:mod:`hf_int8.integration.conversion`; ``_process_model_after_weight_loading`` reports every loading problem at once
+and installs the model hooks (:mod:`hf_int8.integration.hooks`). Private transformers names come from
+:mod:`hf_int8.integration._compat`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps, WeightConverter
-from transformers.pytorch_utils import Conv1D
+# From its module, not transformers.quantizers: the start-up hook imports hf_int8 while that package is still
+# being initialised (right after transformers.quantizers.auto)
 from transformers.quantizers.base import HfQuantizer
-from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
-from . import hub, integrity, ops, saving, tp
+from ..checkpoint import integrity
+from ..checkpoint.format import SCALE_NAME, SERIALIZED_NAMES, flatten_codes, safetensors_metadata
+from ..nn import Int8Linear
+from . import hooks, tp
+from ._compat import (
+    Conv1D,
+    ConversionOps,
+    WeightConverter,
+    get_module_from_name,
+    keep_in_fp32_modules,
+    keys_to_ignore_on_load_missing,
+    should_convert_module,
+)
 from .config import Int8Config
-from .nn import Int8Linear, casts
+from .conversion import Identity, Int8DeserializeOp, Int8QuantizeOp
 
-SCALE_NAME = "weight_scale"
 logger = logging.getLogger(__name__)
-
-
-def safetensors_metadata(config: Int8Config) -> dict[str, str]:
-    """String metadata written into every llmint8 safetensors header (next to transformers' ``format: pt``)."""
-    from . import __version__
-
-    return {
-        "quant_method": config.quant_method,
-        "llmint8_format_version": str(config.format_version),
-        "llmint8_weight_layout": "int8 codes flattened row-major [out*in]; weight_scale fp32 [out]",
-        "loader": "import hf_int8 before from_pretrained (pip install hf_int8)",
-        "hf_int8_version": __version__,
-    }
-
-
-def _as_tensor(value: Any) -> torch.Tensor:
-    return value[0] if isinstance(value, list) else value
-
-
-class _SharesQuantizer:
-    """transformers deep-copies a converter, and so its ops, once per checkpoint tensor: share the quantizer (and the
-    checkpoint index it holds) instead of copying it hundreds of times (that was most of a reload's time)."""
-
-    def __deepcopy__(self, memo: dict) -> _SharesQuantizer:
-        clone = copy.copy(self)
-        memo[id(self)] = clone
-        return clone
-
-
-class Int8QuantizeOp(_SharesQuantizer, ConversionOps):
-    """Quantize one floating-point ``weight`` into int8 codes plus its ``weight_scale`` as it is loaded."""
-
-    def __init__(self, hf_quantizer: Int8HfQuantizer) -> None:
-        self.hf_quantizer = hf_quantizer
-
-    def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None, **kwargs: Any) -> dict[str, Any]:
-        result = {}
-        for name, value in input_dict.items():
-            value = _as_tensor(value)
-            module, _ = get_module_from_name(model, name)
-            if getattr(module, "_hf_int8_from_conv1d", False):
-                value = value.t()  # Conv1D stores [in, out]; the int8 layout is always [out, in]
-            prefix = name.rpartition(".")[0]
-            if problem := tp.unsupported_sharding(module, prefix):
-                _record_error(module, problem)
-                continue
-            if not value.is_floating_point():
-                _record_error(module, f"cannot quantize {name}: expected a floating-point weight, got {value.dtype!r}")
-                continue
-            # A NaN/Inf anywhere in a row makes that row's scale non-finite (absmax propagates it): checking the
-            # [out] scales is as strict as scanning the whole weight, at a fraction of the cost.
-            # Not ops.quantize_weight (its NaN/Inf diagnosis runs below, only when needed), but the same routing: the
-            # reference kernel on a device whose native kernels cannot serve it (ops/_health.py).
-            codes, scale = ops.op_for("quantize_weight", value.device)(value.contiguous())
-            if not bool(torch.isfinite(scale).all()):
-                bad = (~torch.isfinite(value)).sum().item()
-                value, problem = self._reread_overflowed(name, value, bad, module)
-                if problem:
-                    _record_error(module, problem)
-                    continue
-                codes, scale = ops.quantize_weight(value.contiguous())
-            if (shard := tp.shard_of(module)) is not None:
-                # Quantized whole, then sliced: this rank's codes and scales are exactly those one process has
-                codes, scale = shard.take(codes, scale)
-            result[name] = codes
-            result[f"{prefix}.{SCALE_NAME}"] = scale
-            module._is_hf_initialized = True
-            module._hf_int8_loaded = True
-        return result
-
-    def _reread_overflowed(
-        self, name: str, value: torch.Tensor, bad: int, module: nn.Module
-    ) -> tuple[torch.Tensor | None, str | None]:
-        """Weights beyond the load dtype's range (e.g. |w| > 65504 loaded with ``dtype=torch.float16``) reach this
-        op as Inf: transformers casts before quantizing. The int8 codes and fp32 scales do not care about the load
-        dtype, so read the tensor again in the precision it is stored in and quantize that.
-        """
-        located = getattr(self.hf_quantizer, "checkpoint_index", {}).get(name)
-        if located is None:
-            return None, (
-                f"cannot quantize {name}: it holds {bad} NaN/Inf values (a damaged checkpoint, or weights beyond the "
-                f"range of {value.dtype} when loaded in it)"
-            )
-        path, entry = located
-        stored_bits = integrity.DTYPE_BITS.get(entry.dtype, 0)
-        if entry.dtype.startswith(("F", "BF")) and stored_bits > torch.finfo(value.dtype).bits:
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                original = f.get_tensor(name).float()
-            if getattr(module, "_hf_int8_from_conv1d", False):
-                original = original.t()
-            if bool(torch.isfinite(original).all()):
-                return original, None
-            bad = (~torch.isfinite(original)).sum().item()
-        return None, f"cannot quantize {name}: {path} holds {bad} NaN/Inf values in it (damaged checkpoint?)"
-
-
-class Int8DeserializeOp(_SharesQuantizer, ConversionOps):
-    """Check and pass through a saved int8 ``weight`` and its ``weight_scale``."""
-
-    def __init__(self, hf_quantizer: Int8HfQuantizer) -> None:
-        self.hf_quantizer = hf_quantizer
-
-    def convert(
-        self,
-        input_dict: dict[str, Any],
-        model: nn.Module | None = None,
-        full_layer_name: str | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        tensors = {key: _as_tensor(value) for key, value in input_dict.items()}
-        module, _ = get_module_from_name(model, full_layer_name)
-        if not isinstance(module, Int8Linear):
-            # The pattern "weight" also matches floating-point layers (norms, embeddings, lm_head): pass them on, in
-            # the dtype the model asks for. transformers does not cast tensors that go through a quantizer's load
-            # op, so an fp32 checkpoint reloaded with dtype=torch.bfloat16 would otherwise keep fp32 norms.
-            if "weight" not in tensors:
-                return tensors
-            weight, wanted = tensors["weight"], getattr(getattr(module, "weight", None), "dtype", None)
-            if weight.is_floating_point() and wanted is not None and wanted.is_floating_point:
-                weight = weight.to(wanted)
-            return {full_layer_name: weight}
-        prefix = full_layer_name.rpartition(".")[0]
-        if problem := tp.unsupported_sharding(module, prefix):
-            _record_error(module, problem)
-            return {}
-        if "weight" not in tensors or SCALE_NAME not in tensors:
-            missing = "weight" if "weight" not in tensors else SCALE_NAME
-            _record_error(module, f"llmint8 checkpoint is missing {prefix}.{missing}")
-            return {}
-        codes, scale = tensors["weight"], tensors[SCALE_NAME]
-        if codes.dim() == 1 and codes.numel() == module.out_features * module.in_features:
-            codes = codes.view(module.out_features, module.in_features)  # stored flat: see Int8SerializeOp
-        try:
-            check_quantized_tensors(prefix, codes, scale, module.out_features, module.in_features)
-        except ValueError as exc:
-            _record_error(module, str(exc))
-            return {}
-        if (shard := tp.shard_of(module)) is not None:
-            codes, scale = shard.take(codes, scale)  # checked whole, kept in part (tensor parallelism)
-        module._is_hf_initialized = True
-        module._hf_int8_loaded = True
-        return {full_layer_name: codes, f"{prefix}.{SCALE_NAME}": scale}
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return Int8SerializeOp()
-
-
-class Int8SerializeOp(ConversionOps):
-    """Saving: store each int8 weight flattened to 1-D ``[out * in]`` (row-major; the scale stays ``[out]``).
-
-    This is what makes an llmint8 checkpoint fail loudly when it is loaded without ``import hf_int8``: stock
-    transformers (and ``load_state_dict``) then see a size mismatch for every int8 layer instead of silently reading
-    the int8 codes as floating-point weights. :class:`Int8DeserializeOp` restores ``[out, in]`` (a view, no copy).
-    """
-
-    def convert(self, input_dict: dict[str, Any], model=None, full_layer_name=None, **kwargs) -> dict[str, Any]:
-        tensors = {key: _as_tensor(value) for key, value in input_dict.items()}
-        module = get_module_from_name(model, full_layer_name)[0] if model is not None and full_layer_name else None
-        if not isinstance(module, Int8Linear) or set(tensors) != {"weight"}:
-            return tensors
-        return {full_layer_name: tensors["weight"].reshape(-1)}
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return _Identity()
-
-
-def _record_error(module: nn.Module, message: str) -> None:
-    """Remember a loading problem on the module; ``_process_model_after_weight_loading`` raises them all at once.
-
-    Raising inside a conversion op would only surface as transformers' generic "issues during automatic
-    conversion" error, with the tensor's name buried in a log report.
-    """
-    module._hf_int8_errors = [*getattr(module, "_hf_int8_errors", []), message]
-
-
-def check_quantized_tensors(prefix: str, codes: torch.Tensor, scale: torch.Tensor, out_f: int, in_f: int) -> None:
-    """Raise ``ValueError`` naming the tensor unless ``codes``/``scale`` are a valid int8 layer of that shape."""
-    if codes.dtype != torch.int8:
-        raise ValueError(f"{prefix}.weight must be int8 in an llmint8 checkpoint, got {codes.dtype!r}")
-    if tuple(codes.shape) != (out_f, in_f):
-        raise ValueError(f"{prefix}.weight must have shape {(out_f, in_f)}, got {tuple(codes.shape)}")
-    if scale.dtype != torch.float32:
-        raise ValueError(f"{prefix}.{SCALE_NAME} must be float32, got {scale.dtype!r}")
-    if tuple(scale.shape) != (out_f,):
-        raise ValueError(f"{prefix}.{SCALE_NAME} must have shape ({out_f},), got {tuple(scale.shape)}")
-    bad = (~torch.isfinite(scale) | (scale < 0)).sum().item()
-    if bad:
-        raise ValueError(f"{prefix}.{SCALE_NAME} holds {bad} NaN, infinite or negative scales")
-    if codes.shape[1] == 0:
-        return
-    # One pass over the codes (aminmax): no -128, and each row's largest magnitude is exactly INT8_MAX (what
-    # quantization maps the row absmax to) or, for an all-zero row (scale 0), zero. A row breaking that was not
-    # written by llmint8, or was damaged since.
-    row_min, row_max = torch.aminmax(codes, dim=1)
-    if bool((row_min == -128).any()):
-        raise ValueError(f"{prefix}.weight holds the code -128, which llmint8 never writes (damaged checkpoint?)")
-    row_max = torch.maximum(row_max, -row_min)
-    zero_scale = scale == 0
-    for bad_rows, what in (
-        (zero_scale & (row_max != 0), f"{SCALE_NAME} is 0 but the row's codes are not all zero"),
-        (~zero_scale & (row_max != ops.INT8_MAX), f"the scale is positive but no code reaches +-{ops.INT8_MAX}"),
-    ):
-        if bool(bad_rows.any()):
-            rows = bad_rows.nonzero().flatten()
-            raise ValueError(
-                f"{prefix}.weight: in {rows.numel()} row(s) {what} (first: row {rows[0].item()}); llmint8 maps every "
-                f"row's largest value to +-{ops.INT8_MAX} (damaged checkpoint?)"
-            )
-
-
-class _Identity(ConversionOps):
-    """Pass-through op whose reverse is itself (see ``get_weight_conversions``)."""
-
-    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        return input_dict
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return Int8SerializeOp()
 
 
 def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float) -> list[str]:
@@ -285,19 +69,12 @@ def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float
     return replaced
 
 
-def _refuse_dtype_cast(model: nn.Module) -> None:
-    """Refuse every dtype cast of ``model`` (``.to(dtype)``, ``.type``, ``.half``, ``.float``, ``.double``,
-    ``.bfloat16``, ``._apply``) with one ``ValueError``, before any tensor changes: an llmint8 model is loaded in its
-    dtype, not cast afterwards (see :mod:`hf_int8.nn.casts`). Device moves stay allowed."""
-    casts.guard_dtype_casts(model)
-
-
 class Int8HfQuantizer(HfQuantizer):
     """LLM.int8() quantizer for transformers' ``from_pretrained`` (``quant_method="llmint8"``)."""
 
     requires_calibration = False
     quantization_config: Int8Config
-    serialized_names = {"weight": ["weight", SCALE_NAME]}
+    serialized_names = {"weight": list(SERIALIZED_NAMES)}
 
     def __init__(self, quantization_config: Int8Config, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
@@ -339,7 +116,8 @@ class Int8HfQuantizer(HfQuantizer):
                     f"skip_modules entry {pattern!r} matches no module of {type(model).__name__}; "
                     f"module names look like {module_names[1:4]!r}"
                 )
-        skip = self.get_modules_to_not_convert(model, user_skip, model._keep_in_fp32_modules, add_default_skips=True)
+        keep_fp32 = keep_in_fp32_modules(model)
+        skip = self.get_modules_to_not_convert(model, user_skip, keep_fp32, add_default_skips=True)
         # transformers' default names the module of the model's last parameter; when that is a head's bias
         # ("classifier.bias") the head itself would not match, so strip the parameter suffix. A bare base model
         # (BertModel) has no head: its last module (the pooler) is an ordinary layer and gets quantized.
@@ -353,7 +131,7 @@ class Int8HfQuantizer(HfQuantizer):
         )
         self._int8_head_after_loading = None
         if getattr(self.quantization_config, "quantize_lm_head", False):
-            self._plan_int8_head(model, user_skip, list(model._keep_in_fp32_modules or []))
+            self._plan_int8_head(model, user_skip, keep_fp32)
         self.quantized_module_names = replace_with_int8_linear(
             model, self.modules_to_not_convert, self.quantization_config.threshold
         )
@@ -412,7 +190,12 @@ class Int8HfQuantizer(HfQuantizer):
         summary = integrity.check_checkpoint_files(files)
         self.checkpoint_index = summary.tensor_index()
         if self.pre_quantized:
-            integrity.check_llmint8_layout(summary, model, SCALE_NAME)
+            integrity.check_llmint8_layout(
+                summary,
+                model,
+                tied_keys=dict(getattr(model, "all_tied_weights_keys", None) or {}),
+                ignore_missing=keys_to_ignore_on_load_missing(model),
+            )
             if files and not summary.sealed:
                 logger.warning(
                     "hf_int8: %s carries no hf_int8 seal (not written by hf_int8's save_pretrained): its structure "
@@ -435,7 +218,7 @@ class Int8HfQuantizer(HfQuantizer):
             return super().get_weight_conversions()
         # Work around transformers' disk offload while quantizing on load: its offload index is only rewritten
         # for params that went through a WeightConverter, otherwise it keeps pointing at the fp checkpoint tensor.
-        return [WeightConverter("weight", "weight", [_Identity()])]
+        return [WeightConverter("weight", "weight", [Identity()])]
 
     def get_new_dtype(self, converter, param, dtype):
         targets = getattr(converter, "target_patterns", None) or []
@@ -468,11 +251,7 @@ class Int8HfQuantizer(HfQuantizer):
         if getattr(self, "_int8_head_after_loading", None):
             self._quantize_tied_head(model, self._int8_head_after_loading)
         model.is_loaded_in_8bit = True
-        _refuse_dtype_cast(model)
-        hub.attach(model)  # save_pretrained / push_to_hub write the llmint8 model card
-        saving.install(model)  # ... into a staging folder that replaces the target atomically, sealed
-        if tp.is_sharded(model):
-            tp.install(model)  # ... after gathering the tensor-parallel int8 shards onto rank 0
+        hooks.install(model)  # dtype casts refused; save_pretrained / push_to_hub staged, sealed, with the card
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -481,8 +260,8 @@ class Int8HfQuantizer(HfQuantizer):
         state_dict = model.state_dict()
         for name, module in model.named_modules():
             if isinstance(module, Int8Linear) and f"{name}.weight" in state_dict:
-                state_dict[f"{name}.weight"] = state_dict[f"{name}.weight"].reshape(-1)
-        return state_dict, safetensors_metadata(self.quantization_config)
+                state_dict[f"{name}.weight"] = flatten_codes(state_dict[f"{name}.weight"])
+        return state_dict, safetensors_metadata(self.quantization_config.format_version)
 
     # ---- capabilities ---------------------------------------------------------------------------------------
     def is_serializable(self) -> bool:
@@ -519,8 +298,6 @@ class Int8HfQuantizer(HfQuantizer):
                         conv.bias = None
                     linear = conv
                 parent._modules[child] = linear
-        casts.unguard_dtype_casts(model)  # casting is fine again once the model is floating point
-        saving.uninstall(model)
-        hub.detach(model)
+        hooks.uninstall(model)  # casting is fine again once the model is floating point
         model.is_loaded_in_8bit = False
         return model

@@ -7,10 +7,11 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .ops import _check_threshold
-from .ops.constants import DEFAULT_THRESHOLD, FORMAT_VERSION
+from ..checkpoint.format import FORMAT_VERSION, QUANT_METHOD
+from ..ops import _check_threshold
+from ..ops.constants import DEFAULT_THRESHOLD
 
-QUANT_METHOD = "llmint8"
+__all__ = ["QUANT_METHOD", "Int8Config"]
 
 
 class Int8Config(QuantizationConfigMixin):
