@@ -463,9 +463,9 @@ def test_module_casts_bias_to_the_input_dtype():
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_layers_with_very_few_input_features(impl, k):
     """in_features == 1 made the reference return garbage: torch._int_mm misreads the K == 1 operand b.t() (a [1, N]
-    view with strides (1, 1)) and returns uninitialised int32 values. Fixed in the reference; the native CPU "none"
-    path (HF_INT8_CPU_ISA=none, csrc/cpu/gemm.cpp run_generic: at::_int_mm(a, b.t())) has the same bug, reported
-    to its owner: this test stays strict until it is fixed there."""
+    view with strides (1, 1)) and returns uninitialised int32 values. Fixed in the reference and in the native CPU
+    paths that call at::_int_mm (csrc/cpu/gemm.cpp run_onednn: the "generic" and "avx2 onednn" kernels), which both
+    take an exact int32 outer product when K == 1; every implementation is checked here."""
     w = torch.randn(7, k, generator=_gen(16))
     codes, scale = impl.quantize_weight(w)
     a = torch.randint(-127, 128, (5, k), dtype=torch.int8, generator=_gen(17))
