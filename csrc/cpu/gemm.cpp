@@ -217,6 +217,21 @@ void gemm(Isa isa, const GemmProblem& p) {
   }
 }
 
+GemmProblem gemm_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, OutKind kind) {
+  GemmProblem p;
+  p.M = a.size(0);
+  p.N = b.size(0);
+  p.K = a.size(1);
+  p.a = a.data_ptr<int8_t>();
+  p.lda = p.K;
+  p.b = b.data_ptr<int8_t>();
+  p.ldb = p.K;
+  p.ep.kind = kind;
+  p.ep.out = out.data_ptr();
+  p.ep.ldo = p.N;
+  return p;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Ops.
 // ---------------------------------------------------------------------------------------------------------------
@@ -256,18 +271,7 @@ at::Tensor int8_matmul_cpu(const at::Tensor& a, const at::Tensor& b) {
                     a.sizes(), " and ", b.sizes());
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   at::Tensor out = at::empty({ac.size(0), bc.size(0)}, ac.options().dtype(at::kInt));
-  GemmProblem p;
-  p.M = ac.size(0);
-  p.N = bc.size(0);
-  p.K = ac.size(1);
-  p.a = ac.data_ptr<int8_t>();
-  p.lda = p.K;
-  p.b = bc.data_ptr<int8_t>();
-  p.ldb = p.K;
-  p.ep.kind = OutKind::kInt32;
-  p.ep.out = out.data_ptr();
-  p.ep.ldo = p.N;
-  gemm(selected_isa(), p);
+  gemm(selected_isa(), gemm_problem(ac, bc, out, OutKind::kInt32));
   return out;
 }
 
@@ -287,17 +291,7 @@ at::Tensor int8_scaled_matmul_cpu(const at::Tensor& a, const at::Tensor& b, cons
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = fp32_vector(*bias, N, op, "bias");
   at::Tensor out = at::empty({M, N}, ac.options().dtype(out_dtype));
-  GemmProblem p;
-  p.M = M;
-  p.N = N;
-  p.K = ac.size(1);
-  p.a = ac.data_ptr<int8_t>();
-  p.lda = p.K;
-  p.b = bc.data_ptr<int8_t>();
-  p.ldb = p.K;
-  p.ep.kind = kind;
-  p.ep.out = out.data_ptr();
-  p.ep.ldo = N;
+  GemmProblem p = gemm_problem(ac, bc, out, kind);
   p.ep.row_scale = rs.data_ptr<float>();
   p.ep.col_scale = cs.data_ptr<float>();
   p.ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;

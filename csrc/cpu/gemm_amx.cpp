@@ -141,6 +141,21 @@ HF_INT8_TARGET_AMX void finish_block(const GemmProblem& p, const int32_t* c, int
   }
 }
 
+// Whether the tiles must read the 32 weight rows from n0 out of a zero-padded copy: they would read past the weight
+// (fewer than 32 rows left, or K not a multiple of 64 at the very end). Elsewhere reading into the next row is
+// harmless, since the packed activations are zero past K.
+bool needs_padded_rows(const GemmProblem& p, int64_t n0) {
+  return n0 + 32 > p.N || (n0 + 32 == p.N && p.K % kKAlign != 0);
+}
+
+// Copies weight rows [n0, min(n0 + 32, N)) into `padded`: 32 rows of kp bytes, zero past K and past N.
+void copy_padded_rows(const GemmProblem& p, int64_t n0, int64_t kp, std::vector<int8_t>& padded) {
+  padded.assign(static_cast<size_t>(32 * kp), 0);
+  for (int64_t r = 0; r < std::min<int64_t>(32, p.N - n0); ++r) {
+    std::memcpy(padded.data() + r * kp, p.b + (n0 + r) * p.ldb, static_cast<size_t>(p.K));
+  }
+}
+
 // The fused outlier product (Epilogue::amx_outliers): the A tiles of the outlier weights of one block of weight rows,
 // gathered once per block, and the 32 x 32 product of the block being finished.
 class FusedOutliers {
@@ -211,9 +226,6 @@ HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int6
   const int64_t kp = round_up(p.K, kKAlign);
   const int64_t panel_bytes = kp * 16;
   const int64_t m_panels = ceil_div(p.M, kPanelCols);
-  // The last weight rows are copied to a zero-padded block when the tiles would read past the weight (fewer than 32
-  // rows left, or K not a multiple of 64 at the very end); elsewhere reading into the next row is harmless, since the
-  // packed activations are zero past K.
   alignas(64) int32_t c[32 * 32];
   std::vector<int8_t> padded;
   FusedOutliers outliers(p);
@@ -229,11 +241,8 @@ HF_INT8_TARGET_AMX void gemm(const GemmProblem& p, const uint8_t* x_panels, int6
         const int64_t n_valid = std::min<int64_t>(32, nb_end - ns);
         const int8_t* w = p.b + ns * p.ldb;
         int64_t ldw = p.ldb;
-        if (ns + 32 > p.N || (ns + 32 == p.N && p.K % kKAlign != 0)) {
-          padded.assign(static_cast<size_t>(32 * kp), 0);
-          for (int64_t r = 0; r < std::min<int64_t>(32, p.N - ns); ++r) {
-            std::memcpy(padded.data() + r * kp, p.b + (ns + r) * p.ldb, static_cast<size_t>(p.K));
-          }
+        if (needs_padded_rows(p, ns)) {  // the last weight rows
+          copy_padded_rows(p, ns, kp, padded);
           w = padded.data();
           ldw = kp;
         }
@@ -265,15 +274,10 @@ HF_INT8_TARGET_AMX void gemm_kblocked(const GemmProblem& p, const uint8_t* x_pan
     const int64_t nb_end = std::min(n_end, nb + rows_per_block);
     const int64_t subs = ceil_div(nb_end - nb, 32);
     outliers.gather(nb, nb_end);
-    // Weight rows of each 32-row sub-block: in place, or a zero-padded copy for the last rows (see gemm()).
+    // Weight rows of each 32-row sub-block: in place, or a zero-padded copy for the last rows.
     const int64_t last = nb + (subs - 1) * 32;
-    const bool pad_last = last + 32 > p.N || (last + 32 == p.N && p.K % kKAlign != 0);
-    if (pad_last) {
-      padded.assign(static_cast<size_t>(32 * kp), 0);
-      for (int64_t r = 0; r < std::min<int64_t>(32, p.N - last); ++r) {
-        std::memcpy(padded.data() + r * kp, p.b + (last + r) * p.ldb, static_cast<size_t>(p.K));
-      }
-    }
+    const bool pad_last = needs_padded_rows(p, last);
+    if (pad_last) copy_padded_rows(p, last, kp, padded);
     for (int64_t mb = 0; mb < p.M; mb += kKBlockTokens) {
       const int64_t pairs = ceil_div(std::min<int64_t>(kKBlockTokens, p.M - mb), 32);
       for (int64_t kc = 0; kc < kp; kc += kKBlockBytes) {

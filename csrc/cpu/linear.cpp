@@ -101,18 +101,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const at::Tensor w = weight.contiguous();
   const at::Tensor ws = weight_scale.to(at::kFloat).contiguous();
 
-  GemmProblem p;
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.a = codes.data_ptr<int8_t>();
-  p.lda = K;
+  GemmProblem p = gemm_problem(codes, w, out, out_kind_of(in));
   p.a_rowsum = rowsum.data_ptr<int32_t>();
-  p.b = w.data_ptr<int8_t>();
-  p.ldb = K;
-  p.ep.kind = out_kind_of(in);
-  p.ep.out = out.data_ptr();
-  p.ep.ldo = N;
   p.ep.row_scale = row_scale.data_ptr<float>();
   p.ep.col_scale = ws.data_ptr<float>();
   p.ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;

@@ -165,6 +165,10 @@ const char* gemm_path_name(Isa isa, int64_t M);
 
 void gemm(Isa isa, const GemmProblem& p);
 
+// The problem out = a @ b^T for contiguous int8 a [M, K], b [N, K] and out [M, N] (`kind` elements); the epilogue's
+// scales, bias and outlier fields are left for the caller to set.
+GemmProblem gemm_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, OutKind kind);
+
 // ISA kernels. Each computes the rows/columns it is given and finishes them through the epilogue.
 constexpr int64_t kPanelCols = 16;  // columns of B per packed panel: [ceil(Kp / 4)][16][4] bytes (VNNI / AMX layout)
 
