@@ -269,10 +269,10 @@ __device__ __forceinline__ void mma_stage(const int8_t* stage, const BlockThread
   }
 }
 
-// Writes the warp tile's raw int32 accumulators (int8_matmul).
-template <class Cfg>
-__device__ __forceinline__ void store_tile_int32(const Params& p, const BlockThread<Cfg>& t,
-                                                 const Fragments<Cfg, int>& acc) {
+// Calls f(mi, ni, e, r, c) for every accumulator element (mi, ni, e) of the warp tile that lies inside C, at row r
+// and column c.
+template <class Cfg, typename F>
+__device__ __forceinline__ void for_each_output(const Params& p, const BlockThread<Cfg>& t, F&& f) {
 #pragma unroll
   for (int mi = 0; mi < Cfg::kMi; ++mi)
 #pragma unroll
@@ -281,8 +281,15 @@ __device__ __forceinline__ void store_tile_int32(const Params& p, const BlockThr
       for (int e = 0; e < 4; ++e) {
         const int64_t r = t.row(mi, e);
         const int64_t c = t.col(ni, e);
-        if (r < p.m && c < p.n) store_int32(p, r, c, acc[mi][ni][e]);
+        if (r < p.m && c < p.n) f(mi, ni, e, r, c);
       }
+}
+
+// Writes the warp tile's raw int32 accumulators (int8_matmul).
+template <class Cfg>
+__device__ __forceinline__ void store_tile_int32(const Params& p, const BlockThread<Cfg>& t,
+                                                 const Fragments<Cfg, int>& acc) {
+  for_each_output(p, t, [&](int mi, int ni, int e, int64_t r, int64_t c) { store_int32(p, r, c, acc[mi][ni][e]); });
 }
 
 // The outlier columns among [kb, kb + kThreads) of the mask, compacted into col_list in ascending order (so the fp32
@@ -409,19 +416,10 @@ __device__ __forceinline__ void store_tile(const Params& p, const BlockThread<Cf
       cs[ni][h] = c < p.n ? p.col_scale[c] : 0.0f;
       bias[ni][h] = c < p.n ? bias_at(p, c) : 0.0f;
     }
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t r = t.row(mi, e);
-        const int64_t c = t.col(ni, e);
-        if (r < p.m && c < p.n) {
-          store_dequantized(p, r, c, acc[mi][ni][e], rs[mi][e >> 1], cs[ni][e & 1], any_outlier, o[mi][ni][e],
-                            bias[ni][e & 1]);
-        }
-      }
+  for_each_output(p, t, [&](int mi, int ni, int e, int64_t r, int64_t c) {
+    store_dequantized(p, r, c, acc[mi][ni][e], rs[mi][e >> 1], cs[ni][e & 1], any_outlier, o[mi][ni][e],
+                      bias[ni][e & 1]);
+  });
 }
 
 // Block tile BM x BN of C: a kStages-deep pipeline of K-tiles (load_stage) feeding the warps' MMAs (mma_stage), then

@@ -65,6 +65,21 @@ void set_bias(GemmArgs& args, const at::Tensor& bias) {
   }
 }
 
+// Arguments of out = a . b^T (contiguous int8 operands) on this device; scales, bias and outliers are left unset.
+GemmArgs gemm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, DType out_dtype,
+                   const DeviceInfo& info) {
+  GemmArgs args;
+  args.a = a.data_ptr<int8_t>();
+  args.b = b.data_ptr<int8_t>();
+  args.m = a.size(0);
+  args.n = b.size(0);
+  args.k = a.size(1);
+  args.out = out.data_ptr();
+  args.out_dtype = out_dtype;
+  args.sm_count = info.sm_count;
+  return args;
+}
+
 at::Tensor int8_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
   check_int8_shapes(a, b);
   check_int8_devices(a, b);
@@ -73,15 +88,7 @@ at::Tensor int8_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor ac = a.contiguous();
   const at::Tensor bc = b.contiguous();
   at::Tensor out = at::empty({ac.size(0), bc.size(0)}, ac.options().dtype(at::kInt));
-  GemmArgs args;
-  args.a = ac.data_ptr<int8_t>();
-  args.b = bc.data_ptr<int8_t>();
-  args.m = ac.size(0);
-  args.n = bc.size(0);
-  args.k = ac.size(1);
-  args.out = out.data_ptr();
-  args.out_dtype = DType::kInt32;
-  args.sm_count = info.sm_count;
+  const GemmArgs args = gemm_args(ac, bc, out, DType::kInt32, info);
   C10_CUDA_CHECK(launch_int8_gemm(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -111,18 +118,10 @@ at::Tensor int8_scaled_matmul_cuda(const at::Tensor& a, const at::Tensor& b, con
   const at::Tensor cs = float_vector(col_scale, "col_scale", bc.size(0), ac);
   const at::Tensor bias_c = checked_bias(bias, bc.size(0), ac);
   at::Tensor out = at::empty({ac.size(0), bc.size(0)}, ac.options().dtype(out_dtype));
-  GemmArgs args;
-  args.a = ac.data_ptr<int8_t>();
-  args.b = bc.data_ptr<int8_t>();
-  args.m = ac.size(0);
-  args.n = bc.size(0);
-  args.k = ac.size(1);
-  args.out = out.data_ptr();
-  args.out_dtype = out_tag;
+  GemmArgs args = gemm_args(ac, bc, out, out_tag, info);
   args.row_scale = rs.data_ptr<float>();
   args.col_scale = cs.data_ptr<float>();
   set_bias(args, bias_c);
-  args.sm_count = info.sm_count;
   C10_CUDA_CHECK(launch_int8_gemm(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }

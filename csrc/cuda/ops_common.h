@@ -45,22 +45,8 @@ inline const char* dtype_name(at::ScalarType s) {
   }
 }
 
-inline DType float_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      TORCH_CHECK_VALUE(false, "hf_int8 (CUDA): ", name, " must be float32, bfloat16 or float16, got ",
-                        dtype_name(t.scalar_type()));
-  }
-  return DType::kFloat32;
-}
-
-inline DType out_dtype_tag(at::ScalarType s) {
+// The DType of a float32 / float16 / bfloat16 scalar type; a ValueError naming `name` for any other.
+inline DType float_dtype(at::ScalarType s, const char* name) {
   switch (s) {
     case at::kFloat:
       return DType::kFloat32;
@@ -69,10 +55,14 @@ inline DType out_dtype_tag(at::ScalarType s) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK_VALUE(false, "hf_int8 (CUDA): out_dtype must be float32, bfloat16 or float16, got ", dtype_name(s));
+      TORCH_CHECK_VALUE(false, "hf_int8 (CUDA): ", name, " must be float32, bfloat16 or float16, got ", dtype_name(s));
   }
   return DType::kFloat32;
 }
+
+inline DType float_dtype(const at::Tensor& t, const char* name) { return float_dtype(t.scalar_type(), name); }
+
+inline DType out_dtype_tag(at::ScalarType s) { return float_dtype(s, "out_dtype"); }
 
 inline void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), "hf_int8 (CUDA): ", name, " must be a CUDA tensor, got one on ", t.device());
