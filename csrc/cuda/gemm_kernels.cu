@@ -186,10 +186,11 @@ struct BlockThread {
   int tid, lane, warp, warp_m, warp_n;
 
   __device__ __forceinline__ static BlockThread here() {
+    const int64_t m0 = int64_t(blockIdx.y) * Cfg::kBM;
+    const int64_t n0 = int64_t(blockIdx.x) * Cfg::kBN;
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
-    return {int64_t(blockIdx.y) * Cfg::kBM, int64_t(blockIdx.x) * Cfg::kBN, tid, tid & 31, warp,
-            warp / Cfg::kWarpsN, warp % Cfg::kWarpsN};
+    return {m0, n0, tid, tid & 31, warp, warp / Cfg::kWarpsN, warp % Cfg::kWarpsN};
   }
   // First row / column of the warp tile inside the block's tile.
   __device__ __forceinline__ int warp_row() const { return warp_m * Cfg::kWM; }
