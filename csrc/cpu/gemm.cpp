@@ -29,7 +29,7 @@ enum class Path { kGeneric, kAvx2, kAvx2Onednn, kSmallM, kPackedVnni, kAmx };
 
 constexpr int64_t kPackedBlockBytes = 1 << 20;  // packed B per work item: about this many bytes (stays in L2)
 constexpr int64_t kSmallMGrain = 64;            // B rows per thread at least, small-M path
-constexpr int64_t kAmxKBlockedMaxK = 4096;       // AMX: K-blocked up to this K (bytes, padded), full-K above
+constexpr int64_t kAmxKBlockedMaxK = 4096;      // AMX: K-blocked up to this K (bytes, padded), full-K above
 // Large M: up to this many outlier columns the epilogue sums their product itself (a few FMAs per output, from a
 // dequantized table); above it the product is a GEMM of its own: fused into the AMX kernel block by block (AMX-BF16),
 // else computed first (outlier_gemm.cpp) and added by the epilogue. Summing thousands of columns element by element
@@ -87,8 +87,7 @@ void run_onednn(const GemmProblem& p, bool avx2_epilogue) {
   const at::Tensor b = at::from_blob(const_cast<int8_t*>(p.b), {p.N, p.K}, {p.ldb, 1}, at::kChar);
   // With K == 1 the operands are views with strides (1, 1), which oneDNN misreads (uninitialised int32 results):
   // the product is then an exact int32 outer product.
-  const at::Tensor acc =
-      p.K == 1 ? (a.to(at::kInt) * b.to(at::kInt).t()).contiguous() : at::_int_mm(a, b.t());
+  const at::Tensor acc = p.K == 1 ? (a.to(at::kInt) * b.to(at::kInt).t()).contiguous() : at::_int_mm(a, b.t());
   if (!avx2_epilogue) {
     finish_all(p, acc.data_ptr<int32_t>(), acc.stride(0));
     return;
@@ -136,8 +135,8 @@ void run_amx(const GemmProblem& p) {
   // K-blocked for K up to kAmxKBlockedMaxK: measured 0-27% faster there (128-2048 tokens), 13% slower at K = 11008
   // with 2048 tokens, where the full-K blocks with ~1 MiB of weight rows win.
   const bool kblocked = kp <= kAmxKBlockedMaxK;
-  const int64_t block = kblocked ? std::min<int64_t>(256, round_up(ceil_div(p.N, at::get_num_threads()), 32))
-                                 : block_columns(p, kp);
+  const int64_t block =
+      kblocked ? std::min<int64_t>(256, round_up(ceil_div(p.N, at::get_num_threads()), 32)) : block_columns(p, kp);
   const int64_t n_chunks = ceil_div(p.N, block);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     if (kblocked) {
@@ -209,9 +208,7 @@ void gemm(Isa isa, const GemmProblem& p) {
       break;
     case Path::kAmx: run_amx(q); break;
     case Path::kPackedVnni: run_packed_vnni(q); break;
-    case Path::kAvx2:
-      at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) { avx2::gemm(q, n0, n1); });
-      break;
+    case Path::kAvx2: at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) { avx2::gemm(q, n0, n1); }); break;
     case Path::kAvx2Onednn: run_onednn(q, /*avx2_epilogue=*/true); break;
     default: run_onednn(q, /*avx2_epilogue=*/false); break;
   }
@@ -257,8 +254,8 @@ OutKind out_kind(at::ScalarType dtype, const char* op) {
 // A per-row / per-column scale or bias as a contiguous fp32 vector of `n` elements.
 at::Tensor fp32_vector(const at::Tensor& t, int64_t n, const char* op, const char* name) {
   check_cpu(t, name);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "hf_int8::", op, ": ", name, " must have shape (", n,
-                    ",), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "hf_int8::", op, ": ", name, " must have shape (", n, ",), got ",
+                    t.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "hf_int8::", op, ": ", name,
                     " must be a floating-point tensor, got ", t.scalar_type());
   return t.to(at::kFloat).contiguous();

@@ -120,8 +120,8 @@ constexpr int nr_for(int mr) { return mr <= 3 ? 8 : (mr == 4 ? 6 : (mr <= 6 ? 4 
 
 // Up to 16 dequantized outlier weights of one row, float(row[cols[c]]) * scale for c < J, in a register (lanes past J
 // zero).
-HF_INT8_TARGET_AVX512 inline __m512 gather16_dequantized(const int8_t* row, const int64_t* cols, int64_t J, float scale,
-                                                         bool overread_ok) {
+HF_INT8_TARGET_AVX512 inline __m512 gather16_dequantized(const int8_t* row, const int64_t* cols, int64_t J,
+                                                         float scale, bool overread_ok) {
   __m512i codes;
   if (overread_ok) {
     const __m256i lo = gather_codes8(row, cols, mask8(J));
@@ -264,8 +264,8 @@ HF_INT8_TARGET_AVX512 void packed_tail(int mr, const GemmProblem& p, int64_t m0,
 
 }  // namespace
 
-HF_INT8_TARGET_AVX512 void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t kq,
-                                      bool flip, uint8_t* panel) {
+HF_INT8_TARGET_AVX512 void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t kq, bool flip,
+                                      uint8_t* panel) {
   const __m512i flip_bits = _mm512_set1_epi8(flip ? static_cast<char>(0x80) : 0);
   int64_t g = 0;
   if (n_rows == kPanelCols) {

@@ -44,15 +44,15 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   check_cpu(weight_scale, "weight_scale");
   const InKind in = in_kind(x, "x");
   TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar && weight.dim() == 2,
-                    "hf_int8::int8_linear: weight must be a 2-D int8 tensor, got ", weight.scalar_type(),
-                    " of shape ", weight.sizes());
+                    "hf_int8::int8_linear: weight must be a 2-D int8 tensor, got ", weight.scalar_type(), " of shape ",
+                    weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "hf_int8::int8_linear: x must have ", K,
                     " features in its last dimension, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(weight_scale.dim() == 1 && weight_scale.size(0) == N &&
-                        at::isFloatingType(weight_scale.scalar_type()),
-                    "hf_int8::int8_linear: weight_scale must be a float tensor of shape (", N, ",), got ",
-                    weight_scale.scalar_type(), " of shape ", weight_scale.sizes());
+  TORCH_CHECK_VALUE(
+      weight_scale.dim() == 1 && weight_scale.size(0) == N && at::isFloatingType(weight_scale.scalar_type()),
+      "hf_int8::int8_linear: weight_scale must be a float tensor of shape (", N, ",), got ",
+      weight_scale.scalar_type(), " of shape ", weight_scale.sizes());
   at::Tensor bias_f;
   if (bias.has_value()) {
     check_cpu(*bias, "bias");

@@ -37,13 +37,13 @@ constexpr int64_t kStripRows = 32;  // weight rows per work item (the product is
 constexpr int64_t kJChunk = 256;    // FMA path: outlier columns per pass over the tokens (table: 32 KiB, in L1)
 
 struct Problem {
-  const float* x;        // [M, J]: the outlier columns of the activations
+  const float* x;  // [M, J]: the outlier columns of the activations
   int64_t M, J;
-  const int8_t* b;       // [N, ldb]: int8 weight rows
+  const int8_t* b;  // [N, ldb]: int8 weight rows
   int64_t N, ldb;
-  const int64_t* cols;   // [J]: the outlier column indices into K
-  const float* scale;    // [N]
-  float* out;            // [M, ldo], ldo >= round_up(N, 32)
+  const int64_t* cols;  // [J]: the outlier column indices into K
+  const float* scale;   // [N]
+  float* out;           // [M, ldo], ldo >= round_up(N, 32)
   int64_t ldo;
 };
 
@@ -67,8 +67,7 @@ using TileFn = void (*)(const Problem&, int64_t m0, int64_t rows, int64_t n0, in
                         const float* table);
 
 // Scalar version, any CPU: out[m0 .. m0 + rows, n0 .. n0 + 32) (+)= x[., j0 .. j1) @ table.
-void tile_generic(const Problem& g, int64_t m0, int64_t rows, int64_t n0, int64_t j0, int64_t j1,
-                  const float* table) {
+void tile_generic(const Problem& g, int64_t m0, int64_t rows, int64_t n0, int64_t j0, int64_t j1, const float* table) {
   for (int64_t r = 0; r < rows; ++r) {
     float* o = g.out + (m0 + r) * g.ldo + n0;
     const float* xr = g.x + (m0 + r) * g.J;
@@ -265,9 +264,9 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
       continue;
     }
     const __m512 a = _mm512_abs_ps(v);
-    const __mmask16 out_of_range = _mm512_cmp_ps_mask(a, max_abs, _CMP_GT_OQ) |
-                                   (_mm512_cmp_ps_mask(a, min_abs, _CMP_LT_OQ) &
-                                    _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ));
+    const __mmask16 out_of_range =
+        _mm512_cmp_ps_mask(a, max_abs, _CMP_GT_OQ) |
+        (_mm512_cmp_ps_mask(a, min_abs, _CMP_LT_OQ) & _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ));
     if (out_of_range != 0) return 0;
     // Truncating to bf16 keeps the top 8 significant bits; each remainder is exact in fp32.
     const __m512i h0 = _mm512_and_si512(_mm512_castps_si512(v), high);

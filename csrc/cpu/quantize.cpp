@@ -230,8 +230,8 @@ int64_t element_size(InKind in) { return in == InKind::kF32 ? 4 : 2; }
 
 }  // namespace
 
-int64_t quantize_activation_into(Isa isa, InKind in, const void* x, int64_t M, int64_t K, int64_t ldx,
-                                 float threshold, const ActQuantOut& out) {
+int64_t quantize_activation_into(Isa isa, InKind in, const void* x, int64_t M, int64_t K, int64_t ldx, float threshold,
+                                 const ActQuantOut& out) {
   const RowOps ops = row_ops(isa, in);
   const int64_t esize = element_size(in);
   const auto* xb = static_cast<const char*>(x);

@@ -65,8 +65,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hf_int8 CUDA kernels (registered for the CUDA dispatch key of the hf_int8 ops)";
   m.def("compiled_archs", &hf_int8::cuda::compiled_arch_list,
         "__CUDA_ARCH_LIST__ the device code was compiled for, e.g. '800,900'");
-  m.def("built_targets", [] { return std::string(kBuiltTargets); },
-        "nvcc code targets embedded in the extension, e.g. 'sm_80,sm_90,compute_90' (compute_XY: PTX)");
+  m.def(
+      "built_targets", [] { return std::string(kBuiltTargets); },
+      "nvcc code targets embedded in the extension, e.g. 'sm_80,sm_90,compute_90' (compute_XY: PTX)");
   m.def("built_arch_list", &hf_int8::cuda::built_arch_list,
         "The targets in TORCH_CUDA_ARCH_LIST notation, e.g. '8.0;9.0+PTX' ('' when unknown)");
   m.def("probe_kernel_image", &hf_int8::cuda::probe, pybind11::arg("device"),

@@ -18,36 +18,33 @@ namespace cuda {
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
 template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
+__device__ __forceinline__ float to_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
 template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 
 // Element `i` of a float tensor whose dtype is only known at run time (uniform branch: same tag for the launch).
 __device__ __forceinline__ float load_float(const void* p, DType dtype, int64_t i) {
   switch (dtype) {
-    case DType::kFloat16:
-      return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default:
-      return static_cast<const float*>(p)[i];
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
   }
 }
 
 // Round-to-nearest-even stores, like at::Tensor.to(dtype).
 __device__ __forceinline__ void store_float(void* p, DType dtype, int64_t i, float v) {
   switch (dtype) {
-    case DType::kFloat16:
-      static_cast<__half*>(p)[i] = __float2half_rn(v);
-      break;
-    case DType::kBFloat16:
-      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-      break;
-    default:
-      static_cast<float*>(p)[i] = v;
-      break;
+    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(p)[i] = v; break;
   }
 }
 
@@ -81,7 +78,7 @@ void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStr
   (void)stream;
   ::hf_int8::emu::launch(kernel, grid, block, std::forward<Args>(args)...);
 #else
-  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  kernel<<<grid, block, 0, stream> > >(std::forward<Args>(args)...);
 #endif
 }
 

@@ -426,8 +426,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const BlockThread<Cf
 // Block tile BM x BN of C: a kStages-deep pipeline of K-tiles (load_stage) feeding the warps' MMAs (mma_stage), then
 // the epilogue in registers, with the outlier product staged through the freed shared memory.
 template <int BM, int BN, int WM, int WN>
-__global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1)
-    hf_int8_gemm_imma_kernel(const Params p) {
+__global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1) hf_int8_gemm_imma_kernel(const Params p) {
   using Cfg = TileConfig<BM, BN, WM, WN>;
   __shared__ __align__(128) int8_t smem[Cfg::kSmemBytes];
   const BlockThread<Cfg> t = BlockThread<Cfg>::here();

@@ -28,7 +28,7 @@ void check_int8_shapes(const at::Tensor& a, const at::Tensor& b) {
   check_dim(a, "a", 2);
   check_dim(b, "b", 2);
   TORCH_CHECK_VALUE(a.size(1) == b.size(1), "hf_int8 (CUDA): a [M, K] and b [N, K] must share K, got a ", a.sizes(),
-              " and b ", b.sizes());
+                    " and b ", b.sizes());
   TORCH_CHECK_VALUE(a.size(0) <= kMaxRows, "hf_int8 (CUDA): at most ", kMaxRows, " rows per call, got ", a.size(0));
   check_k(a.size(1));
 }
@@ -41,7 +41,7 @@ void check_int8_devices(const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor float_vector(const at::Tensor& t, const char* name, int64_t len, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == len, "hf_int8 (CUDA): ", name, " must have shape (", len, ",), got ",
-              t.sizes());
+                    t.sizes());
   float_dtype(t, name);
   check_cuda(t, name);
   check_same_device(t, name, ref, "the int8 operand");
@@ -51,7 +51,8 @@ at::Tensor float_vector(const at::Tensor& t, const char* name, int64_t len, cons
 at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& ref) {
   if (!bias.has_value()) return at::Tensor();
   const at::Tensor& b = *bias;
-  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, "hf_int8 (CUDA): bias must have shape (", n, ",), got ", b.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, "hf_int8 (CUDA): bias must have shape (", n, ",), got ",
+                    b.sizes());
   float_dtype(b, "bias");
   check_cuda(b, "bias");
   check_same_device(b, "bias", ref, "the int8 operand");
@@ -98,15 +99,15 @@ at::Tensor int8_scaled_matmul_cuda(const at::Tensor& a, const at::Tensor& b, con
                                    at::ScalarType out_dtype) {
   const DType out_tag = out_dtype_tag(out_dtype);
   check_int8_shapes(a, b);
-  TORCH_CHECK_VALUE(row_scale.dim() == 1 && row_scale.size(0) == a.size(0), "hf_int8 (CUDA): row_scale must have shape (",
-              a.size(0), ",), got ", row_scale.sizes());
-  TORCH_CHECK_VALUE(col_scale.dim() == 1 && col_scale.size(0) == b.size(0), "hf_int8 (CUDA): col_scale must have shape (",
-              b.size(0), ",), got ", col_scale.sizes());
+  TORCH_CHECK_VALUE(row_scale.dim() == 1 && row_scale.size(0) == a.size(0),
+                    "hf_int8 (CUDA): row_scale must have shape (", a.size(0), ",), got ", row_scale.sizes());
+  TORCH_CHECK_VALUE(col_scale.dim() == 1 && col_scale.size(0) == b.size(0),
+                    "hf_int8 (CUDA): col_scale must have shape (", b.size(0), ",), got ", col_scale.sizes());
   float_dtype(row_scale, "row_scale");
   float_dtype(col_scale, "col_scale");
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == b.size(0), "hf_int8 (CUDA): bias must have shape (", b.size(0),
-                ",), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == b.size(0), "hf_int8 (CUDA): bias must have shape (",
+                      b.size(0), ",), got ", bias->sizes());
     float_dtype(*bias, "bias");
   }
   check_int8_devices(a, b);
@@ -132,16 +133,16 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   check_dtype(weight, "weight", at::kChar);
   check_dim(weight, "weight", 2);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "hf_int8 (CUDA): x must have ", weight.size(1),
-              " features in its last dimension, got shape ", x.sizes());
+                    " features in its last dimension, got shape ", x.sizes());
   const int64_t n = weight.size(0);
   const int64_t k = weight.size(1);
   check_k(k);
   TORCH_CHECK_VALUE(weight_scale.dim() == 1 && weight_scale.size(0) == n,
-              "hf_int8 (CUDA): weight_scale must have shape (", n, ",), got ", weight_scale.sizes());
+                    "hf_int8 (CUDA): weight_scale must have shape (", n, ",), got ", weight_scale.sizes());
   float_dtype(weight_scale, "weight_scale");
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "hf_int8 (CUDA): bias must have shape (", n, ",), got ",
-                bias->sizes());
+                      bias->sizes());
     float_dtype(*bias, "bias");
   }
   check_cuda(x, "x");

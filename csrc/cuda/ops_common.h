@@ -22,38 +22,25 @@ namespace cuda {
 // torch-style dtype names for error messages ("torch.int8", not ATen's "Char").
 inline const char* dtype_name(at::ScalarType s) {
   switch (s) {
-    case at::kFloat:
-      return "torch.float32";
-    case at::kHalf:
-      return "torch.float16";
-    case at::kBFloat16:
-      return "torch.bfloat16";
-    case at::kDouble:
-      return "torch.float64";
-    case at::kChar:
-      return "torch.int8";
-    case at::kByte:
-      return "torch.uint8";
-    case at::kInt:
-      return "torch.int32";
-    case at::kLong:
-      return "torch.int64";
-    case at::kBool:
-      return "torch.bool";
-    default:
-      return c10::toString(s);
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(s);
   }
 }
 
 // The DType of a float32 / float16 / bfloat16 scalar type; a ValueError naming `name` for any other.
 inline DType float_dtype(at::ScalarType s, const char* name) {
   switch (s) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
     default:
       TORCH_CHECK_VALUE(false, "hf_int8 (CUDA): ", name, " must be float32, bfloat16 or float16, got ", dtype_name(s));
   }
@@ -70,7 +57,7 @@ inline void check_cuda(const at::Tensor& t, const char* name) {
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), "hf_int8 (CUDA): ", name, " is on ", t.device(), " but ", ref_name,
-              " is on ", ref.device());
+                    " is on ", ref.device());
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
@@ -79,7 +66,7 @@ inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType s) {
   TORCH_CHECK_VALUE(t.scalar_type() == s, "hf_int8 (CUDA): ", name, " must have dtype ", dtype_name(s), ", got ",
-              dtype_name(t.scalar_type()));
+                    dtype_name(t.scalar_type()));
 }
 
 // The kernels index columns with 32-bit integers in a few places (outlier column lists).
@@ -113,8 +100,10 @@ inline DeviceInfo device_info(int device) {
 // Tensor cores with int8 mma (and ldmatrix) need Turing or newer.
 inline DeviceInfo require_turing(int device) {
   const DeviceInfo info = device_info(device);
-  TORCH_CHECK(info.capability >= 75, "hf_int8 (CUDA): int8 tensor-core kernels need compute capability 7.5 or "
-              "newer, device ", device, " has ", info.capability / 10, ".", info.capability % 10);
+  TORCH_CHECK(info.capability >= 75,
+              "hf_int8 (CUDA): int8 tensor-core kernels need compute capability 7.5 or "
+              "newer, device ",
+              device, " has ", info.capability / 10, ".", info.capability % 10);
   return info;
 }
 

@@ -1,8 +1,8 @@
 // The PTX-level primitives the hf_int8 CUDA kernels use, in one place, with two implementations:
 //  * on the device (nvcc, __CUDA_ARCH__ set): inline PTX or the CUDA intrinsic that emits it;
 //  * on the host (HF_INT8_CUDA_EMULATION, csrc/cuda_emu): the emulator's implementation of the same instruction,
-//    written from the PTX ISA's definition (fragment layouts, zero-fill, group semantics), so that the unchanged kernel
-//    bodies run on a CPU under the sanitizers (tests/test_cuda_emulation.py).
+//    written from the PTX ISA's definition (fragment layouts, zero-fill, group semantics), so that the unchanged
+//    kernel bodies run on a CPU under the sanitizers (tests/test_cuda_emulation.py).
 // Kernels call only these for warp-level and asynchronous operations; nothing else in csrc/cuda uses inline PTX.
 //
 // HF_INT8_SM is the architecture the code is compiled for (__CUDA_ARCH__ on the device, HF_INT8_EMU_SM in the
@@ -138,8 +138,7 @@ __device__ __forceinline__ void mma_m16n8k32_s8(int (&c)[4], const uint32_t (&a)
 #if HF_INT8_SM >= 800 && defined(HF_INT8_CUDA_EMULATION)
   ::hf_int8::emu::mma_m16n8k32_s8(c, a, b);
 #elif HF_INT8_SM >= 800
-  asm(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -157,8 +156,8 @@ __device__ __forceinline__ void mma_m8n8k16_s8(int& c0, int& c1, uint32_t a, uin
   ::hf_int8::emu::mma_m8n8k16_s8(c0, c1, a, b);
 #elif HF_INT8_SM >= 750
   asm("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-               : "+r"(c0), "+r"(c1)
-               : "r"(a), "r"(b));
+      : "+r"(c0), "+r"(c1)
+      : "r"(a), "r"(b));
 #else
   (void)c0;
   (void)c1;

@@ -107,9 +107,10 @@ __device__ __forceinline__ float block_nan_max(float v, float* scratch) {
 // One block per row. Mode: mask_in != nullptr -> outlier columns given; fuse_mask_out != nullptr -> this is the only
 // row (M == 1) and it classifies its own elements; both null -> no outliers (threshold <= 0, or weights).
 template <typename T, int V>
-__global__ void __launch_bounds__(kMaxRowThreads) hf_int8_quantize_rows_kernel(
-    const T* __restrict__ x, int64_t k, float threshold, const bool* __restrict__ mask_in,
-    bool* __restrict__ fuse_mask_out, int8_t* __restrict__ codes, float* __restrict__ row_scale) {
+__global__ void __launch_bounds__(kMaxRowThreads)
+    hf_int8_quantize_rows_kernel(const T* __restrict__ x, int64_t k, float threshold, const bool* __restrict__ mask_in,
+                                 bool* __restrict__ fuse_mask_out, int8_t* __restrict__ codes,
+                                 float* __restrict__ row_scale) {
   __shared__ float scratch[kMaxRowThreads / 32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * k;
@@ -176,9 +177,9 @@ __global__ void __launch_bounds__(kMaxRowThreads) hf_int8_quantize_rows_kernel(
 // Column scan: mask[c] = true when any row in this block's row slice has |x[r, c]| >= threshold. The mask is
 // zeroed before the launch; concurrent blocks only ever store `true`.
 template <typename T, int V>
-__global__ void __launch_bounds__(kScanThreads) hf_int8_outlier_columns_kernel(const T* __restrict__ x, int64_t m,
-                                                                               int64_t k, float threshold,
-                                                                               bool* __restrict__ mask) {
+__global__ void __launch_bounds__(kScanThreads)
+    hf_int8_outlier_columns_kernel(const T* __restrict__ x, int64_t m, int64_t k, float threshold,
+                                   bool* __restrict__ mask) {
   const int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g * V >= k) return;
   const int64_t rows_per_slice = (m + gridDim.y - 1) / gridDim.y;
@@ -261,8 +262,7 @@ cudaError_t quantize_activation_typed(const T* x, int64_t m, int64_t k, float th
 }
 
 template <typename T>
-cudaError_t quantize_weight_typed(const T* w, int64_t n, int64_t k, int8_t* codes, float* scale,
-                                  cudaStream_t stream) {
+cudaError_t quantize_weight_typed(const T* w, int64_t n, int64_t k, int8_t* codes, float* scale, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   constexpr int kVec = 16 / sizeof(T);
   if (k % kVec == 0 && aligned16(w)) {
@@ -278,14 +278,11 @@ cudaError_t quantize_weight_typed(const T* w, int64_t n, int64_t k, int8_t* code
 cudaError_t launch_quantize_weight(const void* w, DType dtype, int64_t n, int64_t k, int8_t* codes, float* scale,
                                    cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat16:
-      return quantize_weight_typed(static_cast<const __half*>(w), n, k, codes, scale, stream);
+    case DType::kFloat16: return quantize_weight_typed(static_cast<const __half*>(w), n, k, codes, scale, stream);
     case DType::kBFloat16:
       return quantize_weight_typed(static_cast<const __nv_bfloat16*>(w), n, k, codes, scale, stream);
-    case DType::kFloat32:
-      return quantize_weight_typed(static_cast<const float*>(w), n, k, codes, scale, stream);
-    default:
-      return cudaErrorInvalidValue;
+    case DType::kFloat32: return quantize_weight_typed(static_cast<const float*>(w), n, k, codes, scale, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 
@@ -293,16 +290,13 @@ cudaError_t launch_quantize_activation(const void* x, DType dtype, int64_t m, in
                                        int8_t* codes, float* row_scale, bool* mask, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat16:
-      return quantize_activation_typed(static_cast<const __half*>(x), m, k, threshold, codes, row_scale, mask,
-                                       stream);
+      return quantize_activation_typed(static_cast<const __half*>(x), m, k, threshold, codes, row_scale, mask, stream);
     case DType::kBFloat16:
-      return quantize_activation_typed(static_cast<const __nv_bfloat16*>(x), m, k, threshold, codes, row_scale,
-                                       mask, stream);
-    case DType::kFloat32:
-      return quantize_activation_typed(static_cast<const float*>(x), m, k, threshold, codes, row_scale, mask,
+      return quantize_activation_typed(static_cast<const __nv_bfloat16*>(x), m, k, threshold, codes, row_scale, mask,
                                        stream);
-    default:
-      return cudaErrorInvalidValue;
+    case DType::kFloat32:
+      return quantize_activation_typed(static_cast<const float*>(x), m, k, threshold, codes, row_scale, mask, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 

@@ -26,8 +26,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_weight_cuda(const at::Tensor& weight
   check_k(k);
   at::Tensor codes = at::empty({n, k}, w.options().dtype(at::kChar));
   at::Tensor scale = at::empty({n}, w.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(launch_quantize_weight(w.data_ptr(), dtype, n, k, codes.data_ptr<int8_t>(),
-                                        scale.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_quantize_weight(w.data_ptr(), dtype, n, k, codes.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                                        c10::cuda::getCurrentCUDAStream()));
   return {codes, scale};
 }
 

@@ -139,10 +139,10 @@ inline void finish_element(const GemmProblem& p, int64_t m, int64_t n, int32_t a
 // ------------------------------------------------------------------------------------------------------------------
 // Result buffers of the LLM.int8() activation quantization of x [M, K] (row stride ldx elements).
 struct ActQuantOut {
-  int8_t* codes = nullptr;     // [M, K] row-major
-  float* row_scale = nullptr;  // [M]  absmax / INT8_MAX over the non-outlier columns
-  int32_t* rowsum = nullptr;   // [M]  sum of the codes of each row, or nullptr when not needed
-  uint8_t* col_mask = nullptr; // [K]  1 where the column holds an outlier (|x| >= threshold in any row)
+  int8_t* codes = nullptr;      // [M, K] row-major
+  float* row_scale = nullptr;   // [M]  absmax / INT8_MAX over the non-outlier columns
+  int32_t* rowsum = nullptr;    // [M]  sum of the codes of each row, or nullptr when not needed
+  uint8_t* col_mask = nullptr;  // [K]  1 where the column holds an outlier (|x| >= threshold in any row)
 };
 
 enum class InKind : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -154,8 +154,8 @@ void check_cpu(const at::Tensor& t, const char* name);
 
 // Quantizes x (fp32/bf16/fp16 per `in`) as hf_int8/ops/reference.py does: fills every ActQuantOut buffer and returns
 // the number of outlier columns. Threaded with at::parallel_for; the result does not depend on the thread count.
-int64_t quantize_activation_into(Isa isa, InKind in, const void* x, int64_t M, int64_t K, int64_t ldx,
-                                 float threshold, const ActQuantOut& out);
+int64_t quantize_activation_into(Isa isa, InKind in, const void* x, int64_t M, int64_t K, int64_t ldx, float threshold,
+                                 const ActQuantOut& out);
 
 // ------------------------------------------------------------------------------------------------------------------
 // GEMM (gemm.cpp): runs the problem on the best path for `isa`, threaded, writing ep.out.
@@ -225,9 +225,9 @@ struct AmxOutliers {
   // bf16 pieces of x_outlier, zero-padded, as AMX B tiles: [n_pieces][mp / 16 token panels][jp / 32 steps] of
   // [16 column pairs][16 tokens][2]
   const uint16_t* pieces = nullptr;
-  int64_t mp = 0;                    // tokens, rounded up to 32
-  int64_t jp = 0;                    // outlier columns, rounded up to 32
-  int n_pieces = 0;                  // 1 for bf16 activations, 2 for fp16, up to 3 for fp32
+  int64_t mp = 0;    // tokens, rounded up to 32
+  int64_t jp = 0;    // outlier columns, rounded up to 32
+  int n_pieces = 0;  // 1 for bf16 activations, 2 for fp16, up to 3 for fp32
 };
 // Splits p's outlier activations into `storage`; false when the CPU has no AMX-BF16 or a value is outside the range
 // the AMX path takes exactly (then outlier_product() computes the product with fp32 FMAs). Checked once per call.

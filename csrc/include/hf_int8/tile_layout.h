@@ -21,8 +21,8 @@
 namespace hf_int8 {
 namespace tile {
 
-constexpr int kTileK = 64;         // bytes of K staged per pipeline stage (two k32 MMA steps)
-constexpr int kChunkBytes = 16;    // one cp.async / one ldmatrix row
+constexpr int kTileK = 64;                           // bytes of K staged per pipeline stage (two k32 MMA steps)
+constexpr int kChunkBytes = 16;                      // one cp.async / one ldmatrix row
 constexpr int kChunksPerRow = kTileK / kChunkBytes;  // 4
 
 // Physical 16-byte chunk of logical chunk `chunk` (0..3) in tile row `row`.
