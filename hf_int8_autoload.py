@@ -15,8 +15,7 @@ A program that imports neither never imports hf_int8. ``HF_INT8_NO_AUTOLOAD=1`` 
 registration is idempotent.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: it would load the __future__ module into every interpreter.
 import os
 import sys
 
@@ -33,7 +32,7 @@ def disabled() -> bool:
 class _RegisterAfterLoad:
     """Loader wrapper: executes the module with its real loader, then imports the hf_int8 module that registers."""
 
-    def __init__(self, loader, spec, finder: AutoloadFinder, action: str) -> None:
+    def __init__(self, loader, spec, finder: "AutoloadFinder", action: str) -> None:
         self._loader, self._spec, self._finder, self._action = loader, spec, finder, action
 
     def create_module(self, spec):

@@ -5,7 +5,7 @@ CUDA build fails, what ``setup.py`` prints and refuses). The slow test does what
 that already has torch (a CPU torch from a local wheel when this machine has one): ``python -m build --sdist``, ``pip
 wheel`` of that sdist under pip's default build isolation (it must compile against the venv's torch, not download a
 second one), ``pip install`` of the wheel, then checks the kernels load, the start-up hook loads an llmint8
-checkpoint with no ``import hf_int8``, imports nothing heavy, and measures its start-up cost.
+checkpoint with no ``import hf_int8``, and the hook loads exactly one module at start-up.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import setup_helpers  # noqa: E402
 
 sys.path.remove(str(ROOT))
+import bench_startup  # noqa: E402  (scripts/ is on sys.path: tests/conftest.py)
 
 
 def _fake_toolkit(root: Path, release: str | None = "13.0", header: bool = False, exit_code: int = 0) -> Path:
@@ -293,52 +293,24 @@ def test_fresh_venv_loads_native_kernels_and_llmint8_without_import(fresh_venv, 
     assert out["impl"]["int8_linear[cpu]"].startswith("native"), out["impl"]
 
 
-def _startup_samples(py: Path, runs: int, pth: Path) -> tuple[list[float], list[float]]:
-    """Wall time of ``python -c pass`` with and without the .pth, alternating run by run (ms)."""
-    parked = pth.with_suffix(".parked")
-    with_hook, without = [], []
-    try:
-        for _ in range(runs):
-            for bucket, present in ((with_hook, True), (without, False)):
-                if present and parked.exists():
-                    parked.rename(pth)
-                elif not present and pth.exists():
-                    pth.rename(parked)
-                started = time.perf_counter()
-                subprocess.run([str(py), "-c", "pass"], check=True)
-                bucket.append((time.perf_counter() - started) * 1e3)
-    finally:
-        if parked.exists():
-            parked.rename(pth)
-    return with_hook, without
-
-
 @pytest.mark.slow
-def test_start_up_hook_costs_well_under_a_millisecond(fresh_venv):
-    py = fresh_venv["py"]
-    site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
-    pth = site / "hf_int8_autoload.pth"
-    assert pth.is_file()
-    # 1. What the hook itself costs: Python's own import timer for the module the .pth imports, plus install().
-    runs = int(os.environ.get("HF_INT8_STARTUP_RUNS", "100"))
-    code = ("import sys, time, hf_int8_autoload as m; "
-            "sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, m.AutoloadFinder)]; "
-            "t = time.perf_counter(); m.install(); print((time.perf_counter() - t) * 1e6)")
-    self_us = []
-    for _ in range(runs):
-        done = _run([py, "-X", "importtime", "-c", "pass"])
-        line = next(ln for ln in done.stderr.splitlines() if ln.rstrip().endswith("hf_int8_autoload"))
-        self_us.append(int(line.split("|")[1]))  # cumulative microseconds
-    install_us = [float(_run([py, "-c", code]).stdout) for _ in range(20)]
-    # 2. End to end: interpreter start with and without the .pth, alternating.
-    with_hook, without = _startup_samples(py, runs, pth)
-    report = {
-        "import hf_int8_autoload, -X importtime median us": statistics.median(self_us),
-        "install() median us": statistics.median(install_us),
-        "python -c pass with the hook, median ms": statistics.median(with_hook),
-        "python -c pass without the hook, median ms": statistics.median(without),
-        "runs": runs,
-    }
-    print("start-up cost:", json.dumps(report, indent=1))
-    assert statistics.median(self_us) < 1000, report
-    assert statistics.median(with_hook) - statistics.median(without) < 1.0, report
+def test_start_up_hook_loads_one_module_and_its_cost_is_measured(fresh_venv, tmp_path):
+    """The hook's cost is what it imports: the interpreter with the .pth must hold exactly one module more than without
+    it (``hf_int8_autoload``, which imports only what start-up already loaded). That is exact on any machine; wall
+    times are figures printed by ``scripts/bench_startup.py`` (smoke-run here), never a pass/fail check."""
+    py = str(fresh_venv["py"])
+    pth = bench_startup._pth_of(py)
+    probe = "import json, sys; print(json.dumps(sorted(sys.modules)))"
+    with_hook = set(json.loads(_run([py, "-c", probe]).stdout))
+    pth.rename(pth.with_name(pth.name + ".parked"))
+    try:
+        without = set(json.loads(_run([py, "-c", probe]).stdout))
+    finally:
+        pth.with_name(pth.name + ".parked").rename(pth)
+    assert with_hook - without == {"hf_int8_autoload"}, sorted(with_hook ^ without)
+    assert without - with_hook == set()
+    out = tmp_path / "startup.json"
+    assert bench_startup.main(["--python", py, "--runs", "3", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["runs"] == 3 and figures["hook import median us (-X importtime)"] > 0, figures
+    assert pth.is_file()  # the script put the .pth back
