@@ -52,8 +52,17 @@ def record_outlier_stats(model: nn.Module) -> Iterator[tuple[list[LayerStats], l
             thr = module.threshold
             outlier_cols = int((col >= thr).sum()) if thr > 0 else 0
             outlier_vals = int((x >= thr).sum()) if thr > 0 else 0
-            stats.append(LayerStats(name, module.in_features, x.shape[0], thr, outlier_cols, outlier_vals,
-                                    float(col.max()) if col.numel() else 0.0))
+            stats.append(
+                LayerStats(
+                    name,
+                    module.in_features,
+                    x.shape[0],
+                    thr,
+                    outlier_cols,
+                    outlier_vals,
+                    float(col.max()) if col.numel() else 0.0,
+                )
+            )
             column_max.append(col)
 
         return hook

@@ -89,7 +89,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise CliError(EXIT_OUTPUT, f"cannot write into {str(out.parent)!r} (permission denied)")
 
 
-
 def _source_bytes(src: str) -> int | None:
     """Total tensor bytes of a local safetensors checkpoint (from the headers only), else ``None``."""
     from .checkpoint.integrity import read_header
@@ -107,8 +106,13 @@ def _copy_tokenizer(src: str, out: Path) -> list[str]:
     copied = []
     if folder.is_dir():
         for entry in sorted(folder.iterdir()):
-            if (entry.is_file() and entry.name not in _SAVED_BY_MODEL and not entry.name.startswith(".")
-                    and not is_weight_file(entry.name, any_framework=True) and entry.name != "hf_int8_asset.json"):
+            if (
+                entry.is_file()
+                and entry.name not in _SAVED_BY_MODEL
+                and not entry.name.startswith(".")
+                and not is_weight_file(entry.name, any_framework=True)
+                and entry.name != "hf_int8_asset.json"
+            ):
                 shutil.copy2(entry, out / entry.name)
                 copied.append(entry.name)
         return copied
@@ -155,8 +159,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if getattr(config, "quantization_config", None):
         method = config.quantization_config
         method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", method)
-        raise CliError(EXIT_INPUT, f"{args.src!r} is already quantized (quant_method {method!r}); "
-                                   "use `hf-int8 convert` for bitsandbytes 8-bit checkpoints")
+        raise CliError(
+            EXIT_INPUT,
+            f"{args.src!r} is already quantized (quant_method {method!r}); "
+            "use `hf-int8 convert` for bitsandbytes 8-bit checkpoints",
+        )
     cls = _model_class(config)
     steps = ["load + quantize", "save", "tokenizer"] + (["push"] if args.push_to_hub else [])
     start = time.perf_counter()
@@ -187,10 +194,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     bar.close()
     source = _source_bytes(args.src)
     mib = 1024**2
-    print(f"quantized {args.src} -> {out} with llmint8 (threshold {qconfig.threshold}) "
-          f"in {time.perf_counter() - start:.1f} s")
-    print(f"  {report.num_int8_layers} int8 layers; floating-point linear layers: "
-          f"{', '.join(report.float_linear_layers) or 'none'}")
+    print(
+        f"quantized {args.src} -> {out} with llmint8 (threshold {qconfig.threshold}) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    print(
+        f"  {report.num_int8_layers} int8 layers; floating-point linear layers: "
+        f"{', '.join(report.float_linear_layers) or 'none'}"
+    )
     ratio = f" ({report.total / source:.3f}x of the source checkpoint's {source / mib:.2f} MiB)" if source else ""
     print(f"  memory footprint {report.total / mib:.2f} MiB{ratio}")
     print(f"  tokenizer files copied: {', '.join(tokenizer_files) or 'none found'}")
@@ -233,8 +244,11 @@ def _load_int8_model(args: argparse.Namespace) -> tuple[Any, Any]:
     except (OSError, ValueError, RuntimeError) as exc:
         raise CliError(EXIT_INPUT, f"cannot load {args.path!r} as an llmint8 model: {exc}") from exc
     if not any(isinstance(m, Int8Linear) for m in model.modules()):
-        raise CliError(EXIT_INPUT, f"{args.path!r} loaded without any int8 layer (quantization_config "
-                                   f"{quantized!r}): not an llmint8 checkpoint")
+        raise CliError(
+            EXIT_INPUT,
+            f"{args.path!r} loaded without any int8 layer (quantization_config "
+            f"{quantized!r}): not an llmint8 checkpoint",
+        )
     return model, quantized
 
 
@@ -245,8 +259,10 @@ def _token_ids(args: argparse.Namespace, text: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
     except (OSError, ValueError, TypeError) as exc:
-        raise CliError(EXIT_INPUT, f"no tokenizer in {tokenizer_src!r} for the outlier statistics "
-                                   f"(pass --tokenizer NAME_OR_PATH): {exc}") from exc
+        raise CliError(
+            EXIT_INPUT,
+            f"no tokenizer in {tokenizer_src!r} for the outlier statistics (pass --tokenizer NAME_OR_PATH): {exc}",
+        ) from exc
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, : args.max_tokens]
     if ids.numel() == 0:
         raise CliError(EXIT_INPUT, "the sample text gave no tokens")
@@ -259,11 +275,15 @@ def _print_outlier_table(stats: list, tokens: int, source: str) -> None:
     width = max(len(s.name) for s in stats)
     print(f"{'layer':<{width}}  {'in':>6}  {'outlier cols':>12}  {'% cols':>7}  {'% values':>9}  {'max |x|':>9}")
     for s in stats:
-        print(f"{s.name:<{width}}  {s.in_features:>6}  {s.outlier_columns:>12}  {100 * s.column_fraction:>6.2f}%  "
-              f"{100 * s.value_fraction:>8.4f}%  {s.max_abs:>9.3g}")
+        print(
+            f"{s.name:<{width}}  {s.in_features:>6}  {s.outlier_columns:>12}  {100 * s.column_fraction:>6.2f}%  "
+            f"{100 * s.value_fraction:>8.4f}%  {s.max_abs:>9.3g}"
+        )
     largest = max(stats, key=lambda s: s.max_abs)
-    print(f"{len(with_outliers)} of {len(stats)} int8 layers had outlier columns; largest |x| {largest.max_abs:.4g} "
-          f"in {largest.name}")
+    print(
+        f"{len(with_outliers)} of {len(stats)} int8 layers had outlier columns; largest |x| {largest.max_abs:.4g} "
+        f"in {largest.name}"
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -280,16 +300,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     text = _sample_text(args)
     model, quantized = _load_int8_model(args)
     report = memory_report(model)
-    origin = ("llmint8 checkpoint" if quantized
-              else f"floating-point checkpoint, quantized on load (threshold {args.threshold})")
+    origin = (
+        "llmint8 checkpoint"
+        if quantized
+        else f"floating-point checkpoint, quantized on load (threshold {args.threshold})"
+    )
     print(f"{args.path} ({origin})")
     print(report)
     ids = _token_ids(args, text)
     stats, column_max = collect_outlier_stats(model, ids)
     _print_outlier_table(stats, int(ids.shape[1]), f"--text {args.text}" if args.text else "built-in sample")
     result: dict[str, Any] = {"path": str(args.path), "memory": report.as_dict(), "tokens": int(ids.shape[1])}
-    result["layers"] = [{**asdict(s), "column_fraction": s.column_fraction, "value_fraction": s.value_fraction}
-                        for s in stats]
+    result["layers"] = [
+        {**asdict(s), "column_fraction": s.column_fraction, "value_fraction": s.value_fraction} for s in stats
+    ]
     if args.png:
         write_histogram(Path(args.png), stats, column_max, f"{Path(args.path).name}: input columns of int8 layers")
         print(f"histogram written to {args.png}")
@@ -329,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-int8",
         description="LLM.int8() (quant_method 'llmint8') checkpoints for Hugging Face Transformers.",
         epilog="exit codes: 0 ok, 1 failed while running, 2 bad arguments, 3 bad or missing input, "
-               "4 output exists or is not writable, 5 Hub upload failed",
+        "4 output exists or is not writable, 5 Hub upload failed",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,inspect,convert}")
@@ -338,10 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src", metavar="SRC", help="local folder or Hub model id of a floating-point checkpoint")
     q.add_argument("out", metavar="OUT", help="output folder (created; must be empty unless --overwrite)")
     q.add_argument("--threshold", type=float, default=6.0, help="outlier threshold (0 disables the fp path)")
-    q.add_argument("--skip", nargs="+", metavar="NAME", default=[],
-                   help="extra modules to keep in floating point (added to lm_head and the model's defaults)")
-    q.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="dtype of the layers that stay floating point (default: the checkpoint's)")
+    q.add_argument(
+        "--skip",
+        nargs="+",
+        metavar="NAME",
+        default=[],
+        help="extra modules to keep in floating point (added to lm_head and the model's defaults)",
+    )
+    q.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype of the layers that stay floating point (default: the checkpoint's)",
+    )
     q.add_argument("--push-to-hub", metavar="REPO", help="also upload OUT to this Hub repo")
     q.add_argument("--private", action="store_true", help="create the Hub repo private")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")

@@ -76,8 +76,15 @@ def perplexity_details(
     finally:
         model.train(was_training)
     nll_sum, predicted = math.fsum(window_nll), sum(window_predicted)
-    return PerplexityResult(math.exp(nll_sum / predicted), nll_sum, predicted, int(ids.numel()), len(windows),
-                            tuple(window_nll), tuple(window_predicted))
+    return PerplexityResult(
+        math.exp(nll_sum / predicted),
+        nll_sum,
+        predicted,
+        int(ids.numel()),
+        len(windows),
+        tuple(window_nll),
+        tuple(window_predicted),
+    )
 
 
 def perplexity(

@@ -46,8 +46,11 @@ class Int8LoraLinear(LoraLinear):
         return module.in_features, module.out_features
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any):
-        variants = [name for name in ("use_dora", "use_bdlora", "arrow_config", "velora_config", "kasa_config")
-                    if getattr(config, name, None)]
+        variants = [
+            name
+            for name in ("use_dora", "use_bdlora", "arrow_config", "velora_config", "kasa_config")
+            if getattr(config, name, None)
+        ]
         if variants:
             raise ValueError(f"hf_int8's Int8LoraLinear supports plain LoRA only, got LoraConfig options {variants!r}")
         return None
@@ -68,8 +71,9 @@ class Int8LoraLinear(LoraLinear):
         for adapter in adapter_names:
             if adapter not in self.lora_A:
                 continue
-            warnings.warn("merging a LoRA adapter into an llmint8 layer re-quantizes its weight (rounding error)",
-                          stacklevel=2)
+            warnings.warn(
+                "merging a LoRA adapter into an llmint8 layer re-quantizes its weight (rounding error)", stacklevel=2
+            )
             self._requantize(adapter, 1.0, safe_merge)
             self.merged_adapters.append(adapter)
 

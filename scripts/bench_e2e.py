@@ -51,8 +51,16 @@ DECODE_PROMPT_TOKENS = 32
 SAMPLE_INTERVAL_S = 0.005
 PAGE_BYTES = 4096
 LLAMACPP_METHOD = "llamacpp-q8_0"
-METRICS = ("load_s", "peak_rss_load_bytes", "peak_anon_load_bytes", "footprint_bytes", "storage_bytes",
-           "prefill_tps", "decode_b1_tps", "decode_b8_tps")
+METRICS = (
+    "load_s",
+    "peak_rss_load_bytes",
+    "peak_anon_load_bytes",
+    "footprint_bytes",
+    "storage_bytes",
+    "prefill_tps",
+    "decode_b1_tps",
+    "decode_b8_tps",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,8 +140,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(job["threads"])
     spec = C.parse_models(job["model_arg"])[0]
     method = C.parse_methods(job["method"], "fp32")[0]
-    result: dict[str, Any] = {"model": spec.name, "method": method.key, "dtype": method.dtype, "status": "ok",
-                              "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {
+        "model": spec.name,
+        "method": method.key,
+        "dtype": method.dtype,
+        "status": "ok",
+        "threads": torch.get_num_threads(),
+    }
     try:
         # Import what loading needs before measuring, so the peak is loading's, not the imports'.
         import transformers  # noqa: F401
@@ -171,8 +184,9 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         if max_pos:
             prompt_tokens = min(prompt_tokens, max_pos)
         if len(ids) < prompt_tokens + 8 * DECODE_PROMPT_TOKENS:
-            raise ValueError(f"the text has {len(ids)} tokens; the benchmark needs "
-                             f"{prompt_tokens + 8 * DECODE_PROMPT_TOKENS}")
+            raise ValueError(
+                f"the text has {len(ids)} tokens; the benchmark needs {prompt_tokens + 8 * DECODE_PROMPT_TOKENS}"
+            )
         prompt = torch.tensor([ids[:prompt_tokens]])
         result["prompt_tokens"] = prompt_tokens
         # Causal LMs: only the last position's logits, like generate's prefill step.
@@ -191,14 +205,22 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for batch in job["batches"]:
             # Fixed prompts: consecutive 32-token slices of the text after the prefill prompt, one per sequence.
-            rows = [ids[prompt_tokens + i * DECODE_PROMPT_TOKENS : prompt_tokens + (i + 1) * DECODE_PROMPT_TOKENS]
-                    for i in range(batch)]
+            rows = [
+                ids[prompt_tokens + i * DECODE_PROMPT_TOKENS : prompt_tokens + (i + 1) * DECODE_PROMPT_TOKENS]
+                for i in range(batch)
+            ]
             input_ids = torch.tensor(rows)
             mask = torch.ones_like(input_ids)
 
             def generate(n: int, input_ids=input_ids, mask=mask) -> None:
-                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                     do_sample=False, pad_token_id=pad)
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
                 if out.shape[1] != input_ids.shape[1] + n:
                     raise RuntimeError(f"generate returned {out.shape[1] - input_ids.shape[1]} tokens, not {n}")
 
@@ -240,23 +262,47 @@ def parse_llama_bench(entries: list[dict[str, Any]], prompt_tokens: int, new_tok
         out[key + "_stddev"] = float(entry.get("stddev_ts", 0.0))
     missing = {"prefill_tps", "decode_b1_tps"} - set(out)
     if missing:
-        raise RuntimeError(f"llama-bench reported no {sorted(missing)} for pp{prompt_tokens}/tg{new_tokens} in "
-                           f"{[(e.get('n_prompt'), e.get('n_gen')) for e in entries]!r}")
+        raise RuntimeError(
+            f"llama-bench reported no {sorted(missing)} for pp{prompt_tokens}/tg{new_tokens} in "
+            f"{[(e.get('n_prompt'), e.get('n_gen')) for e in entries]!r}"
+        )
     return out
 
 
-def llamacpp_row(spec: C.ModelSpec, threads: int, prompt_tokens: int, new_tokens: int, repeats: int,
-                 timeout: float) -> dict[str, Any]:
+def llamacpp_row(
+    spec: C.ModelSpec, threads: int, prompt_tokens: int, new_tokens: int, repeats: int, timeout: float
+) -> dict[str, Any]:
     """One ``llamacpp-q8_0`` row: llama-bench's prefill and decode tok/s on the Q8_0 GGUF, ``threads`` threads."""
-    row: dict[str, Any] = {"model": spec.name, "method": LLAMACPP_METHOD, "dtype": "q8_0", "status": "ok",
-                           "threads": threads}
+    row: dict[str, Any] = {
+        "model": spec.name,
+        "method": LLAMACPP_METHOD,
+        "dtype": "q8_0",
+        "status": "ok",
+        "threads": threads,
+    }
     bench, gguf = llamacpp_paths(spec.name)
     if bench is None or gguf is None:
-        row.update(status="error", error=f"llama.cpp or the {spec.name} Q8_0 GGUF is not built: run "
-                                         f"python scripts/build_llamacpp.py --models {spec.name}")
+        row.update(
+            status="error",
+            error=f"llama.cpp or the {spec.name} Q8_0 GGUF is not built: run "
+            f"python scripts/build_llamacpp.py --models {spec.name}",
+        )
         return row
-    cmd = [str(bench), "-m", str(gguf), "-p", str(prompt_tokens), "-n", str(new_tokens), "-t", str(threads),
-           "-r", str(max(1, repeats)), "-o", "json"]
+    cmd = [
+        str(bench),
+        "-m",
+        str(gguf),
+        "-p",
+        str(prompt_tokens),
+        "-n",
+        str(new_tokens),
+        "-t",
+        str(threads),
+        "-r",
+        str(max(1, repeats)),
+        "-o",
+        "json",
+    ]
     row["command"] = " ".join(cmd)
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -316,12 +362,15 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         if row.get("status") != "ok":
             continue
-        refs = {name: next((r for r in rows if r["model"] == row["model"] and r["method"] == name
-                            and r.get("status") == "ok"), None) for name in ("fp32", "bf16")}
+        refs = {
+            name: next(
+                (r for r in rows if r["model"] == row["model"] and r["method"] == name and r.get("status") == "ok"),
+                None,
+            )
+            for name in ("fp32", "bf16")
+        }
         for name, ref in refs.items():
-            row[f"ratio_{name}"] = {
-                m: row[m] / ref[m] for m in METRICS if ref and row.get(m) and ref.get(m)
-            }
+            row[f"ratio_{name}"] = {m: row[m] / ref[m] for m in METRICS if ref and row.get(m) and ref.get(m)}
 
 
 def _find(rows: list[dict[str, Any]], model: str, base: str, dtype: str | None = None) -> dict[str, Any] | None:
@@ -342,8 +391,9 @@ def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict
 
     def check(model: str, target: str, value: float | None, bound: float | None, ok) -> None:
         if value is not None and bound is not None:
-            checks.append({"model": model, "target": target, "value": value, "bound": bound, "pass": bool(ok(value,
-                                                                                                          bound))})
+            checks.append(
+                {"model": model, "target": target, "value": value, "bound": bound, "pass": bool(ok(value, bound))}
+            )
 
     for model in models:
         ours = _find(rows, model, "llmint8-t6")
@@ -355,11 +405,21 @@ def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict
             if bf16 and ours.get(key) and bf16.get(key):
                 check(model, f"decode b{batch} >= 2x bf16 (ratio)", ours[key] / bf16[key], 2.0, lambda v, b: v >= b)
             if bnb and ours.get(key) and bnb.get(key):
-                check(model, f"decode b{batch} >= 1.3x bitsandbytes t=6 (ratio)", ours[key] / bnb[key], 1.3,
-                      lambda v, b: v >= b)
+                check(
+                    model,
+                    f"decode b{batch} >= 1.3x bitsandbytes t=6 (ratio)",
+                    ours[key] / bnb[key],
+                    1.3,
+                    lambda v, b: v >= b,
+                )
         if bf16 and ours.get("prefill_tps") and bf16.get("prefill_tps"):
-            check(model, "prefill >= 1.5x bf16 (ratio)", ours["prefill_tps"] / bf16["prefill_tps"], 1.5,
-                  lambda v, b: v >= b)
+            check(
+                model,
+                "prefill >= 1.5x bf16 (ratio)",
+                ours["prefill_tps"] / bf16["prefill_tps"],
+                1.5,
+                lambda v, b: v >= b,
+            )
         # Speed targets: decode at llama.cpp's Q8_0 speed, and further above bf16; also with the opt-in int8 head.
         llama = _find(rows, model, LLAMACPP_METHOD)
         for variant, suffix in (("llmint8-t6", ""), ("llmint8-t6-int8head", ", int8 lm_head")):
@@ -367,27 +427,58 @@ def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict
             if row is None:
                 continue
             if llama and row.get("decode_b1_tps") and llama.get("decode_b1_tps"):
-                check(model, f"speed target: decode b1 >= 1.0x llama.cpp Q8_0 (ratio){suffix}",
-                      row["decode_b1_tps"] / llama["decode_b1_tps"], 1.0, lambda v, b: v >= b)
+                check(
+                    model,
+                    f"speed target: decode b1 >= 1.0x llama.cpp Q8_0 (ratio){suffix}",
+                    row["decode_b1_tps"] / llama["decode_b1_tps"],
+                    1.0,
+                    lambda v, b: v >= b,
+                )
             for batch, bound in ((1, 2.5), (8, 1.8)):
                 key = f"decode_b{batch}_tps"
                 if bf16 and row.get(key) and bf16.get(key):
-                    check(model, f"speed target: decode b{batch} >= {bound}x bf16 (ratio){suffix}",
-                          row[key] / bf16[key], bound, lambda v, b: v >= b)
+                    check(
+                        model,
+                        f"speed target: decode b{batch} >= {bound}x bf16 (ratio){suffix}",
+                        row[key] / bf16[key],
+                        bound,
+                        lambda v, b: v >= b,
+                    )
+
         def mb(row: dict[str, Any], key: str) -> float | None:
             return row[key] / C.MB if row.get(key) is not None else None
 
         if model in fp16_bytes:
             fp16 = fp16_bytes[model] / C.MB
-            check(model, "peak RSS while loading < fp16 checkpoint (MB)", mb(ours, "peak_rss_load_bytes"), fp16,
-                  lambda v, b: v < b)
-            check(model, "peak anonymous memory while loading < fp16 checkpoint (MB)",
-                  mb(ours, "peak_anon_load_bytes"), fp16, lambda v, b: v < b)
-            check(model, "loading's own anonymous memory (peak - before) < fp16 checkpoint (MB)",
-                  mb(ours, "load_anon_increase_bytes"), fp16, lambda v, b: v < b)
+            check(
+                model,
+                "peak RSS while loading < fp16 checkpoint (MB)",
+                mb(ours, "peak_rss_load_bytes"),
+                fp16,
+                lambda v, b: v < b,
+            )
+            check(
+                model,
+                "peak anonymous memory while loading < fp16 checkpoint (MB)",
+                mb(ours, "peak_anon_load_bytes"),
+                fp16,
+                lambda v, b: v < b,
+            )
+            check(
+                model,
+                "loading's own anonymous memory (peak - before) < fp16 checkpoint (MB)",
+                mb(ours, "load_anon_increase_bytes"),
+                fp16,
+                lambda v, b: v < b,
+            )
         if bnb:
-            check(model, f"footprint <= bitsandbytes t=6 at {ours['dtype']} (MB)", mb(ours, "footprint_bytes"),
-                  mb(bnb, "footprint_bytes"), lambda v, b: v <= b)
+            check(
+                model,
+                f"footprint <= bitsandbytes t=6 at {ours['dtype']} (MB)",
+                mb(ours, "footprint_bytes"),
+                mb(bnb, "footprint_bytes"),
+                lambda v, b: v <= b,
+            )
     return checks
 
 
@@ -406,45 +497,79 @@ def render_markdown(data: dict[str, Any]) -> str:
     # Runs before prefill_logits was recorded computed the logits of every position.
     logits = sorted({r.get("prefill_logits", "all positions") for r in rows if r.get("prefill_tps")})
     logits_note = f" (logits: {' / '.join(logits)})" if logits else ""
-    out = ["# End-to-end: loading, memory and speed\n", f"Command: `{meta['command']}`\n", C.machine_markdown(meta),
-           "", C.kernels_markdown(meta["kernels"]), "",
-           f"Prefill: one forward of a {s['prompt_tokens']}-token prompt{logits_note}, batch 1, median of "
-           f"{s['repeats']}. Decode: "
-           f"greedy generate of {s['new_tokens']} tokens after a {DECODE_PROMPT_TOKENS}-token prompt, batch "
-           f"{' and '.join(map(str, s['batches']))}, prefill time subtracted. Every cell: value (x fp32, x bf16) "
-           "from the same run. Peak RSS = ru_maxrss of a fresh process after loading (imports and mapped "
-           "checkpoint pages included); anon = peak anonymous memory sampled while loading."
-           + (" **--quick run: fewer tokens, noisier.**" if s.get("quick") else "")
-           + (" **--in-process run: memory figures are not per method.**"
-              if any(r.get("in_process") for r in rows) else ""), ""]
+    out = [
+        "# End-to-end: loading, memory and speed\n",
+        f"Command: `{meta['command']}`\n",
+        C.machine_markdown(meta),
+        "",
+        C.kernels_markdown(meta["kernels"]),
+        "",
+        f"Prefill: one forward of a {s['prompt_tokens']}-token prompt{logits_note}, batch 1, median of "
+        f"{s['repeats']}. Decode: "
+        f"greedy generate of {s['new_tokens']} tokens after a {DECODE_PROMPT_TOKENS}-token prompt, batch "
+        f"{' and '.join(map(str, s['batches']))}, prefill time subtracted. Every cell: value (x fp32, x bf16) "
+        "from the same run. Peak RSS = ru_maxrss of a fresh process after loading (imports and mapped "
+        "checkpoint pages included); anon = peak anonymous memory sampled while loading."
+        + (" **--quick run: fewer tokens, noisier.**" if s.get("quick") else "")
+        + (
+            " **--in-process run: memory figures are not per method.**"
+            if any(r.get("in_process") for r in rows)
+            else ""
+        ),
+        "",
+    ]
     models = []
     for r in rows:
         if r["model"] not in models:
             models.append(r["model"])
-    headers = ["method", "load s", "peak RSS load MB", "peak anon load MB", "footprint MB", "storage MB",
-               "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s", "llmint8 kernel"]
+    headers = [
+        "method",
+        "load s",
+        "peak RSS load MB",
+        "peak anon load MB",
+        "footprint MB",
+        "storage MB",
+        "prefill tok/s",
+        "decode b1 tok/s",
+        "decode b8 tok/s",
+        "llmint8 kernel",
+    ]
     for model in models:
         label = data["model_labels"].get(model, model)
         fp16 = data["fp16_checkpoint_bytes"].get(model)
         ckpt = s.get("checkpoint_dtype", "as-is")
         ckpt_note = "loaded from its checkpoint as stored" if ckpt == "as-is" else f"loaded from a {ckpt} checkpoint"
-        out.append(f"## {label}, {ckpt_note}" + (f" (an fp16 checkpoint would be {fp16 / C.MB:.0f} MB)" if fp16
-                                                  else "") + "\n")
+        out.append(
+            f"## {label}, {ckpt_note}"
+            + (f" (an fp16 checkpoint would be {fp16 / C.MB:.0f} MB)" if fp16 else "")
+            + "\n"
+        )
         table = []
         for r in [r for r in rows if r["model"] == model]:
             if r.get("status") != "ok":
                 table.append([r["method"], f"error: {r.get('error')}"] + [""] * (len(headers) - 2))
                 continue
-            table.append([r["method"], _cell(r, "load_s", spec=".2f"), _cell(r, "peak_rss_load_bytes", C.MB, ".0f"),
-                          _cell(r, "peak_anon_load_bytes", C.MB, ".0f"), _cell(r, "footprint_bytes", C.MB, ".1f"),
-                          _cell(r, "storage_bytes", C.MB, ".1f"), _cell(r, "prefill_tps"),
-                          _cell(r, "decode_b1_tps", spec=".2f"), _cell(r, "decode_b8_tps", spec=".2f"),
-                          C.row_kernel(r)])
+            table.append(
+                [
+                    r["method"],
+                    _cell(r, "load_s", spec=".2f"),
+                    _cell(r, "peak_rss_load_bytes", C.MB, ".0f"),
+                    _cell(r, "peak_anon_load_bytes", C.MB, ".0f"),
+                    _cell(r, "footprint_bytes", C.MB, ".1f"),
+                    _cell(r, "storage_bytes", C.MB, ".1f"),
+                    _cell(r, "prefill_tps"),
+                    _cell(r, "decode_b1_tps", spec=".2f"),
+                    _cell(r, "decode_b8_tps", spec=".2f"),
+                    C.row_kernel(r),
+                ]
+            )
         out += [C.markdown_table(headers, table), ""]
     if data["checks"]:
         out.append("## Targets, on these figures\n")
-        table = [[c["model"], c["target"], f"{c['value']:.2f}", f"{c['bound']:.2f}", "PASS" if c["pass"] else "FAIL"]
-                 for c in data["checks"]]
+        table = [
+            [c["model"], c["target"], f"{c['value']:.2f}", f"{c['bound']:.2f}", "PASS" if c["pass"] else "FAIL"]
+            for c in data["checks"]
+        ]
         out += [C.markdown_table(["model", "target", "llmint8 t=6", "bound", "result"], table), ""]
     if data.get("charts"):
         out.append("Charts: " + ", ".join(f"`{p}`" for p in data["charts"]) + "\n")
@@ -466,35 +591,58 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--convert"]:
         convert_checkpoint(C.parse_models(argv[1])[0], Path(argv[2]), argv[3])
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", default="smollm2,qwen,minilm",
-                        help="comma list of smollm2, qwen, minilm or NAME=FOLDER[:causal|encoder]")
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma list of {', '.join(C.BASE_METHODS)}; KEY@fp32 picks a dtype (default: --dtype)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES),
-                        help="dtype the quantized methods load and compute in (default bf16, the usual deployment)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument(
+        "--models",
+        default="smollm2,qwen,minilm",
+        help="comma list of smollm2, qwen, minilm or NAME=FOLDER[:causal|encoder]",
+    )
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma list of {', '.join(C.BASE_METHODS)}; KEY@fp32 picks a dtype (default: --dtype)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=sorted(C.DTYPES),
+        help="dtype the quantized methods load and compute in (default bf16, the usual deployment)",
+    )
     parser.add_argument("--text", default=None, help="text file for the prompts (default: lee_background.cor)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
     parser.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated")
     parser.add_argument("--batches", default="1,8", help="decode batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="prefill and 1-token generate: median of N")
     parser.add_argument("--decode-repeats", type=int, default=1, help="full generate: median of N")
-    parser.add_argument("--quick", action="store_true",
-                        help="128-token prompt, 16 new tokens, 1 repeat: a fast, noisier look")
+    parser.add_argument(
+        "--quick", action="store_true", help="128-token prompt, 16 new tokens, 1 repeat: a fast, noisier look"
+    )
     parser.add_argument("--no-speed", action="store_true", help="loading and memory only")
-    parser.add_argument("--checkpoint-dtype", default="as-is", choices=["as-is", "bf16", "fp16"],
-                        help="load from a copy of each checkpoint saved in this dtype (cached); the assets are fp32 "
-                             "checkpoints, the hub checkpoints of these models are bf16")
+    parser.add_argument(
+        "--checkpoint-dtype",
+        default="as-is",
+        choices=["as-is", "bf16", "fp16"],
+        help="load from a copy of each checkpoint saved in this dtype (cached); the assets are fp32 "
+        "checkpoints, the hub checkpoints of these models are bf16",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     parser.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
     parser.add_argument("--prefix", default="bench", help="output file names: PREFIX.json, PREFIX.md, PREFIX_*.png")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per (model, method) job")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--llamacpp", default="auto", choices=["auto", "on", "off"],
-                        help="llama.cpp Q8_0 rows (scripts/build_llamacpp.py): auto = where built, on = required")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every job in this process (smoke tests; no isolation, memory figures shared)")
+    parser.add_argument(
+        "--llamacpp",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="llama.cpp Q8_0 rows (scripts/build_llamacpp.py): auto = where built, on = required",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every job in this process (smoke tests; no isolation, memory figures shared)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.prompt_tokens, args.new_tokens, args.repeats, args.decode_repeats = 128, 16, 1, 1
@@ -502,8 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     if not batches or any(b < 1 or b > 8 for b in batches):
         raise ValueError(f"--batches must list sizes between 1 and 8, got {args.batches!r}")
     if args.new_tokens < 2 or args.prompt_tokens < 16:
-        raise ValueError(f"need --new-tokens >= 2 and --prompt-tokens >= 16, got {args.new_tokens}, "
-                         f"{args.prompt_tokens}")
+        raise ValueError(
+            f"need --new-tokens >= 2 and --prompt-tokens >= 16, got {args.new_tokens}, {args.prompt_tokens}"
+        )
 
     models = C.parse_models(args.models)
     if args.checkpoint_dtype != "as-is":
@@ -513,13 +662,27 @@ def main(argv: list[str] | None = None) -> int:
 
     text, text_name = read_text(args.text)
     C.seed_everything()
-    settings = {"text_name": text_name, "text_sha256": C.sha256_text(text), "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens, "batches": batches, "repeats": args.repeats,
-                "decode_repeats": args.decode_repeats, "quick": args.quick, "dtype": args.dtype,
-                "checkpoint_dtype": args.checkpoint_dtype, "llamacpp": args.llamacpp}
+    settings = {
+        "text_name": text_name,
+        "text_sha256": C.sha256_text(text),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "batches": batches,
+        "repeats": args.repeats,
+        "decode_repeats": args.decode_repeats,
+        "quick": args.quick,
+        "dtype": args.dtype,
+        "checkpoint_dtype": args.checkpoint_dtype,
+        "llamacpp": args.llamacpp,
+    }
     data: dict[str, Any] = {
-        "kind": "bench", "meta": C.run_metadata(["scripts/bench_e2e.py", *argv]), "settings": settings,
-        "model_labels": {m.name: m.label for m in models}, "fp16_checkpoint_bytes": {}, "results": [], "checks": [],
+        "kind": "bench",
+        "meta": C.run_metadata(["scripts/bench_e2e.py", *argv]),
+        "settings": settings,
+        "model_labels": {m.name: m.label for m in models},
+        "fp16_checkpoint_bytes": {},
+        "results": [],
+        "checks": [],
         "charts": [],
     }
     for spec in models:
@@ -530,8 +693,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or torch.get_num_threads()  # llama.cpp needs a number: the workers' default
     jobs: list[tuple[C.ModelSpec, Any]] = []
     for spec in models:
-        if spec.kind == "causal" and not args.no_speed and (
-            args.llamacpp == "on" or (args.llamacpp == "auto" and all(llamacpp_paths(spec.name)))
+        if (
+            spec.kind == "causal"
+            and not args.no_speed
+            and (args.llamacpp == "on" or (args.llamacpp == "auto" and all(llamacpp_paths(spec.name))))
         ):
             jobs.append((spec, None))  # None: the llama.cpp row of this model
         jobs += [(spec, method) for method in methods]
@@ -547,10 +712,19 @@ def main(argv: list[str] | None = None) -> int:
             continue
         bar.set_postfix_str(f"{spec.name} {method.key}")
         model_arg = C.model_arg(spec)
-        job = {"model_arg": model_arg, "method": method.key, "text": text, "prompt_tokens": args.prompt_tokens,
-               "new_tokens": args.new_tokens, "batches": batches if spec.kind == "causal" else [],
-               "repeats": args.repeats, "decode_repeats": args.decode_repeats, "no_speed": args.no_speed,
-               "threads": args.threads, "env": method.worker_env}
+        job = {
+            "model_arg": model_arg,
+            "method": method.key,
+            "text": text,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "batches": batches if spec.kind == "causal" else [],
+            "repeats": args.repeats,
+            "decode_repeats": args.decode_repeats,
+            "no_speed": args.no_speed,
+            "threads": args.threads,
+            "env": method.worker_env,
+        }
         row = C.run_worker(SCRIPT, job, args.timeout, worker if args.in_process else None)
         row.setdefault("model", spec.name)
         row.setdefault("method", method.key)
@@ -570,8 +744,10 @@ def _write_outputs(data: dict[str, Any], args, final: bool) -> None:
     if final and not args.no_plots:
         import plots
 
-        data["charts"] = [str(p.relative_to(C.REPO) if p.is_relative_to(C.REPO) else p)
-                          for p in plots.plot_bench(data, args.out_dir, args.prefix)]
+        data["charts"] = [
+            str(p.relative_to(C.REPO) if p.is_relative_to(C.REPO) else p)
+            for p in plots.plot_bench(data, args.out_dir, args.prefix)
+        ]
     C.write_json(args.out_dir / f"{args.prefix}.json", data)
     (args.out_dir / f"{args.prefix}.md").write_text(render_markdown(data) + "\n")
 

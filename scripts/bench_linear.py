@@ -117,13 +117,18 @@ def _probe_module():
     try:
         # Cached in the torch extensions folder ($TORCH_EXTENSIONS_DIR): rebuilt only when the source changes.
         # -fopenmp: at::parallel_for is inlined into the probe and runs on OpenMP threads like the kernels.
-        return cpp_extension.load(PROBE_MODULE, [str(PROBE_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"])
+        return cpp_extension.load(
+            PROBE_MODULE, [str(PROBE_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"]
+        )
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
         # The probe is optional: without it the bandwidth is torch.sum's, which can only understate the bound.
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        print(f"bench_linear: cannot build the read-bandwidth probe {PROBE_SOURCE} ({reason}); "
-              "measuring the bandwidth with torch.sum only", file=sys.stderr, flush=True)
+        print(
+            f"bench_linear: cannot build the read-bandwidth probe {PROBE_SOURCE} ({reason}); "
+            "measuring the bandwidth with torch.sum only",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
 
 
@@ -193,8 +198,9 @@ def copies_for(nbytes: int, cold_bytes: int) -> int:
     return max(1, math.ceil(cold_bytes / max(nbytes, 1)))
 
 
-def activations(tokens: int, k: int, dtype: torch.dtype, device: str,
-                outlier_fraction: float = OUTLIER_FRACTION) -> torch.Tensor:
+def activations(
+    tokens: int, k: int, dtype: torch.dtype, device: str, outlier_fraction: float = OUTLIER_FRACTION
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(tokens * 7919 + k)
     x = torch.randn(tokens, k, generator=g)
     n_out = max(1, round(outlier_fraction * k))
@@ -234,8 +240,10 @@ def build_methods(args, k: int, n: int, tokens_list: list[int], cold_bytes: int,
     float_peers = [torch.float32, torch.bfloat16] if device == "cpu" else [torch.float16]
     for peer_dtype in float_peers:
         size = n * k * torch.finfo(peer_dtype).bits // 8
-        ws = [(w32.to(device=device, dtype=peer_dtype), b32.to(device=device, dtype=peer_dtype))
-              for _ in range(copies_for(size, cold_bytes))]
+        ws = [
+            (w32.to(device=device, dtype=peer_dtype), b32.to(device=device, dtype=peer_dtype))
+            for _ in range(copies_for(size, cold_bytes))
+        ]
         key = "x32" if peer_dtype == torch.float32 else f"x_{peer_dtype}"
         for t in tokens_list:
             inputs[t][key] = inputs[t]["x"].to(peer_dtype)
@@ -253,8 +261,9 @@ def build_methods(args, k: int, n: int, tokens_list: list[int], cold_bytes: int,
 
     mm_note = "n/a on CUDA for <= 16 tokens (cuBLASLt needs M > 16)" if device == "cuda" else ""
     int8_cursor = [0]  # shared by every method that reads int8_copies
-    methods.append(Method("_int_mm", [lambda w=w: int_mm(w) for w, _ in int8_copies], note=mm_note,
-                          cursor=int8_cursor))
+    methods.append(
+        Method("_int_mm", [lambda w=w: int_mm(w) for w, _ in int8_copies], note=mm_note, cursor=int8_cursor)
+    )
 
     if bnb is not None:
         mods = []
@@ -268,27 +277,46 @@ def build_methods(args, k: int, n: int, tokens_list: list[int], cold_bytes: int,
         methods.append(Method("bnb 8-bit", [lambda m=m: m(cur["x"]) for m in mods]))
 
     thr = args.threshold
-    methods.append(Method("hf_int8 ref", [
-        lambda w=w, s=s: reference.int8_linear(cur["x"], w, s, bias, thr) for w, s in int8_copies
-    ], cursor=int8_cursor))
-    methods.append(Method("hf_int8 native", [
-        lambda w=w, s=s: hf_int8.ops.int8_linear(cur["x"], w, s, bias, thr) for w, s in int8_copies
-    ], cursor=int8_cursor))
+    methods.append(
+        Method(
+            "hf_int8 ref",
+            [lambda w=w, s=s: reference.int8_linear(cur["x"], w, s, bias, thr) for w, s in int8_copies],
+            cursor=int8_cursor,
+        )
+    )
+    methods.append(
+        Method(
+            "hf_int8 native",
+            [lambda w=w, s=s: hf_int8.ops.int8_linear(cur["x"], w, s, bias, thr) for w, s in int8_copies],
+            cursor=int8_cursor,
+        )
+    )
     stream_read = stream_read_probe() if device == "cpu" else None
     if stream_read is not None:
+
         def read(w):
             return stream_read(w) if cur["xq"].shape[0] <= FEW_TOKENS else None
 
         methods.append(Method(WEIGHT_READ, [lambda w=w: read(w) for w, _ in int8_copies], cursor=int8_cursor))
     if args.breakdown:
         methods.append(Method(STAGE_PREFIX + "quantize x", [lambda: hf_int8.ops.quantize_activation(cur["x"], thr)]))
-        methods.append(Method(STAGE_PREFIX + "GEMM int32", [
-            lambda w=w: hf_int8.ops.int8_matmul(cur["xq"], w) for w, _ in int8_copies
-        ], cursor=int8_cursor))
-        methods.append(Method(STAGE_PREFIX + "GEMM + dequant", [
-            lambda w=w, s=s: hf_int8.ops.int8_scaled_matmul(cur["xq"], w, cur["xs"], s, bias, dtype)
-            for w, s in int8_copies
-        ], cursor=int8_cursor))
+        methods.append(
+            Method(
+                STAGE_PREFIX + "GEMM int32",
+                [lambda w=w: hf_int8.ops.int8_matmul(cur["xq"], w) for w, _ in int8_copies],
+                cursor=int8_cursor,
+            )
+        )
+        methods.append(
+            Method(
+                STAGE_PREFIX + "GEMM + dequant",
+                [
+                    lambda w=w, s=s: hf_int8.ops.int8_scaled_matmul(cur["xq"], w, cur["xs"], s, bias, dtype)
+                    for w, s in int8_copies
+                ],
+                cursor=int8_cursor,
+            )
+        )
     return methods, {"inputs": inputs, "cur": cur}
 
 
@@ -372,8 +400,18 @@ def markdown(rows: list[dict], method_names: list[str]) -> str:
 
 def breakdown_markdown(rows: list[dict]) -> str:
     """The native path split into its stages, and the GEMM's throughput next to bf16 nn.Linear's (--breakdown)."""
-    head = ["layer (in x out)", "tokens", "native ms", "quantize x", "GEMM int32", "dequant epilogue",
-            "outliers + rest", "GEMM int8 TOPS", "bf16 Linear TFLOPS", "_int_mm TOPS"]
+    head = [
+        "layer (in x out)",
+        "tokens",
+        "native ms",
+        "quantize x",
+        "GEMM int32",
+        "dequant epilogue",
+        "outliers + rest",
+        "GEMM int8 TOPS",
+        "bf16 Linear TFLOPS",
+        "_int_mm TOPS",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ms = r["ms"]
@@ -389,9 +427,18 @@ def breakdown_markdown(rows: list[dict]) -> str:
         def rate(t_ms: float | None, ops: float = ops) -> str:
             return "n/a" if not t_ms else f"{ops / (t_ms * 1e-3) / 1e12:.2f}"
 
-        cells = [f"{r['k']}x{r['n']}", str(r["tokens"]), fmt_ms(native), share(quant), share(gemm),
-                 share(scaled - gemm), share(native - quant - scaled), rate(gemm), rate(ms.get("bf16 Linear")),
-                 rate(ms.get("_int_mm"))]
+        cells = [
+            f"{r['k']}x{r['n']}",
+            str(r["tokens"]),
+            fmt_ms(native),
+            share(quant),
+            share(gemm),
+            share(scaled - gemm),
+            share(native - quant - scaled),
+            rate(gemm),
+            rate(ms.get("bf16 Linear")),
+            rate(ms.get("_int_mm")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -402,20 +449,35 @@ def parse_args(argv=None):
     p.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {DEFAULT_TOKENS})")
     p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, tokens {QUICK_TOKENS}, 2 rounds")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="activation dtype of the int8 methods (default bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="activation dtype of the int8 methods (default bfloat16 on CPU, float16 on CUDA)",
+    )
     p.add_argument("--threshold", type=float, default=6.0, help="outlier threshold of the int8 methods")
-    p.add_argument("--outlier-fraction", type=float, default=OUTLIER_FRACTION,
-                   help="share of activation columns scaled into outliers (Qwen2.5's down_proj reaches 0.7)")
+    p.add_argument(
+        "--outlier-fraction",
+        type=float,
+        default=OUTLIER_FRACTION,
+        help="share of activation columns scaled into outliers (Qwen2.5's down_proj reaches 0.7)",
+    )
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the methods (default 3)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per method and round, at most")
-    p.add_argument("--cold-mb", type=int, default=None,
-                   help="weights are cycled through copies totalling this much per method (default 2x LLC / L2, "
-                        f"at most {MAX_COLD_BYTES >> 20})")
+    p.add_argument(
+        "--cold-mb",
+        type=int,
+        default=None,
+        help="weights are cycled through copies totalling this much per method (default 2x LLC / L2, "
+        f"at most {MAX_COLD_BYTES >> 20})",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time the native path's stages (quantize, GEMM, epilogue) and print where time goes")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the native path's stages (quantize, GEMM, epilogue) and print where time goes",
+    )
     args = p.parse_args(argv)
     args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     args.tokens = [int(t) for t in (args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)).split(",")]
@@ -452,8 +514,10 @@ def main(argv=None) -> int:
         cache = torch.cuda.get_device_properties(0).L2_cache_size
         machine = torch.cuda.get_device_name(0)
     else:
+
         def sync() -> None:
             return None
+
         cache = llc_bytes()
         machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
     cold = (args.cold_mb << 20) if args.cold_mb else min(2 * cache, MAX_COLD_BYTES)
@@ -485,16 +549,26 @@ def main(argv=None) -> int:
     notes = sorted({note for r in rows for note in r["notes"].values() if note})
     print("\n".join(header) + "\n\n" + table + ("\n\n" + "\n".join(f"- {x}" for x in notes) if notes else ""))
     if args.breakdown:
-        print("\nWhere the native time goes (stages timed separately in the same run; \"outliers + rest\" = "
-              "native - quantize - GEMM + dequant: gathering outlier columns, their fp32 product, allocation and "
-              "dispatch):\n")
+        print(
+            '\nWhere the native time goes (stages timed separately in the same run; "outliers + rest" = '
+            "native - quantize - GEMM + dequant: gathering outlier columns, their fp32 product, allocation and "
+            "dispatch):\n"
+        )
         print(breakdown_markdown(rows))
     if args.json:
         payload = {
-            "device": args.device, "machine": machine, "torch": torch.__version__, "bnb": bnb_status,
-            "implementation": int8_impl, "threshold": args.threshold, "dtype": str(args.dtype),
-            "outlier_fraction": args.outlier_fraction, "bandwidth_bytes_per_s": bandwidth, "bandwidth_probe": probe,
-            "cold_bytes": cold, "rows": rows,
+            "device": args.device,
+            "machine": machine,
+            "torch": torch.__version__,
+            "bnb": bnb_status,
+            "implementation": int8_impl,
+            "threshold": args.threshold,
+            "dtype": str(args.dtype),
+            "outlier_fraction": args.outlier_fraction,
+            "bandwidth_bytes_per_s": bandwidth,
+            "bandwidth_probe": probe,
+            "cold_bytes": cold,
+            "rows": rows,
             "env": {k: v for k, v in os.environ.items() if k.startswith("HF_INT8")},
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))

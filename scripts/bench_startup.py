@@ -68,8 +68,9 @@ def hook_import_us(python: str, runs: int) -> list[float]:
     """Cumulative import time of the hook module per ``-X importtime`` (microseconds), one value per interpreter."""
     values = []
     for _ in range(runs):
-        done = subprocess.run([python, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True,
-                              env=CHILD_ENV)
+        done = subprocess.run(
+            [python, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True, env=CHILD_ENV
+        )
         line = next((ln for ln in done.stderr.splitlines() if ln.rstrip().endswith(HOOK_MODULE)), None)
         if line is None:
             raise SystemExit(f"{python!r} did not import {HOOK_MODULE} at start-up (HF_INT8_NO_AUTOLOAD set?)")
@@ -96,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         "python -c pass with hook median ms": statistics.median(with_hook),
         "python -c pass without hook median ms": statistics.median(without),
     }
-    result["difference of medians ms"] = result["python -c pass with hook median ms"] - result[
-        "python -c pass without hook median ms"
-    ]
-    result["ratio with/without"] = result["python -c pass with hook median ms"] / result[
-        "python -c pass without hook median ms"
-    ]
+    result["difference of medians ms"] = (
+        result["python -c pass with hook median ms"] - result["python -c pass without hook median ms"]
+    )
+    result["ratio with/without"] = (
+        result["python -c pass with hook median ms"] / result["python -c pass without hook median ms"]
+    )
     print("| measure | value |\n|---|---|")
     for key, value in result.items():
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")

@@ -135,11 +135,16 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 
         if job["quality"]:
             text = job["text"]
-            details = metrics.perplexity_details(model, tokenizer, text, max_tokens=job["max_tokens"],
-                                                 window=job["window"])
-            result.update(perplexity=details.perplexity, num_predicted=details.num_predicted,
-                          num_windows=details.num_windows, window_nll_sums=list(details.window_nll_sums),
-                          window_num_predicted=list(details.window_num_predicted))
+            details = metrics.perplexity_details(
+                model, tokenizer, text, max_tokens=job["max_tokens"], window=job["window"]
+            )
+            result.update(
+                perplexity=details.perplexity,
+                num_predicted=details.num_predicted,
+                num_windows=details.num_windows,
+                window_nll_sums=list(details.window_nll_sums),
+                window_num_predicted=list(details.window_num_predicted),
+            )
             ids = metrics.tokenize_for_perplexity(tokenizer, text, job["window"])
             with torch.inference_mode():
                 logits = model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].float()
@@ -193,16 +198,25 @@ def run_config(job: dict[str, Any], timeout: float) -> dict[str, Any]:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(job))
         if job["tp"]:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={job['world']}",
-                   str(SCRIPT), "--worker", str(job_file)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={job['world']}",
+                str(SCRIPT),
+                "--worker",
+                str(job_file),
+            ]
         else:
             cmd = [sys.executable, str(SCRIPT), "--worker", str(job_file)]
         env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "PYTHONUNBUFFERED": "1"}
         start = time.perf_counter()
         print(f"[bench_tp] {job['config']}: {' '.join(cmd[1:4])} ...", file=sys.stderr, flush=True)
         try:
-            proc = subprocess.run(cmd, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
+            proc = subprocess.run(
+                cmd, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
         except subprocess.TimeoutExpired:
             return {"config": job["config"], "status": "error", "error": f"timed out after {timeout:.0f} s"}
         ranks = []
@@ -210,12 +224,28 @@ def run_config(job: dict[str, Any], timeout: float) -> dict[str, Any]:
             file = Path(f"{job['result_file']}.rank{rank}")
             ranks.append(json.loads(file.read_text()) if file.is_file() else None)
         if ranks[0] is None or proc.returncode != 0:
-            return {"config": job["config"], "status": "error",
-                    "error": f"exit code {proc.returncode}: {(proc.stdout or '')[-3000:]}"}
+            return {
+                "config": job["config"],
+                "status": "error",
+                "error": f"exit code {proc.returncode}: {(proc.stdout or '')[-3000:]}",
+            }
         result = dict(ranks[0])
-        result["ranks"] = [{k: r.get(k) for k in ("rank", "load_s", "peak_anon_load_bytes", "anon_after_load_bytes",
-                                                   "anon_before_load_bytes", "local_tensor_bytes", "int8_bytes")}
-                           for r in ranks if r is not None]
+        result["ranks"] = [
+            {
+                k: r.get(k)
+                for k in (
+                    "rank",
+                    "load_s",
+                    "peak_anon_load_bytes",
+                    "anon_after_load_bytes",
+                    "anon_before_load_bytes",
+                    "local_tensor_bytes",
+                    "int8_bytes",
+                )
+            }
+            for r in ranks
+            if r is not None
+        ]
         result["wall_s"] = time.perf_counter() - start
         return result
 
@@ -252,9 +282,16 @@ def compare_logits(files: dict[str, Path], tp_name: str) -> list[dict[str, Any]]
     for a, b in pairs:
         if a in logits and b in logits:
             la, lb = logits[a], logits[b]
-            out.append({"a": a, "b": b, "rel_error": _rel(la, lb), "max_abs_diff": float((la - lb).abs().max()),
-                        "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).float().mean()),
-                        "positions": int(la.shape[0])})
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "rel_error": _rel(la, lb),
+                    "max_abs_diff": float((la - lb).abs().max()),
+                    "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).float().mean()),
+                    "positions": int(la.shape[0]),
+                }
+            )
     return out
 
 
@@ -268,10 +305,15 @@ def render(data: dict[str, Any]) -> str:
     rows = data["rows"]
     single = next((r for r in rows if r["config"] == SINGLE and r.get("status") == "ok"), None)
     s = data["settings"]
-    lines = [f"## llmint8 tensor parallel on CPU: {s['model']} ({s['source']})", "",
-             C.machine_markdown(data["meta"]), "",
-             f"Configurations run one after the other in this run; each in fresh processes. Prefill: "
-             f"{s['prompt_tokens']} tokens, decode: {s['new_tokens']} tokens at batch 1 after a 32-token prompt.", ""]
+    lines = [
+        f"## llmint8 tensor parallel on CPU: {s['model']} ({s['source']})",
+        "",
+        C.machine_markdown(data["meta"]),
+        "",
+        f"Configurations run one after the other in this run; each in fresh processes. Prefill: "
+        f"{s['prompt_tokens']} tokens, decode: {s['new_tokens']} tokens at batch 1 after a 32-token prompt.",
+        "",
+    ]
     table = []
     for r in rows:
         if r.get("status") != "ok":
@@ -284,25 +326,60 @@ def render(data: dict[str, Any]) -> str:
         per_rank_anon = " / ".join(C.fmt(x["anon_after_load_bytes"] / MB, ".0f") for x in r["ranks"])
         per_rank_peak = " / ".join(C.fmt(x["peak_anon_load_bytes"] / MB, ".0f") for x in r["ranks"])
         per_rank_tensors = " / ".join(C.fmt(x["local_tensor_bytes"] / MB, ".0f") for x in r["ranks"])
-        same = "—" if single is None or r is single or "demo_ids" not in r else (
-            "same" if r["demo_ids"] == single["demo_ids"] else "differs")
+        same = (
+            "—"
+            if single is None or r is single or "demo_ids" not in r
+            else ("same" if r["demo_ids"] == single["demo_ids"] else "differs")
+        )
         ratio = ""
         if single is not None and r is not single and r.get("decode_b1_tps") and single.get("decode_b1_tps"):
-            ratio = (f"prefill x{r['prefill_tps'] / single['prefill_tps']:.2f}, "
-                     f"decode x{r['decode_b1_tps'] / single['decode_b1_tps']:.2f}")
-        table.append([r["config"], C.fmt(r.get("load_s"), ".1f"), C.fmt(r.get("prefill_tps"), ".1f"),
-                      C.fmt(r.get("decode_b1_tps"), ".2f"), ratio, per_rank_int8, per_rank_tensors, per_rank_anon,
-                      per_rank_peak, same])
-    lines += [C.markdown_table(["config", "load s", "prefill tok/s", "decode tok/s (b1)", "vs 1x2",
-                                "int8 codes MB per rank", "tensors MB per rank", "anon MB after load per rank",
-                                "peak anon MB loading per rank", "demo greedy ids vs 1x2"], table), ""]
+            ratio = (
+                f"prefill x{r['prefill_tps'] / single['prefill_tps']:.2f}, "
+                f"decode x{r['decode_b1_tps'] / single['decode_b1_tps']:.2f}"
+            )
+        table.append(
+            [
+                r["config"],
+                C.fmt(r.get("load_s"), ".1f"),
+                C.fmt(r.get("prefill_tps"), ".1f"),
+                C.fmt(r.get("decode_b1_tps"), ".2f"),
+                ratio,
+                per_rank_int8,
+                per_rank_tensors,
+                per_rank_anon,
+                per_rank_peak,
+                same,
+            ]
+        )
+    lines += [
+        C.markdown_table(
+            [
+                "config",
+                "load s",
+                "prefill tok/s",
+                "decode tok/s (b1)",
+                "vs 1x2",
+                "int8 codes MB per rank",
+                "tensors MB per rank",
+                "anon MB after load per rank",
+                "peak anon MB loading per rank",
+                "demo greedy ids vs 1x2",
+            ],
+            table,
+        ),
+        "",
+    ]
     lines += ["Demo prompt (greedy):", ""]
     for r in rows:
         if r.get("status") == "ok":
             lines.append(f"- {r['config']}: {json.dumps(r['demo_text'])}")
     if single is not None:
-        lines += ["", "Where each greedy text leaves the single-process llmint8 one (teacher-forced on that text: the "
-                  "margin is the logit of its token minus the best other token's; greedy follows it while >= 0):", ""]
+        lines += [
+            "",
+            "Where each greedy text leaves the single-process llmint8 one (teacher-forced on that text: the "
+            "margin is the logit of its token minus the best other token's; greedy follows it while >= 0):",
+            "",
+        ]
         for r in rows:
             margins = r.get("reference_margins")
             if r is single or r.get("status") != "ok" or not margins:
@@ -318,19 +395,38 @@ def render(data: dict[str, Any]) -> str:
                 f"configuration prefers {json.dumps(r['reference_rivals'][k])} by {-margins[k]:.3f}"
             )
     if any("perplexity" in r for r in rows):
-        qrows = [[r["config"], C.fmt(r.get("perplexity"), ".4f"), r.get("num_predicted", "")]
-                 for r in rows if r.get("status") == "ok"]
-        lines += ["", f"Perplexity on the first {s['max_tokens']} tokens of lee_background.cor, {s['window']}-token "
-                  "windows:", "", C.markdown_table(["config", "perplexity", "predicted tokens"], qrows), ""]
-        lines += ["Logits of the first window:", "", C.markdown_table(
-            ["a", "b", "relative error ‖a-b‖/‖b‖", "max |a-b|", "top-1 agreement"],
-            [[c["a"], c["b"], f"{c['rel_error']:.3e}", f"{c['max_abs_diff']:.4f}", f"{c['top1_agreement']:.4f}"]
-             for c in data.get("logits", [])]), ""]
+        qrows = [
+            [r["config"], C.fmt(r.get("perplexity"), ".4f"), r.get("num_predicted", "")]
+            for r in rows
+            if r.get("status") == "ok"
+        ]
+        lines += [
+            "",
+            f"Perplexity on the first {s['max_tokens']} tokens of lee_background.cor, {s['window']}-token windows:",
+            "",
+            C.markdown_table(["config", "perplexity", "predicted tokens"], qrows),
+            "",
+        ]
+        lines += [
+            "Logits of the first window:",
+            "",
+            C.markdown_table(
+                ["a", "b", "relative error ‖a-b‖/‖b‖", "max |a-b|", "top-1 agreement"],
+                [
+                    [c["a"], c["b"], f"{c['rel_error']:.3e}", f"{c['max_abs_diff']:.4f}", f"{c['top1_agreement']:.4f}"]
+                    for c in data.get("logits", [])
+                ],
+            ),
+            "",
+        ]
         paired = data.get("paired")
         if paired:
-            lines += [f"Δ log-ppl TP vs 1 process: {paired.get('delta_log_ppl', float('nan')):+.5f} ± "
-                      f"{paired.get('delta_se', float('nan')):.5f} (SE of the per-window differences; TP worse in "
-                      f"{paired.get('windows_worse')}/{paired.get('num_windows')} windows)", ""]
+            lines += [
+                f"Δ log-ppl TP vs 1 process: {paired.get('delta_log_ppl', float('nan')):+.5f} ± "
+                f"{paired.get('delta_se', float('nan')):.5f} (SE of the per-window differences; TP worse in "
+                f"{paired.get('windows_worse')}/{paired.get('num_windows')} windows)",
+                "",
+            ]
     lines += [f"Command: `{data['command']}`", ""]
     return "\n".join(lines)
 
@@ -339,16 +435,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="qwen", help="smollm2, qwen or NAME=PATH (a causal LM folder)")
-    parser.add_argument("--source", default="fp", choices=["fp", "int8"],
-                        help="fp: quantize the floating-point checkpoint on load; int8: load a saved llmint8 one")
+    parser.add_argument(
+        "--source",
+        default="fp",
+        choices=["fp", "int8"],
+        help="fp: quantize the floating-point checkpoint on load; int8: load a saved llmint8 one",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--demo-tokens", type=int, default=64, help="greedy tokens for the demo prompt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--world", type=int, default=2, help="tensor-parallel processes (1 thread each)")
-    parser.add_argument("--also-1x1", action="store_true",
-                        help="add a 1 process x 1 thread row: the per-thread baseline, which core contention from "
-                             "other jobs does not slow down the way it slows a 2-thread process")
+    parser.add_argument(
+        "--also-1x1",
+        action="store_true",
+        help="add a 1 process x 1 thread row: the per-thread baseline, which core contention from "
+        "other jobs does not slow down the way it slows a 2-thread process",
+    )
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--quality", action="store_true", help="perplexity and logits, plus an fp32 reference row")
     parser.add_argument("--max-tokens", type=int, default=8192)
@@ -373,20 +476,48 @@ def main(argv: list[str] | None = None) -> int:
     prefix = args.prefix or f"bench_tp_{spec.name}"
     work = C.work_file(args.out_dir, f"{prefix}-logits")
     work.mkdir(parents=True, exist_ok=True)
-    base = {"path": str(path), "text": text, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "demo_tokens": args.demo_tokens, "repeats": args.repeats, "speed": not args.no_speed,
-            "quality": args.quality, "max_tokens": args.max_tokens, "window": args.window, "world": args.world}
+    base = {
+        "path": str(path),
+        "text": text,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "demo_tokens": args.demo_tokens,
+        "repeats": args.repeats,
+        "speed": not args.no_speed,
+        "quality": args.quality,
+        "max_tokens": args.max_tokens,
+        "window": args.window,
+        "world": args.world,
+    }
     tp_name = f"llmint8 {args.world}x1 TP"
-    configs = [{"config": SINGLE, "tp": False, "threads": THREADS, "quantize": args.source == "fp"},
-               {"config": tp_name, "tp": True, "threads": 1, "quantize": args.source == "fp"}]
+    configs = [
+        {"config": SINGLE, "tp": False, "threads": THREADS, "quantize": args.source == "fp"},
+        {"config": tp_name, "tp": True, "threads": 1, "quantize": args.source == "fp"},
+    ]
     if args.also_1x1:
         configs.append({"config": "llmint8 1x1", "tp": False, "threads": 1, "quantize": args.source == "fp"})
     if args.quality:
-        configs.append({"config": "fp32 1x2", "tp": False, "threads": THREADS, "quantize": False,
-                        "speed": False, "path": str(spec.path())})
+        configs.append(
+            {
+                "config": "fp32 1x2",
+                "tp": False,
+                "threads": THREADS,
+                "quantize": False,
+                "speed": False,
+                "path": str(spec.path()),
+            }
+        )
         # the same sharding without int8: what tensor parallelism alone changes (sums in another order)
-        configs.append({"config": f"fp32 {args.world}x1 TP", "tp": True, "threads": 1, "quantize": False,
-                        "speed": False, "path": str(spec.path())})
+        configs.append(
+            {
+                "config": f"fp32 {args.world}x1 TP",
+                "tp": True,
+                "threads": 1,
+                "quantize": False,
+                "speed": False,
+                "path": str(spec.path()),
+            }
+        )
     rows = []
     for config in configs:
         job = {**base, **config, "logits_file": str(work / f"{config['config'].replace(' ', '_')}.pt")}
@@ -395,9 +526,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_config(job, args.timeout))
     data = {
         "meta": {"machine": C.machine_info(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())},
-        "settings": {"model": spec.label, "source": "quantized on load" if args.source == "fp" else "saved llmint8",
-                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                     "max_tokens": args.max_tokens, "window": args.window, "world": args.world},
+        "settings": {
+            "model": spec.label,
+            "source": "quantized on load" if args.source == "fp" else "saved llmint8",
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "max_tokens": args.max_tokens,
+            "window": args.window,
+            "world": args.world,
+        },
         "command": "python scripts/bench_tp.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows,
     }

@@ -114,7 +114,7 @@ def ptx_of(so: Path, cuobjdump: str) -> list[str]:
     """Virtual architectures with embedded PTX, e.g. ``["compute_90"]`` (cuobjdump names the files ``*.sm_90.ptx``)."""
     listing = run([cuobjdump, "--list-ptx", str(so)])
     found = {f"compute_{n}" for n in re.findall(r"\.sm_(\d+[af]?)\.ptx", listing)}
-    return sorted(found, key=lambda a: (int(re.sub(r"\D", "", a[len("compute_"):])), a))
+    return sorted(found, key=lambda a: (int(re.sub(r"\D", "", a[len("compute_") :])), a))
 
 
 def parse_sass(text: str, arch: str) -> dict[str, Kernel]:

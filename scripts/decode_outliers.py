@@ -36,8 +36,13 @@ def collect(model, input_ids: torch.Tensor, new_tokens: int) -> dict[str, dict]:
     from hf_int8.analysis import record_outlier_stats
 
     with record_outlier_stats(model) as (calls, _), torch.inference_mode():
-        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False)
+        model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
     if not calls:
         raise ValueError("the model has no Int8Linear layer (was it loaded with Int8Config?)")
     stats: dict[str, dict] = defaultdict(lambda: {"in_features": 0, "prefill": [], "decode": []})
@@ -52,25 +57,44 @@ def summarize(stats: dict[str, dict]) -> list[dict]:
     rows = []
     for name, entry in stats.items():
         k, prefill, decode = entry["in_features"], entry["prefill"], entry["decode"]
-        rows.append({
-            "projection": name, "in_features": k, "layers_x_calls_prefill": len(prefill),
-            "prefill_mean": statistics.fmean(prefill) if prefill else None,
-            "decode_calls": len(decode),
-            "decode_median": statistics.median(decode) if decode else None,
-            "decode_p90": percentile(decode, 0.9) if decode else None,
-            "decode_max": max(decode) if decode else None,
-            "decode_mean_fraction": statistics.fmean(decode) / k if decode and k else None,
-        })
+        rows.append(
+            {
+                "projection": name,
+                "in_features": k,
+                "layers_x_calls_prefill": len(prefill),
+                "prefill_mean": statistics.fmean(prefill) if prefill else None,
+                "decode_calls": len(decode),
+                "decode_median": statistics.median(decode) if decode else None,
+                "decode_p90": percentile(decode, 0.9) if decode else None,
+                "decode_max": max(decode) if decode else None,
+                "decode_mean_fraction": statistics.fmean(decode) / k if decode and k else None,
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["projection", "K", "prefill: outlier columns (mean over layers)", "decode: per token, median",
-            "p90", "max", "mean % of K"]
-    body = [[r["projection"], r["in_features"], C.fmt(r["prefill_mean"], ".1f"), C.fmt(r["decode_median"], "g"),
-             C.fmt(r["decode_p90"], "d"), C.fmt(r["decode_max"], "d"),
-             C.fmt(None if r["decode_mean_fraction"] is None else 100 * r["decode_mean_fraction"], ".2f")]
-            for r in rows]
+    head = [
+        "projection",
+        "K",
+        "prefill: outlier columns (mean over layers)",
+        "decode: per token, median",
+        "p90",
+        "max",
+        "mean % of K",
+    ]
+    body = [
+        [
+            r["projection"],
+            r["in_features"],
+            C.fmt(r["prefill_mean"], ".1f"),
+            C.fmt(r["decode_median"], "g"),
+            C.fmt(r["decode_p90"], "d"),
+            C.fmt(r["decode_max"], "d"),
+            C.fmt(None if r["decode_mean_fraction"] is None else 100 * r["decode_mean_fraction"], ".2f"),
+        ]
+        for r in rows
+    ]
     return C.markdown_table(head, body)
 
 
@@ -110,14 +134,26 @@ def main(argv: list[str] | None = None) -> int:
     input_ids = torch.tensor([ids[: args.prompt_tokens]])
     model = C.load_model(spec, method)
     rows = summarize(collect(model, input_ids, args.new_tokens))
-    print(f"# Outlier columns per llmint8 layer call: {spec.name}, {method.key}\n\n"
-          f"- command: `python scripts/decode_outliers.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n"
-          f"- prompt: the first {args.prompt_tokens} tokens of {text_name}; greedy decode of {args.new_tokens} "
-          f"tokens, batch 1\n\n" + markdown(rows))
+    print(
+        f"# Outlier columns per llmint8 layer call: {spec.name}, {method.key}\n\n"
+        f"- command: `python scripts/decode_outliers.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n"
+        f"- prompt: the first {args.prompt_tokens} tokens of {text_name}; greedy decode of {args.new_tokens} "
+        f"tokens, batch 1\n\n" + markdown(rows)
+    )
     if args.json:
-        args.json.write_text(json.dumps({"model": spec.name, "method": method.key, "text": text_name,
-                                         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                                         "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": spec.name,
+                    "method": method.key,
+                    "text": text_name,
+                    "prompt_tokens": args.prompt_tokens,
+                    "new_tokens": args.new_tokens,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

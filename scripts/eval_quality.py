@@ -86,8 +86,15 @@ class OutlierStats:
         self.handles = []
         for name, module in model.named_modules():
             if isinstance(module, Int8Linear) and module.threshold > 0:
-                self.layers[name] = {"values": 0, "outlier_values": 0, "columns": 0, "outlier_columns": 0,
-                                     "forwards": 0, "max_abs": 0.0, "threshold": module.threshold}
+                self.layers[name] = {
+                    "values": 0,
+                    "outlier_values": 0,
+                    "columns": 0,
+                    "outlier_columns": 0,
+                    "forwards": 0,
+                    "max_abs": 0.0,
+                    "threshold": module.threshold,
+                }
                 self.handles.append(module.register_forward_pre_hook(self._hook(name, module.threshold)))
 
     def _hook(self, name: str, threshold: float):
@@ -112,13 +119,15 @@ class OutlierStats:
     def summary(self) -> dict[str, Any]:
         per_layer = []
         for name, row in self.layers.items():
-            per_layer.append({
-                "layer": name,
-                "value_fraction": row["outlier_values"] / row["values"] if row["values"] else 0.0,
-                "column_fraction": row["outlier_columns"] / row["columns"] if row["columns"] else 0.0,
-                "max_abs": row["max_abs"],
-                "forwards": row["forwards"],
-            })
+            per_layer.append(
+                {
+                    "layer": name,
+                    "value_fraction": row["outlier_values"] / row["values"] if row["values"] else 0.0,
+                    "column_fraction": row["outlier_columns"] / row["columns"] if row["columns"] else 0.0,
+                    "max_abs": row["max_abs"],
+                    "forwards": row["forwards"],
+                }
+            )
         values = sum(r["values"] for r in self.layers.values())
         outlier_values = sum(r["outlier_values"] for r in self.layers.values())
         with_outliers = [r for r in per_layer if r["column_fraction"] > 0]
@@ -147,8 +156,13 @@ def _mean_pooled_embeddings(model, tokenizer, sentences: list[str]):
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(sentences), ENCODER_BATCH):
-            batch = tokenizer(sentences[start : start + ENCODER_BATCH], padding=True, truncation=True,
-                              max_length=ENCODER_MAX_LENGTH, return_tensors="pt")
+            batch = tokenizer(
+                sentences[start : start + ENCODER_BATCH],
+                padding=True,
+                truncation=True,
+                max_length=ENCODER_MAX_LENGTH,
+                return_tensors="pt",
+            )
             hidden = model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             chunks.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
@@ -181,15 +195,21 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             from hf_int8.metrics import perplexity_details
 
             stats = _outlier_stats(model, method, job)
-            details = perplexity_details(model, tokenizer, text, max_tokens=job["max_tokens"], window=job["window"],
-                                         progress=True)
+            details = perplexity_details(
+                model, tokenizer, text, max_tokens=job["max_tokens"], window=job["window"], progress=True
+            )
             if stats is not None:
                 stats.remove()
                 result["outliers"] = stats.summary()
-            result.update(perplexity=details.perplexity, nll_sum=details.nll_sum,
-                          num_predicted=details.num_predicted, num_tokens=details.num_tokens,
-                          num_windows=details.num_windows, window_nll_sums=list(details.window_nll_sums),
-                          window_num_predicted=list(details.window_num_predicted))
+            result.update(
+                perplexity=details.perplexity,
+                nll_sum=details.nll_sum,
+                num_predicted=details.num_predicted,
+                num_tokens=details.num_tokens,
+                num_windows=details.num_windows,
+                window_nll_sums=list(details.window_nll_sums),
+                window_num_predicted=list(details.window_num_predicted),
+            )
         else:
             stats = _outlier_stats(model, method, job)
             embeddings = _mean_pooled_embeddings(model, tokenizer, fixed_sentences(text, job["sentences"]))
@@ -247,12 +267,21 @@ def fidelity_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if metric not in ours:
             continue
         better = (lambda a, b: a <= b) if metric == "perplexity" else (lambda a, b: a >= b)
-        for other, label in (("bnb-t6", "no worse than bitsandbytes t=6"), ("naive-int8", "better than naive int8"),
-                             ("llmint8-t0", "better than llmint8 t=0")):
+        for other, label in (
+            ("bnb-t6", "no worse than bitsandbytes t=6"),
+            ("naive-int8", "better than naive int8"),
+            ("llmint8-t0", "better than llmint8 t=0"),
+        ):
             if other in methods and metric in methods[other]:
                 a, b = ours[metric], methods[other][metric]
-                check = {"model": model, "target": f"llmint8 t=6 {label}", "metric": metric,
-                         "llmint8_t6": a, "other": b, "pass": bool(better(a, b))}
+                check = {
+                    "model": model,
+                    "target": f"llmint8 t=6 {label}",
+                    "metric": metric,
+                    "llmint8_t6": a,
+                    "other": b,
+                    "pass": bool(better(a, b)),
+                }
                 check.update(paired_window_difference(ours, methods[other]))
                 checks.append(check)
     return checks
@@ -274,8 +303,12 @@ def paired_window_difference(ours: dict[str, Any], other: dict[str, Any]) -> dic
     mean = sum(per_token) / len(per_token)
     variance = sum((d - mean) ** 2 for d in per_token) / (len(per_token) - 1)
     delta = (math.fsum(wa) - math.fsum(wb)) / sum(na)
-    return {"delta_log_ppl": delta, "delta_se": math.sqrt(variance / len(per_token)),
-            "windows_worse": sum(d > 0 for d in per_token), "num_windows": len(per_token)}
+    return {
+        "delta_log_ppl": delta,
+        "delta_se": math.sqrt(variance / len(per_token)),
+        "windows_worse": sum(d > 0 for d in per_token),
+        "num_windows": len(per_token),
+    }
 
 
 def _failure(row: dict[str, Any]) -> str:
@@ -285,8 +318,14 @@ def _failure(row: dict[str, Any]) -> str:
 def render_markdown(data: dict[str, Any]) -> str:
     meta, rows = data["meta"], data["results"]
     settings = data["settings"]
-    out = ["# Quality: llmint8 vs the alternatives\n", f"Command: `{meta['command']}`\n", C.machine_markdown(meta),
-           "", C.kernels_markdown(meta["kernels"]), ""]
+    out = [
+        "# Quality: llmint8 vs the alternatives\n",
+        f"Command: `{meta['command']}`\n",
+        C.machine_markdown(meta),
+        "",
+        C.kernels_markdown(meta["kernels"]),
+        "",
+    ]
     models = []
     for row in rows:
         if row["model"] not in models:
@@ -299,75 +338,153 @@ def render_markdown(data: dict[str, Any]) -> str:
             mt = settings["max_tokens"].get(model)
             first = next((r for r in mrows if "num_tokens" in r), {})
             trimmed = "" if mt == 8192 else f" (trimmed with --max-tokens: {mt}, not the default 8192)"
-            out.append(f"## {label}: perplexity on {settings['text_name']}, first {first.get('num_tokens', mt)} tokens"
-                       f"{trimmed}, {settings['window']}-token windows, batch 1\n")
-            headers = ["method", "dtype", "perplexity", "vs fp32", "footprint MB", "storage MB", "storage vs fp32",
-                       "eval s", "llmint8 kernel"]
+            out.append(
+                f"## {label}: perplexity on {settings['text_name']}, first {first.get('num_tokens', mt)} tokens"
+                f"{trimmed}, {settings['window']}-token windows, batch 1\n"
+            )
+            headers = [
+                "method",
+                "dtype",
+                "perplexity",
+                "vs fp32",
+                "footprint MB",
+                "storage MB",
+                "storage vs fp32",
+                "eval s",
+                "llmint8 kernel",
+            ]
             table = []
             for r in mrows:
                 if r.get("status") != "ok":
                     table.append([r["method"], r.get("dtype", ""), _failure(r), "", "", "", "", "", ""])
                     continue
-                table.append([r["method"] + ("*" if r.get("measured_in") else ""), r["dtype"],
-                              C.fmt(r.get("perplexity"), ".3f"),
-                              C.fmt(r.get("ppl_delta_pct"), "+.2f") + ("%" if "ppl_delta_pct" in r else ""),
-                              C.fmt(r["footprint_bytes"] / C.MB, ".1f"), C.fmt(r["storage_bytes"] / C.MB, ".1f"),
-                              C.fmt(r.get("storage_vs_fp32"), ".3f"), C.fmt(r.get("eval_s"), ".1f"),
-                              C.row_kernel(r)])
+                table.append(
+                    [
+                        r["method"] + ("*" if r.get("measured_in") else ""),
+                        r["dtype"],
+                        C.fmt(r.get("perplexity"), ".3f"),
+                        C.fmt(r.get("ppl_delta_pct"), "+.2f") + ("%" if "ppl_delta_pct" in r else ""),
+                        C.fmt(r["footprint_bytes"] / C.MB, ".1f"),
+                        C.fmt(r["storage_bytes"] / C.MB, ".1f"),
+                        C.fmt(r.get("storage_vs_fp32"), ".3f"),
+                        C.fmt(r.get("eval_s"), ".1f"),
+                        C.row_kernel(r),
+                    ]
+                )
         else:
-            out.append(f"## {label}: cosine similarity to fp32 of mean-pooled embeddings of "
-                       f"{settings['sentences']} fixed sentences of {settings['text_name']}\n")
-            headers = ["method", "dtype", "mean cosine", "min cosine", "footprint MB", "storage MB", "storage vs fp32",
-                       "eval s", "llmint8 kernel"]
+            out.append(
+                f"## {label}: cosine similarity to fp32 of mean-pooled embeddings of "
+                f"{settings['sentences']} fixed sentences of {settings['text_name']}\n"
+            )
+            headers = [
+                "method",
+                "dtype",
+                "mean cosine",
+                "min cosine",
+                "footprint MB",
+                "storage MB",
+                "storage vs fp32",
+                "eval s",
+                "llmint8 kernel",
+            ]
             table = []
             for r in mrows:
                 if r.get("status") != "ok":
                     table.append([r["method"], r.get("dtype", ""), _failure(r), "", "", "", "", "", ""])
                     continue
-                table.append([r["method"] + ("*" if r.get("measured_in") else ""), r["dtype"],
-                              C.fmt(r.get("mean_cosine"), ".6f"),
-                              C.fmt(r.get("min_cosine"), ".6f"), C.fmt(r["footprint_bytes"] / C.MB, ".1f"),
-                              C.fmt(r["storage_bytes"] / C.MB, ".1f"), C.fmt(r.get("storage_vs_fp32"), ".3f"),
-                              C.fmt(r.get("eval_s"), ".1f"), C.row_kernel(r)])
+                table.append(
+                    [
+                        r["method"] + ("*" if r.get("measured_in") else ""),
+                        r["dtype"],
+                        C.fmt(r.get("mean_cosine"), ".6f"),
+                        C.fmt(r.get("min_cosine"), ".6f"),
+                        C.fmt(r["footprint_bytes"] / C.MB, ".1f"),
+                        C.fmt(r["storage_bytes"] / C.MB, ".1f"),
+                        C.fmt(r.get("storage_vs_fp32"), ".3f"),
+                        C.fmt(r.get("eval_s"), ".1f"),
+                        C.row_kernel(r),
+                    ]
+                )
         out += [C.markdown_table(headers, table), ""]
     sources = []
     for r in rows:
         if r.get("measured_in") and r["measured_in"] not in sources:
             sources.append(r["measured_in"])
     for source in sources:
-        out.append(f"\\* measured in an earlier run on the same text slice: `{source['command']}` "
-                   f"({source['date_utc']} UTC)\n")
-    out.append("footprint = `model.get_memory_footprint()` (counts torchao's tensor subclasses at their outer dtype); "
-               "storage = bytes actually held by parameters and buffers (inner tensors of subclasses, bitsandbytes' "
-               "SCB included).\n")
+        out.append(
+            f"\\* measured in an earlier run on the same text slice: `{source['command']}` "
+            f"({source['date_utc']} UTC)\n"
+        )
+    out.append(
+        "footprint = `model.get_memory_footprint()` (counts torchao's tensor subclasses at their outer dtype); "
+        "storage = bytes actually held by parameters and buffers (inner tensors of subclasses, bitsandbytes' "
+        "SCB included).\n"
+    )
     outlier_rows = [r for r in rows if r.get("status") == "ok" and r.get("outliers")]
     if outlier_rows:
         out.append("## Outlier path (llmint8, per Int8Linear, the layer's own threshold)\n")
-        headers = ["model", "method", "int8 layers", "layers with outliers", "outlier values", "mean column fraction",
-                   "max column fraction (layer)", "max abs activation"]
+        headers = [
+            "model",
+            "method",
+            "int8 layers",
+            "layers with outliers",
+            "outlier values",
+            "mean column fraction",
+            "max column fraction (layer)",
+            "max abs activation",
+        ]
         table = []
         for r in outlier_rows:
             o = r["outliers"]
             worst = f" ({o['max_column_fraction_layer']})" if o["max_column_fraction"] > 0 else ""
-            table.append([r["model"], r["method"], o["int8_layers"], o["layers_with_outliers"],
-                          f"{100 * o['value_fraction']:.4f}%", f"{100 * o['mean_column_fraction']:.3f}%",
-                          f"{100 * o['max_column_fraction']:.2f}%{worst}",
-                          f"{o['max_abs']:.1f}"])
-        out += [C.markdown_table(headers, table), "",
-                "Column fraction: share of a layer's input columns holding any |x| >= threshold in a forward pass "
-                "(one window / batch), averaged over passes; these columns go through the floating-point matmul.", ""]
+            table.append(
+                [
+                    r["model"],
+                    r["method"],
+                    o["int8_layers"],
+                    o["layers_with_outliers"],
+                    f"{100 * o['value_fraction']:.4f}%",
+                    f"{100 * o['mean_column_fraction']:.3f}%",
+                    f"{100 * o['max_column_fraction']:.2f}%{worst}",
+                    f"{o['max_abs']:.1f}",
+                ]
+            )
+        out += [
+            C.markdown_table(headers, table),
+            "",
+            "Column fraction: share of a layer's input columns holding any |x| >= threshold in a forward pass "
+            "(one window / batch), averaged over passes; these columns go through the floating-point matmul.",
+            "",
+        ]
     if data["checks"]:
         out.append("## Fidelity targets\n")
         digits = {"perplexity": ".3f", "mean_cosine": ".6f"}
-        table = [[c["model"], c["target"], c["metric"], format(c["llmint8_t6"], digits[c["metric"]]),
-                  format(c["other"], digits[c["metric"]]), _paired_cell(c),
-                  "PASS" if c["pass"] else "FAIL"] for c in data["checks"]]
-        out += [C.markdown_table(["model", "target", "metric", "llmint8 t=6", "other",
-                                  "Δ log-ppl ± SE (windows worse)", "result"], table), ""]
+        table = [
+            [
+                c["model"],
+                c["target"],
+                c["metric"],
+                format(c["llmint8_t6"], digits[c["metric"]]),
+                format(c["other"], digits[c["metric"]]),
+                _paired_cell(c),
+                "PASS" if c["pass"] else "FAIL",
+            ]
+            for c in data["checks"]
+        ]
+        out += [
+            C.markdown_table(
+                ["model", "target", "metric", "llmint8 t=6", "other", "Δ log-ppl ± SE (windows worse)", "result"],
+                table,
+            ),
+            "",
+        ]
         if any("delta_se" in c for c in data["checks"]):
-            out += ["Δ log-ppl = log(ppl llmint8 t=6 / ppl other); SE = standard error of the per-window, per-token "
-                    "NLL differences (same windows for both); windows worse = windows where llmint8 t=6 had the "
-                    "higher NLL. PASS/FAIL compares the perplexities as measured, whatever the SE.", ""]
+            out += [
+                "Δ log-ppl = log(ppl llmint8 t=6 / ppl other); SE = standard error of the per-window, per-token "
+                "NLL differences (same windows for both); windows worse = windows where llmint8 t=6 had the "
+                "higher NLL. PASS/FAIL compares the perplexities as measured, whatever the SE.",
+                "",
+            ]
     if data.get("charts"):
         out.append("Charts: " + ", ".join(f"`{p}`" for p in data["charts"]) + "\n")
     return "\n".join(out)
@@ -376,8 +493,7 @@ def render_markdown(data: dict[str, Any]) -> str:
 def _paired_cell(check: dict[str, Any]) -> str:
     if "delta_se" not in check:
         return ""
-    return (f"{check['delta_log_ppl']:+.5f} ± {check['delta_se']:.5f} "
-            f"({check['windows_worse']}/{check['num_windows']})")
+    return f"{check['delta_log_ppl']:+.5f} ± {check['delta_se']:.5f} ({check['windows_worse']}/{check['num_windows']})"
 
 
 def load_previous(files: list[Path], settings: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -391,17 +507,22 @@ def load_previous(files: list[Path], settings: dict[str, Any]) -> dict[tuple[str
         if not Path(file).is_file():
             raise ValueError(f"--resume-from must name an existing results JSON, got {str(file)!r}")
         old = json.loads(Path(file).read_text())
-        same_text = (old["settings"]["text_sha256"] == settings["text_sha256"]
-                     and old["settings"]["window"] == settings["window"])
+        same_text = (
+            old["settings"]["text_sha256"] == settings["text_sha256"]
+            and old["settings"]["window"] == settings["window"]
+        )
         for row in old.get("results", []):
             if "perplexity" in row:
                 same = same_text and old["settings"]["max_tokens"].get(row["model"]) == settings["max_tokens"].get(
-                    row["model"])
+                    row["model"]
+                )
             else:
                 same = same_text and old["settings"]["sentences"] == settings["sentences"]
             if same and row.get("status") == "ok" and ("perplexity" in row or "mean_cosine" in row):
-                source = row.get("measured_in") or {"command": old["meta"]["command"],
-                                                    "date_utc": old["meta"]["date_utc"]}
+                source = row.get("measured_in") or {
+                    "command": old["meta"]["command"],
+                    "date_utc": old["meta"]["date_utc"],
+                }
                 previous[(row["model"], row["method"])] = {**row, "measured_in": source}
     return previous
 
@@ -428,33 +549,62 @@ def main(argv: list[str] | None = None) -> int:
         _write_outputs(data, argparse.Namespace(out_dir=path.parent, prefix=path.stem, no_plots=False), final=True)
         print(render_markdown(data))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", default="smollm2,qwen,minilm",
-                        help="comma list of smollm2, qwen, minilm or NAME=FOLDER[:causal|encoder]")
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma list of {', '.join(C.BASE_METHODS)}; KEY@bf16 picks a dtype (default: --dtype)")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(C.DTYPES),
-                        help="dtype the quantized methods load and compute in (fp32: the bitsandbytes anchor's)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument(
+        "--models",
+        default="smollm2,qwen,minilm",
+        help="comma list of smollm2, qwen, minilm or NAME=FOLDER[:causal|encoder]",
+    )
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma list of {', '.join(C.BASE_METHODS)}; KEY@bf16 picks a dtype (default: --dtype)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=sorted(C.DTYPES),
+        help="dtype the quantized methods load and compute in (fp32: the bitsandbytes anchor's)",
+    )
     parser.add_argument("--text", default=None, help="text file (default: lee_background.cor from scripts/assets.py)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="perplexity on the first N tokens")
-    parser.add_argument("--max-tokens-for", action="append", default=[], metavar="MODEL=N",
-                        help="per-model override of --max-tokens, e.g. qwen=2048 (repeatable)")
+    parser.add_argument(
+        "--max-tokens-for",
+        action="append",
+        default=[],
+        metavar="MODEL=N",
+        help="per-model override of --max-tokens, e.g. qwen=2048 (repeatable)",
+    )
     parser.add_argument("--window", type=int, default=512, help="perplexity window (tokens, non-overlapping)")
     parser.add_argument("--sentences", type=int, default=NUM_SENTENCES, help="sentences embedded for encoders")
     parser.add_argument("--no-outlier-stats", action="store_true", help="skip the outlier-path hooks")
     parser.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
     parser.add_argument("--prefix", default="quality", help="output file names: PREFIX.json, PREFIX.md, PREFIX_*.png")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep successful rows of an existing PREFIX.json (same text slice)")
-    parser.add_argument("--resume-from", action="append", default=[], type=Path, metavar="JSON",
-                        help="also keep successful rows of this earlier results file (repeatable)")
-    parser.add_argument("--only-resumed", action="store_true",
-                        help="measure nothing new: combine the --resume-from rows, listing the rest as not run")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep successful rows of an existing PREFIX.json (same text slice)"
+    )
+    parser.add_argument(
+        "--resume-from",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="JSON",
+        help="also keep successful rows of this earlier results file (repeatable)",
+    )
+    parser.add_argument(
+        "--only-resumed",
+        action="store_true",
+        help="measure nothing new: combine the --resume-from rows, listing the rest as not run",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per (model, method) job")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every job in this process (smoke tests; no isolation, memory figures shared)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every job in this process (smoke tests; no isolation, memory figures shared)",
+    )
     args = parser.parse_args(argv)
 
     models = C.parse_models(args.models)
@@ -465,8 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     text, text_name = read_text(args.text)
     C.seed_everything()
     settings = {
-        "text_name": text_name, "text_sha256": C.sha256_text(text), "window": args.window,
-        "sentences": args.sentences, "max_tokens": {m.name: max_tokens.get(m.name, max_tokens["*"]) for m in models},
+        "text_name": text_name,
+        "text_sha256": C.sha256_text(text),
+        "window": args.window,
+        "sentences": args.sentences,
+        "max_tokens": {m.name: max_tokens.get(m.name, max_tokens["*"]) for m in models},
         "dtype": args.dtype,
     }
     resume_files = list(args.resume_from)
@@ -475,8 +628,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = load_previous(resume_files, settings)
 
     data: dict[str, Any] = {
-        "meta": C.run_metadata(["scripts/eval_quality.py", *argv]), "settings": settings,
-        "model_labels": {m.name: m.label for m in models}, "results": [], "checks": [], "charts": [],
+        "meta": C.run_metadata(["scripts/eval_quality.py", *argv]),
+        "settings": settings,
+        "model_labels": {m.name: m.label for m in models},
+        "results": [],
+        "checks": [],
+        "charts": [],
     }
     from tqdm.auto import tqdm
 
@@ -488,13 +645,25 @@ def main(argv: list[str] | None = None) -> int:
         if key in previous and (spec.kind == "causal" or all((spec.name, m.key) in previous for m in methods)):
             row = dict(previous[key])
         elif args.only_resumed:
-            row = {"model": spec.name, "method": method.key, "dtype": method.dtype, "status": "not run",
-                   "error": "not measured in this evaluation (--only-resumed: no earlier result)"}
+            row = {
+                "model": spec.name,
+                "method": method.key,
+                "dtype": method.dtype,
+                "status": "not run",
+                "error": "not measured in this evaluation (--only-resumed: no earlier result)",
+            }
         else:
             model_arg = C.model_arg(spec)
-            job = {"model_arg": model_arg, "method": method.key, "text": args.text,
-                   "max_tokens": settings["max_tokens"][spec.name], "window": args.window,
-                   "sentences": args.sentences, "no_outlier_stats": args.no_outlier_stats, "env": method.worker_env}
+            job = {
+                "model_arg": model_arg,
+                "method": method.key,
+                "text": args.text,
+                "max_tokens": settings["max_tokens"][spec.name],
+                "window": args.window,
+                "sentences": args.sentences,
+                "no_outlier_stats": args.no_outlier_stats,
+                "env": method.worker_env,
+            }
             row = C.run_worker(SCRIPT, job, args.timeout, worker if args.in_process else None)
             row.setdefault("model", spec.name)
             row.setdefault("method", method.key)
@@ -519,8 +688,10 @@ def _write_outputs(data: dict[str, Any], args, final: bool) -> None:
     if final and not args.no_plots:
         import plots
 
-        data["charts"] = [str(p.relative_to(C.REPO) if p.is_relative_to(C.REPO) else p)
-                          for p in plots.plot_quality(data, args.out_dir, args.prefix)]
+        data["charts"] = [
+            str(p.relative_to(C.REPO) if p.is_relative_to(C.REPO) else p)
+            for p in plots.plot_quality(data, args.out_dir, args.prefix)
+        ]
     public = {**data, "results": [{k: v for k, v in r.items() if k != "embeddings"} for r in rows]}
     C.write_json(args.out_dir / f"{args.prefix}.json", public)
     (args.out_dir / f"{args.prefix}.md").write_text(render_markdown(public) + "\n")

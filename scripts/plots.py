@@ -90,8 +90,17 @@ def plot_quality(data: dict[str, Any], out_dir: Path, prefix: str = "quality") -
             if y is None:
                 continue
             x = r["storage_bytes"] / 1e6
-            ax.scatter(x, max(y, 1e-9), s=80, color=_color(r["method"]), marker=_marker(r["method"]),
-                       edgecolor="black", linewidth=0.6, zorder=3, label=f"{r['method']} ({x:.0f} MB, {y:.4g})")
+            ax.scatter(
+                x,
+                max(y, 1e-9),
+                s=80,
+                color=_color(r["method"]),
+                marker=_marker(r["method"]),
+                edgecolor="black",
+                linewidth=0.6,
+                zorder=3,
+                label=f"{r['method']} ({x:.0f} MB, {y:.4g})",
+            )
         ax.set_xlabel("model storage (MB, bytes actually held)")
         if causal:
             ax.set_ylabel("perplexity (lower is better)")
@@ -139,14 +148,27 @@ def plot_quality(data: dict[str, Any], out_dir: Path, prefix: str = "quality") -
     return paths
 
 
-SPEED_METRICS = (("prefill_tps", "prefill tokens/s"), ("decode_b1_tps", "decode tokens/s, batch 1"),
-                 ("decode_b8_tps", "decode tokens/s, batch 8"))
-MEMORY_METRICS = (("peak_rss_load_bytes", "peak RSS while loading"), ("footprint_bytes", "get_memory_footprint()"),
-                  ("storage_bytes", "storage held"))
+SPEED_METRICS = (
+    ("prefill_tps", "prefill tokens/s"),
+    ("decode_b1_tps", "decode tokens/s, batch 1"),
+    ("decode_b8_tps", "decode tokens/s, batch 8"),
+)
+MEMORY_METRICS = (
+    ("peak_rss_load_bytes", "peak RSS while loading"),
+    ("footprint_bytes", "get_memory_footprint()"),
+    ("storage_bytes", "storage held"),
+)
 
 
-def _barh(ax, rows: list[dict[str, Any]], key: str, title: str, ratio_to: dict[str, Any] | None, scale: float = 1.0,
-          unit: str = "") -> None:
+def _barh(
+    ax,
+    rows: list[dict[str, Any]],
+    key: str,
+    title: str,
+    ratio_to: dict[str, Any] | None,
+    scale: float = 1.0,
+    unit: str = "",
+) -> None:
     shown = [r for r in rows if r.get("status") == "ok" and r.get(key) is not None]
     names = [r["method"] for r in shown]
     values = [r[key] / scale for r in shown]
@@ -174,10 +196,13 @@ def plot_bench(data: dict[str, Any], out_dir: Path, prefix: str = "bench") -> li
 
     speed_models = [m for m in models if any(r.get("prefill_tps") for r in rows if r["model"] == m)]
     if speed_models:
-        fig, axes = plt.subplots(len(speed_models), len(SPEED_METRICS),
-                                 figsize=(5.2 * len(SPEED_METRICS), 0.45 * 10 + 1.2), squeeze=False)
-        fig.set_figheight(max(3.2, 0.35 * max(len([r for r in rows if r["model"] == m]) for m in speed_models) + 1.5)
-                          * len(speed_models))
+        fig, axes = plt.subplots(
+            len(speed_models), len(SPEED_METRICS), figsize=(5.2 * len(SPEED_METRICS), 0.45 * 10 + 1.2), squeeze=False
+        )
+        fig.set_figheight(
+            max(3.2, 0.35 * max(len([r for r in rows if r["model"] == m]) for m in speed_models) + 1.5)
+            * len(speed_models)
+        )
         for row_axes, model in zip(axes, speed_models, strict=True):
             mrows = [r for r in rows if r["model"] == model]
             bf16 = next((r for r in mrows if r["method"] == "bf16" and r.get("status") == "ok"), None)
@@ -190,10 +215,10 @@ def plot_bench(data: dict[str, Any], out_dir: Path, prefix: str = "bench") -> li
         plt.close(fig)
         paths.append(path)
 
-    fig, axes = plt.subplots(len(models), len(MEMORY_METRICS), figsize=(5.2 * len(MEMORY_METRICS), 3.5),
-                             squeeze=False)
-    fig.set_figheight(max(3.2, 0.35 * max(len([r for r in rows if r["model"] == m]) for m in models) + 1.5)
-                      * len(models))
+    fig, axes = plt.subplots(len(models), len(MEMORY_METRICS), figsize=(5.2 * len(MEMORY_METRICS), 3.5), squeeze=False)
+    fig.set_figheight(
+        max(3.2, 0.35 * max(len([r for r in rows if r["model"] == m]) for m in models) + 1.5) * len(models)
+    )
     for row_axes, model in zip(axes, models, strict=True):
         mrows = [r for r in rows if r["model"] == model]
         for ax, (key, title) in zip(row_axes, MEMORY_METRICS, strict=True):
@@ -220,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(name)
         data = json.loads(path.read_text())
         prefix = path.stem
-        kind = data.get("kind") or ("bench" if any("prefill_tps" in r or "peak_rss_load_bytes" in r
-                                                    for r in data["results"]) else "quality")
+        kind = data.get("kind") or (
+            "bench" if any("prefill_tps" in r or "peak_rss_load_bytes" in r for r in data["results"]) else "quality"
+        )
         drawn = plot_bench(data, path.parent, prefix) if kind == "bench" else plot_quality(data, path.parent, prefix)
         for p in drawn:
             print(p)

@@ -219,8 +219,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 def render(r: dict[str, Any]) -> str:
     step = r["step_s"]
     lines = [
-        f"# One decode step: {r['model']}, {r['method']}"
-        + (", int8 output head" if r["quantize_lm_head"] else ""),
+        f"# One decode step: {r['model']}, {r['method']}" + (", int8 output head" if r["quantize_lm_head"] else ""),
         "",
         C.machine_markdown(r["meta"]),
         "",
@@ -237,8 +236,7 @@ def render(r: dict[str, Any]) -> str:
     rows = [[k, f"{v / 1e6:.1f}", f"{v / bw * 1e3:.2f}"] for k, v in nb.items()]
     rows.append(["total", f"{sum(nb.values()) / 1e6:.1f}", f"{r['weight_read_bound_s'] * 1e3:.2f}"])
     lines += [
-        f"Weight bytes one step reads, and their read time at {bw / 1e9:.1f} GB/s ({r['bandwidth_probe']}, "
-        "same run):",
+        f"Weight bytes one step reads, and their read time at {bw / 1e9:.1f} GB/s ({r['bandwidth_probe']}, same run):",
         "",
         C.markdown_table(["weights", "MB", "ms at read bandwidth"], rows),
         "",

@@ -140,8 +140,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes | dict | list = b"", headers: dict[str, str] | None = None,
-              head: bool = False) -> None:
+    def _send(
+        self, status: int, body: bytes | dict | list = b"", headers: dict[str, str] | None = None, head: bool = False
+    ) -> None:
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
@@ -223,8 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
                 hub.repos[repo_id] = Repo(repo_id, private)
         url = f"{self.server_state.endpoint}/{repo_id}"
         if exists:  # like the Hub, the conflict still says where the repo is (the client reads it with exist_ok)
-            self._send(409, {"error": "You already created this model repo", "url": url},
-                       {"X-Error-Message": "You already created this model repo"})
+            self._send(
+                409,
+                {"error": "You already created this model repo", "url": url},
+                {"X-Error-Message": "You already created this model repo"},
+            )
             return
         self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
@@ -261,8 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
             lfs = entry["size"] >= LFS_SIZE_LIMIT or b"\0" in sample
             old = existing.get(entry["path"])
             oid = None if old is None else (old.sha256 if old.lfs else old.git_oid)
-            files.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                          "oid": oid})
+            files.append(
+                {"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         self._send(200, {"files": files, "commitOid": state[0] if state else None})
 
     def lfs_batch(self, repo: str) -> None:
@@ -277,11 +282,16 @@ class _Handler(BaseHTTPRequestHandler):
             entry = {"oid": obj["oid"], "size": obj["size"]}
             if obj["oid"] not in self.server_state.lfs_objects:
                 base = self.server_state.endpoint
-                entry["actions"] = {"upload": {"href": f"{base}/_lfs/{obj['oid']}?size={obj['size']}"},
-                                    "verify": {"href": f"{base}/_lfs/verify"}}
+                entry["actions"] = {
+                    "upload": {"href": f"{base}/_lfs/{obj['oid']}?size={obj['size']}"},
+                    "verify": {"href": f"{base}/_lfs/verify"},
+                }
             objects.append(entry)
-        self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                   {"Content-Type": "application/vnd.git-lfs+json"})
+        self._send(
+            200,
+            {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+            {"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def lfs_put(self, oid: str) -> None:
         data = self._body()
@@ -346,8 +356,10 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server_state.lock:
             found.commits.append((sha, files))
         base = self.server_state.endpoint
-        self._send(200, {"commitUrl": f"{base}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None,
-                         "success": True})
+        self._send(
+            200,
+            {"commitUrl": f"{base}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None, "success": True},
+        )
 
     def resolve(self, repo: str, rev: str, path: str, head: bool = False) -> None:
         found = self._repo(repo, head=head)
@@ -363,8 +375,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound", f"{path} does not exist at {rev}", head=head)
             return
         data = stored.data
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{stored.git_oid}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{stored.git_oid}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if stored.lfs:
             headers.update({"X-Linked-Etag": f'"{stored.sha256}"', "X-Linked-Size": str(len(data))})
         status = 200
@@ -372,7 +388,7 @@ class _Handler(BaseHTTPRequestHandler):
         if ranged and not head:
             start = int(ranged.group(1))
             end = int(ranged.group(2)) if ranged.group(2) else len(data) - 1
-            data, status = data[start:end + 1], 206
+            data, status = data[start : end + 1], 206
             headers["Content-Range"] = f"bytes {start}-{start + len(data) - 1}/{len(stored.data)}"
         headers["Content-Length"] = str(len(data))
         self._send(status, data, headers, head=head)
@@ -386,8 +402,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RevisionNotFound", f"Revision {rev} not found")
             return
         sha, files = state
-        self._send(200, {"id": repo, "modelId": repo, "sha": sha, "private": found.private, "tags": [],
-                         "siblings": [{"rfilename": p} for p in sorted(files)], "author": repo.split("/")[0]})
+        self._send(
+            200,
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": sha,
+                "private": found.private,
+                "tags": [],
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+                "author": repo.split("/")[0],
+            },
+        )
 
     def tree(self, repo: str, rev: str, sub: str | None = None) -> None:
         found = self._repo(repo)
@@ -417,8 +443,11 @@ _ROUTES = [
     ("PUT", r"/_lfs/(?P<oid>[0-9a-f]{64})", _Handler.lfs_put),
     ("POST", r"/_lfs/verify", _Handler.lfs_verify),
     ("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", _Handler.resolve),
-    ("HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)",
-     lambda self, **kw: _Handler.resolve(self, head=True, **kw)),
+    (
+        "HEAD",
+        rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)",
+        lambda self, **kw: _Handler.resolve(self, head=True, **kw),
+    ),
     ("GET", rf"/api/models/{_REPO}", _Handler.model_info),
     ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)", _Handler.model_info),
     ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.+))?", _Handler.tree),

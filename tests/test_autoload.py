@@ -22,8 +22,9 @@ PROBE = (
 def _python(code: str, **env: str) -> dict:
     full = {k: v for k, v in os.environ.items() if k != "HF_INT8_NO_AUTOLOAD"}
     full.update(env, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -55,6 +56,8 @@ def test_registration_happens_whatever_is_imported_first(first):
 
 
 def test_transformers_alone_does_not_import_peft_support():
-    out = _python("import json, sys, transformers.quantizers.auto; "
-                  "print(json.dumps({'hf_int8': 'hf_int8' in sys.modules, 'peft': 'hf_int8.peft' in sys.modules}))")
+    out = _python(
+        "import json, sys, transformers.quantizers.auto; "
+        "print(json.dumps({'hf_int8': 'hf_int8' in sys.modules, 'peft': 'hf_int8.peft' in sys.modules}))"
+    )
     assert out == {"hf_int8": True, "peft": False}

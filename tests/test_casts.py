@@ -224,8 +224,10 @@ def _first_int8(model: nn.Module) -> Int8Linear:
 
 
 TAMPERING = {
-    "weight as fp16": (lambda layer: setattr(layer.weight, "data", layer.weight.data.half()),
-                       "must be int8, got torch.float16"),
+    "weight as fp16": (
+        lambda layer: setattr(layer.weight, "data", layer.weight.data.half()),
+        "must be int8, got torch.float16",
+    ),
     "weight transposed": (lambda layer: setattr(layer.weight, "data", layer.weight.data.t().contiguous()), "shape"),
     "scale as bf16": (lambda layer: setattr(layer, "weight_scale", layer.weight_scale.bfloat16()), "float32"),
     "scale as fp64": (lambda layer: setattr(layer, "weight_scale", layer.weight_scale.double()), "float32"),

@@ -109,8 +109,9 @@ def test_inspect_reports_memory_and_outliers(quantized, tmp_path, capsys):
 def test_inspect_text_file_and_float_checkpoint(fp_path, tmp_path, capsys):
     text = tmp_path / "sample.txt"
     text.write_text("the members agreed to delay two building projects . " * 20)
-    code, out, _ = _run(["inspect", str(fp_path), "--text", str(text), "--max-tokens", "64", "--threshold", "0"],
-                        capsys)
+    code, out, _ = _run(
+        ["inspect", str(fp_path), "--text", str(text), "--max-tokens", "64", "--threshold", "0"], capsys
+    )
     assert code == 0
     assert "quantized on load (threshold 0.0)" in out and "outlier statistics on 64 tokens (--text" in out
     assert "0 of 14 int8 layers had outlier columns" in out  # threshold 0: no outlier path at all
@@ -159,6 +160,5 @@ def test_console_script_is_declared_and_runs():
     assert scripts.get("hf-int8") == "hf_int8.cli:main"
     executable = Path(sys.executable).with_name("hf-int8")  # installed by `pip install -e .` (make test does it)
     command = [str(executable)] if executable.exists() else [sys.executable, "-m", "hf_int8.cli"]
-    proc = subprocess.run([*command, "convert", "--to", "gguf", "a", "b"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([*command, "convert", "--to", "gguf", "a", "b"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "invalid choice: 'gguf'" in proc.stderr and "usage: hf-int8" in proc.stderr

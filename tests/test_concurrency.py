@@ -26,8 +26,14 @@ ROUNDS = 2
 
 def _config(seed_hidden: int = 64) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=128, hidden_size=seed_hidden, intermediate_size=seed_hidden + 32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=128,
+        vocab_size=128,
+        hidden_size=seed_hidden,
+        intermediate_size=seed_hidden + 32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=128,
     )
 
 
@@ -144,6 +150,7 @@ def test_forward_and_generate_mixed_with_training_style_backward(shared_model):
     trainer = threading.Thread(target=backward_loop)
     trainer.start()
     try:
+
         def forward(ids):
             with torch.no_grad():
                 return shared_model(ids).logits

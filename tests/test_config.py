@@ -56,7 +56,10 @@ def test_round_trips():
     cfg = Int8Config(threshold=4.5, skip_modules=["mlp.down_proj"])
     as_dict = cfg.to_dict()
     assert as_dict == {
-        "quant_method": "llmint8", "threshold": 4.5, "skip_modules": ["mlp.down_proj"], "format_version": 1,
+        "quant_method": "llmint8",
+        "threshold": 4.5,
+        "skip_modules": ["mlp.down_proj"],
+        "format_version": 1,
     }
     assert Int8Config.from_dict(as_dict) == cfg
     assert Int8Config.from_dict(json.loads(cfg.to_json_string())) == cfg

@@ -333,8 +333,9 @@ def check_argv(parser: argparse.ArgumentParser, args: list[str], what: str) -> l
         i += 1
         if token.startswith("-") and token != "-":
             name = token.split("=", 1)[0]
-            action = next((p._option_string_actions[name] for p in reversed(chain)
-                           if name in p._option_string_actions), None)
+            action = next(
+                (p._option_string_actions[name] for p in reversed(chain) if name in p._option_string_actions), None
+            )
             if action is None:
                 problems.append(f"{what}: unknown option {name!r}")
                 continue
@@ -480,15 +481,21 @@ def test_readme_is_a_front_door() -> None:
 
 
 # Words about how hf_int8 was developed, not about the product: user documentation gives the reason and the figure.
-PROCESS_WORDS_RE = re.compile(r"\bissues? \d+|\bissue-\d+|\bthis VM\b|(?-i:\bNOTES\b)|\b(?:this|previous|last) stop\b|"
-                              r"\bsessions?\b", re.IGNORECASE)
+PROCESS_WORDS_RE = re.compile(
+    r"\bissues? \d+|\bissue-\d+|\bthis VM\b|(?-i:\bNOTES\b)|\b(?:this|previous|last) stop\b|"
+    r"\bsessions?\b",
+    re.IGNORECASE,
+)
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=_ids(DOC_FILES))
 def test_no_process_words(path: Path) -> None:
     lines = path.read_text(encoding="utf-8").split("\n")
-    found = [f"{path.name}:{number}: {m.group(0)!r}" for number, line in enumerate(lines, 1)
-             for m in PROCESS_WORDS_RE.finditer(line)]
+    found = [
+        f"{path.name}:{number}: {m.group(0)!r}"
+        for number, line in enumerate(lines, 1)
+        for m in PROCESS_WORDS_RE.finditer(line)
+    ]
     assert not found, "\n".join(found)
 
 
@@ -509,8 +516,9 @@ _PAGES_WITH_PYTHON = [p for p in DOC_FILES if any(b.lang == "python" for b in co
 
 
 @pytest.mark.parametrize("path", _PAGES_WITH_PYTHON, ids=_ids(_PAGES_WITH_PYTHON))
-def test_python_snippets_run(path: Path, smollm2_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_python_snippets_run(
+    path: Path, smollm2_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
 
     blocks = [b for b in code_blocks(path.read_text(encoding="utf-8"), path) if b.lang == "python"]
@@ -562,8 +570,10 @@ def test_a_snippet_with_a_syntax_error_fails_even_when_opted_out(tmp_path: Path)
 
 
 def test_opt_outs_need_a_reason_and_are_reported(tmp_path: Path) -> None:
-    path, text = _doc(tmp_path, "```python\n# not run by tests/test_docs.py: uploads\nraise SystemError\n```\n"
-                                "```python\nvalue = 2\n```\n")
+    path, text = _doc(
+        tmp_path,
+        "```python\n# not run by tests/test_docs.py: uploads\nraise SystemError\n```\n```python\nvalue = 2\n```\n",
+    )
     skipped = run_python_blocks(code_blocks(text, path), {})
     assert [(b.line, reason) for b, reason in skipped] == [(2, "uploads")]
     path, text = _doc(tmp_path, "```python\n# not run by tests/test_docs.py:\nraise SystemError\n```\n")
@@ -582,12 +592,16 @@ def test_the_hub_id_is_replaced_by_the_local_folder(tmp_path: Path) -> None:
 def test_dead_links_and_anchors_are_found(tmp_path: Path) -> None:
     (tmp_path / "other.md").write_text("# Other\n\n## A `code` heading, with punctuation!\n\n## Twice\n\n## Twice\n")
     (tmp_path / "chart.png").write_bytes(b"\x89PNG")
-    good = ("[ok](other.md) [ok](other.md#a-code-heading-with-punctuation) [ok](other.md#twice-1) ![ok](chart.png)\n"
-            "[self](#page) [web](https://example.invalid/x) `[not a link](missing.md)`\n\n# Page\n")
+    good = (
+        "[ok](other.md) [ok](other.md#a-code-heading-with-punctuation) [ok](other.md#twice-1) ![ok](chart.png)\n"
+        "[self](#page) [web](https://example.invalid/x) `[not a link](missing.md)`\n\n# Page\n"
+    )
     path, text = _doc(tmp_path, good)
     assert check_links(path, text) == []
-    bad = ("# Page\n[dead](missing.md)\n![dead image](missing.png)\n[dead anchor](other.md#nowhere)\n"
-           '<img src="gone.png">\n[bad self](#not-here)\n')
+    bad = (
+        "# Page\n[dead](missing.md)\n![dead image](missing.png)\n[dead anchor](other.md#nowhere)\n"
+        '<img src="gone.png">\n[bad self](#not-here)\n'
+    )
     path, text = _doc(tmp_path, bad)
     problems = check_links(path, text)
     assert len(problems) == 5, problems
@@ -597,7 +611,7 @@ def test_dead_links_and_anchors_are_found(tmp_path: Path) -> None:
 
 def test_commands_that_do_not_exist_are_found() -> None:
     good = [
-        "make test PYTEST_ARGS=\"-k kernels\"",
+        'make test PYTEST_ARGS="-k kernels"',
         "make demo MODEL=/path/to/model",
         "python scripts/bench_linear.py --quick --json out.json",
         "hf-int8 --quiet quantize src out --threshold 6.0 --skip down_proj o_proj --overwrite",
@@ -625,8 +639,10 @@ def test_commands_that_do_not_exist_are_found() -> None:
 
 
 def test_commands_are_found_in_blocks_and_inline_code(tmp_path: Path) -> None:
-    text = ("Run `make test` or `make frob`, not `other thing`.\n\n```bash\n# a comment\nmake build && \\\n"
-            "  make lint\n```\n\n```\n$ make demo\noutput line\n```\n")
+    text = (
+        "Run `make test` or `make frob`, not `other thing`.\n\n```bash\n# a comment\nmake build && \\\n"
+        "  make lint\n```\n\n```\n$ make demo\noutput line\n```\n"
+    )
     path, text = _doc(tmp_path, text)
     commands = [cmd for _, cmd in commands_of(path, text)]
     assert commands == ["make build && make lint", "make demo", "make test", "make frob"]

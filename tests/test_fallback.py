@@ -157,8 +157,11 @@ def test_arch_mismatch_serves_the_device_from_the_reference_with_one_warning(cpu
         "Int8Linear": ref.int8_linear(x, layer.weight, layer.weight_scale, layer.bias, layer.threshold),
     }
     for name, value in want.items():
-        for g_part, w_part in zip(got[name] if isinstance(got[name], tuple) else (got[name],),
-                                  value if isinstance(value, tuple) else (value,), strict=True):
+        for g_part, w_part in zip(
+            got[name] if isinstance(got[name], tuple) else (got[name],),
+            value if isinstance(value, tuple) else (value,),
+            strict=True,
+        ):
             assert torch.equal(g_part, w_part), name
     for op in ops.OP_NAMES:
         assert impl[f"{op}[cpu]"].startswith("reference (fallback: cpu has compute capability 7.5"), impl[f"{op}[cpu]"]
@@ -262,7 +265,11 @@ def _run_self_check_script(broken: str, skip: bool) -> dict:
     if skip:
         env[_health.SKIP_SELF_CHECK_ENV] = "1"
     done = subprocess.run(
-        [sys.executable, "-c", SELF_CHECK_SCRIPT, broken], capture_output=True, text=True, env=env, cwd=ROOT,
+        [sys.executable, "-c", SELF_CHECK_SCRIPT, broken],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr

@@ -45,9 +45,16 @@ def hub():
 def _client_env(hub: HubServer, home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env.update(
-        HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(home), HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
-        HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-        NO_PROXY="127.0.0.1,localhost", PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        HF_ENDPOINT=hub.endpoint,
+        HF_TOKEN=TOKEN,
+        HF_HOME=str(home),
+        HF_HUB_OFFLINE="0",
+        TRANSFORMERS_OFFLINE="0",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        NO_PROXY="127.0.0.1,localhost",
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
     )
     return env
 
@@ -55,8 +62,7 @@ def _client_env(hub: HubServer, home: Path) -> dict[str, str]:
 def _run(script: str, args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
     path = tmp_path / "script.py"
     path.write_text(textwrap.dedent(script))
-    return subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 CLIENT = """

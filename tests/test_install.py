@@ -127,8 +127,15 @@ def _setup_py(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """``python setup.py --version`` (decides what to build, compiles nothing) with ``env`` added."""
     full = {k: v for k, v in os.environ.items() if k not in ("HF_INT8_BUILD_CUDA", "HF_INT8_BUILD_NATIVE")}
     full.update(env)
-    return subprocess.run([sys.executable, str(ROOT / "setup.py"), "--version"], cwd=tmp_path, env=full,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "setup.py"), "--version"],
+        cwd=tmp_path,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_setup_py_skips_cuda_with_one_clear_line_for_a_headerless_toolkit(tmp_path):
@@ -152,8 +159,10 @@ def test_version_is_written_once():
     assert done.stdout.strip().splitlines()[-1] == hf_int8.__version__
     project = (ROOT / "pyproject.toml").read_text().split("\n[project]\n", 1)[1].split("\n[", 1)[0]
     assert not re.search(r"(?m)^version\s*=", project) and re.search(r'(?m)^dynamic = \["version"\]', project)
-    assert "Apache License" in (ROOT / "LICENSE").read_text() and 'license = "Apache-2.0"' in (
-        ROOT / "pyproject.toml").read_text()
+    assert (
+        "Apache License" in (ROOT / "LICENSE").read_text()
+        and 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+    )
 
 
 # ---- the fresh virtualenv -------------------------------------------------------------------------------------
@@ -162,8 +171,9 @@ def _local_torch_wheel() -> str | None:
     if os.environ.get("HF_INT8_TEST_TORCH_WHEEL"):
         return os.environ["HF_INT8_TEST_TORCH_WHEEL"]
     folders = os.environ.get("PIP_FIND_LINKS", "").split()
-    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                            check=False).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    ).stdout
     for line in listed.splitlines():
         if "find-links" in line:
             folders += line.split("=", 1)[1].strip("'\" ").split()
@@ -178,15 +188,26 @@ def _local_torch_wheel() -> str | None:
 
 def _venv_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "HF_INT8_NO_AUTOLOAD")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
-               MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)),
+    )
     return env
 
 
 def _run(cmd: list, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
     started = time.monotonic()
-    done = subprocess.run([str(c) for c in cmd], env=kwargs.pop("env", _venv_env()), capture_output=True, text=True,
-                          timeout=timeout, check=False, **kwargs)
+    done = subprocess.run(
+        [str(c) for c in cmd],
+        env=kwargs.pop("env", _venv_env()),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kwargs,
+    )
     print(f"[{time.monotonic() - started:6.1f} s] {' '.join(map(str, cmd))[:160]}")
     assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done
@@ -194,8 +215,16 @@ def _run(cmd: list, timeout: float = 900, **kwargs) -> subprocess.CompletedProce
 
 def _source_copy(dest: Path) -> Path:
     """The checkout's files (tracked and new, not ignored), so that building leaves the working tree alone."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -233,16 +262,30 @@ def fresh_venv(tmp_path_factory):
     _run([py, "-m", "pip", "install", "-q", wheel_file])
     timings["install wheel + deps"] = time.monotonic() - started
     print("fresh venv timings (s):", {k: round(v, 1) for k, v in timings.items()})
-    return {"root": root, "py": py, "sdist": sdist, "wheel": wheel_file, "build_log": built.stdout + built.stderr,
-            "torch": torch_spec}
+    return {
+        "root": root,
+        "py": py,
+        "sdist": sdist,
+        "wheel": wheel_file,
+        "build_log": built.stdout + built.stderr,
+        "torch": torch_spec,
+    }
 
 
 @pytest.mark.slow
 def test_sdist_and_wheel_hold_what_an_install_needs(fresh_venv):
     with tarfile.open(fresh_venv["sdist"]) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    for needed in ("setup.py", "setup_helpers.py", "pyproject.toml", "LICENSE", "hf_int8_autoload.py",
-                   "csrc/include/hf_int8/quant_math.h", "csrc/cpu/module.cpp", "hf_int8/__init__.py"):
+    for needed in (
+        "setup.py",
+        "setup_helpers.py",
+        "pyproject.toml",
+        "LICENSE",
+        "hf_int8_autoload.py",
+        "csrc/include/hf_int8/quant_math.h",
+        "csrc/cpu/module.cpp",
+        "hf_int8/__init__.py",
+    ):
         assert needed in names, needed
     with zipfile.ZipFile(fresh_venv["wheel"]) as whl:
         names = set(whl.namelist())
@@ -279,10 +322,14 @@ def test_fresh_venv_loads_native_kernels_and_llmint8_without_import(fresh_venv, 
 
     fp = save_fp_model(tmp_path / "fp")
     AutoModelForCausalLM.from_pretrained(fp, quantization_config=Int8Config(), dtype=torch.float32).save_pretrained(
-        tmp_path / "int8")
+        tmp_path / "int8"
+    )
     (tmp_path / "smoke.py").write_text(SMOKE)
-    out = json.loads(_run([fresh_venv["py"], tmp_path / "smoke.py", tmp_path / "int8"], cwd=tmp_path)
-                     .stdout.strip().splitlines()[-1])
+    out = json.loads(
+        _run([fresh_venv["py"], tmp_path / "smoke.py", tmp_path / "int8"], cwd=tmp_path)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     print(out)
     assert out["heavy_at_start"] == []
     assert out["layer"] == "Int8Linear"

@@ -128,14 +128,17 @@ def test_llmint8_and_bnb_models_agree_numerically(folders):
     """Same checkpoint, two LLM.int8() implementations on CPU: both close to fp16, and to each other."""
     fp = AutoModelForCausalLM.from_pretrained(folders["fp"], dtype=torch.float32)
     ours = AutoModelForCausalLM.from_pretrained(folders["llmint8"], dtype=torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(interop.convert(folders["llmint8"], folders["root"] / "agree",
-                                                                  "bnb").output, device_map="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(
+        interop.convert(folders["llmint8"], folders["root"] / "agree", "bnb").output, device_map="cpu"
+    )
     with torch.no_grad():
         ref, a, b = fp(IDS).logits, ours(IDS).logits, theirs(IDS).logits.float()
     rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
     assert rel(a, ref) < 0.02 and rel(b, ref) < 0.02 and rel(a, b) < 0.02, (rel(a, ref), rel(b, ref), rel(a, b))
-    print(f"\nlogits relative error: llmint8 vs fp16 {rel(a, ref):.2e}, converted-to-bnb vs fp16 {rel(b, ref):.2e}, "
-          f"llmint8 vs bnb {rel(a, b):.2e}")
+    print(
+        f"\nlogits relative error: llmint8 vs fp16 {rel(a, ref):.2e}, converted-to-bnb vs fp16 {rel(b, ref):.2e}, "
+        f"llmint8 vs bnb {rel(a, b):.2e}"
+    )
 
 
 def test_round_trips(folders):
@@ -167,8 +170,9 @@ def test_scale_conversion_exactness():
 def test_skip_modules_survive_both_directions(tmp_path):
     tokenizer = tiny_tokenizer()
     fp = save_fp_model(tmp_path / "fp", config=llama_config(len(tokenizer)), dtype=torch.float16)
-    model = AutoModelForCausalLM.from_pretrained(fp, quantization_config=Int8Config(skip_modules=["down_proj"]),
-                                                 dtype=torch.float16)
+    model = AutoModelForCausalLM.from_pretrained(
+        fp, quantization_config=Int8Config(skip_modules=["down_proj"]), dtype=torch.float16
+    )
     model.save_pretrained(tmp_path / "q")
     interop.convert(tmp_path / "q", tmp_path / "b", "bnb")
     skip = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
@@ -180,7 +184,8 @@ def test_skip_modules_survive_both_directions(tmp_path):
     # bitsandbytes with a user skip list quantizes lm_head too (its list replaces the defaults); llmint8 keeps the
     # output head in floating point, so the converter dequantizes it and says so.
     theirs = AutoModelForCausalLM.from_pretrained(
-        fp, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["mlp.down_proj"]),
+        fp,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["mlp.down_proj"]),
         device_map="cpu",
     )
     assert isinstance(theirs.lm_head, bnb.nn.Linear8bitLt)
@@ -226,11 +231,13 @@ def test_gpt2_conv1d_layers_convert_both_ways(tmp_path):
     fp = save_fp_model(tmp_path / "fp", config=gpt2_config(len(tokenizer)), dtype=torch.float16, outlier_scale=20.0)
     ours = AutoModelForCausalLM.from_pretrained(fp, quantization_config=Int8Config(), dtype=torch.float16)
     ours.save_pretrained(tmp_path / "q")
-    theirs = AutoModelForCausalLM.from_pretrained(fp, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                  device_map="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(
+        fp, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+    )
     theirs.save_pretrained(tmp_path / "b")
-    as_bnb = AutoModelForCausalLM.from_pretrained(interop.convert(tmp_path / "q", tmp_path / "qb", "bnb").output,
-                                                  device_map="cpu")
+    as_bnb = AutoModelForCausalLM.from_pretrained(
+        interop.convert(tmp_path / "q", tmp_path / "qb", "bnb").output, device_map="cpu"
+    )
     as_int8 = AutoModelForCausalLM.from_pretrained(
         interop.convert(tmp_path / "b", tmp_path / "bq", "llmint8").output, dtype=torch.float16
     )

@@ -130,8 +130,6 @@ def _weight(n: int, k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return ref.quantize_weight(w)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Exact parts: int32 accumulators, codes, scales, masks.
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,8 +191,12 @@ def test_int8_scaled_matmul(target, m, k, n):
     for out_dtype in DTYPES:
         for bias in (torch.randn(n, generator=_gen(8)), None):
             got = ops.int8_scaled_matmul(
-                a.to(device), b.to(device), row_scale.to(device), col_scale.to(device),
-                None if bias is None else bias.to(device), out_dtype,
+                a.to(device),
+                b.to(device),
+                row_scale.to(device),
+                col_scale.to(device),
+                None if bias is None else bias.to(device),
+                out_dtype,
             ).cpu()
             want = ref.int8_scaled_matmul(a, b, row_scale, col_scale, bias, out_dtype)
             mag = acc if bias is None else acc + bias.double().abs()

@@ -34,8 +34,13 @@ def run_user_script(code: str, *args: str | Path, cwd: Path, timeout: float = 60
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("HF_INT8_NO_AUTOLOAD", None)
     done = subprocess.run(
-        [sys.executable, str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=timeout, check=False,
+        [sys.executable, str(script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     assert done.returncode == 0, f"user script failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -157,8 +162,9 @@ def test_hook_turned_off_leaves_peft_as_it_was(int8_dir, tmp_path):
     script = tmp_path / "off.py"
     script.write_text(textwrap.dedent(code))
     env = {**os.environ, "HF_INT8_NO_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(script), str(int8_dir)], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(script), str(int8_dir)], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     # The flattened int8 layout makes a stock load fail loudly (test_hub.py): proof that nothing registered llmint8.

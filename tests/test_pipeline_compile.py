@@ -32,7 +32,7 @@ def test_text_generation_pipeline_from_a_model(saved_int8):
     out = generator(PROMPT, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
     assert out == tokenizer.decode(expected, skip_special_tokens=True)
     assert len(expected) == 8
 

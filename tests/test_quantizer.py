@@ -36,8 +36,13 @@ TOKENS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_see
 
 def _llama():
     return AutoModelForCausalLM, LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
     )
 
 
@@ -47,35 +52,61 @@ def _gpt2():
 
 def _opt():
     return AutoModelForCausalLM, OPTConfig(
-        vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-        word_embed_proj_dim=64, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=64,
     )
 
 
 def _qwen2():
     return AutoModelForCausalLM, Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
     )
 
 
 def _gemma():
     return AutoModelForCausalLM, GemmaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
     )
 
 
 def _bert():
     return AutoModelForSequenceClassification, BertConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        num_labels=3, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        num_labels=3,
+        max_position_embeddings=64,
     )
 
 
 def _t5():
     return AutoModelForSeq2SeqLM, T5Config(
-        vocab_size=VOCAB, d_model=64, d_ff=96, d_kv=16, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        vocab_size=VOCAB,
+        d_model=64,
+        d_ff=96,
+        d_kv=16,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
     )
 
 
@@ -205,8 +236,13 @@ def test_dequantize_returns_working_float_model(saved_fp_model):
 def test_dtype_casts_are_refused(saved_fp_model):
     arch, auto_cls, _, path = saved_fp_model
     model = _load_int8(auto_cls, path)
-    for cast in (lambda: model.half(), lambda: model.float(), lambda: model.to(torch.bfloat16),
-                 lambda: model.to("cpu", torch.float16), lambda: model.to(dtype=torch.float16)):
+    for cast in (
+        lambda: model.half(),
+        lambda: model.float(),
+        lambda: model.to(torch.bfloat16),
+        lambda: model.to("cpu", torch.float16),
+        lambda: model.to(dtype=torch.float16),
+    ):
         with pytest.raises(ValueError):
             cast()
     assert model.to("cpu") is model  # moving devices is fine
@@ -252,8 +288,12 @@ def test_cpu_and_disk_offload_device_maps(llama_fp, tmp_path):
     arch, auto_cls, _, path = llama_fp
     plain = _load_int8(auto_cls, path)
     device_map = {
-        "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-        "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
     }
     offloaded = _load_int8(auto_cls, path, device_map=device_map, offload_folder=tmp_path / "offload")
     assert offloaded.hf_device_map["model.layers.1"] == "disk"
@@ -272,7 +312,8 @@ def test_cpu_and_disk_offload_device_maps(llama_fp, tmp_path):
 def test_skip_modules_add_to_defaults(llama_fp):
     arch, auto_cls, _, path = llama_fp
     model = auto_cls.from_pretrained(
-        path, quantization_config=Int8Config(skip_modules=["down_proj", "model.layers.1.self_attn"]),
+        path,
+        quantization_config=Int8Config(skip_modules=["down_proj", "model.layers.1.self_attn"]),
         dtype=torch.float32,
     )
     assert type(model.lm_head) is nn.Linear  # the default skip survives a user list

@@ -36,8 +36,14 @@ TOKENS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 
 def _tiny_llama_config(layers: int = 2, hidden: int = 64) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=96, hidden_size=hidden, intermediate_size=hidden + 32, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64,
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=hidden + 32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
     )
 
 
@@ -301,7 +307,8 @@ CONTENT_CASES = {
     "code -128": (_poke(WEIGHT, 0, -128), [WEIGHT, "-128"]),
     "int8 lm_head": (_set("lm_head.weight", lambda w: w.clamp(-1, 1).to(torch.int8)), ["lm_head.weight", "int8"]),
     "stray scale on lm_head": (
-        lambda t: t.__setitem__("lm_head.weight_scale", torch.ones(96)), ["lm_head.weight_scale", "floating point"]
+        lambda t: t.__setitem__("lm_head.weight_scale", torch.ones(96)),
+        ["lm_head.weight_scale", "floating point"],
     ),
 }
 

@@ -102,8 +102,14 @@ def test_a_changed_field_is_checked_again_on_post_init():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        max_position_embeddings=32,
     )
     root = tmp_path_factory.mktemp("cfg")
     torch.manual_seed(0)

@@ -166,8 +166,14 @@ def test_user_facing_quantization_refuses_non_finite_weights(value):
 @pytest.fixture(scope="module")
 def fp_checkpoint(tmp_path_factory):
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        max_position_embeddings=32,
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("fp")
@@ -205,9 +211,7 @@ def test_weights_beyond_fp16_range_quantize_from_the_checkpoint_precision(fp_che
         big["w"] = t.clone()
 
     _edit_fp_checkpoint(fp_checkpoint, tmp_path / "big", f"{name}.weight", edit)
-    model = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "big", quantization_config=Int8Config(), dtype=load_dtype
-    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "big", quantization_config=Int8Config(), dtype=load_dtype)
     layer = model.get_submodule(name)
     source = big["w"] if load_dtype != torch.bfloat16 else big["w"].to(torch.bfloat16)
     codes, scale = ref.quantize_weight(source)
@@ -339,8 +343,9 @@ def test_non_contiguous_and_strided_views(impl, dtype):
         dense = view.contiguous()
         expected = impl.int8_linear(dense, codes, scale, None, 6.0)
         assert torch.equal(impl.int8_linear(view, codes, scale, None, 6.0), expected), name
-        assert torch.equal(ops.int8_linear(view.to(impl.device), codes.to(impl.device), scale.to(impl.device)).cpu(),
-                           expected), name
+        assert torch.equal(
+            ops.int8_linear(view.to(impl.device), codes.to(impl.device), scale.to(impl.device)).cpu(), expected
+        ), name
     # Non-contiguous weight, scale and bias views too.
     w_view = codes.t().contiguous().t()
     s_view = torch.stack([scale, scale], 1)[:, 0]
@@ -363,8 +368,12 @@ def test_fp16_partial_products_that_overflow_fp16_still_give_the_right_answer(im
     x[:, 2] = torch.tensor([2.0, 4.0, 8.0, 16.0], dtype=torch.float16)
     out = impl.int8_linear(x, codes, scale, None, threshold)
     assert torch.isfinite(out).all()
-    assert_within(out, ref.int8_linear(x, codes, scale, None, threshold),
-                  int8_linear_tolerance(x, codes, scale, None, threshold), f"threshold {threshold}")
+    assert_within(
+        out,
+        ref.int8_linear(x, codes, scale, None, threshold),
+        int8_linear_tolerance(x, codes, scale, None, threshold),
+        f"threshold {threshold}",
+    )
     if threshold:  # every non-zero column is an outlier column: the result is the exact product, rounded once
         exact, magnitude, n_terms = int8_linear_terms(x, codes, scale, None, threshold)
         tol = fp32_sum_tolerance(magnitude, n_terms, torch.float16, exact=exact, evaluations=1)

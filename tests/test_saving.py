@@ -36,8 +36,14 @@ USER_NOTES = "Notes written by the user, which a save must keep."
 
 def _config(hidden: int = 64, layers: int = 2) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=96, hidden_size=hidden, intermediate_size=hidden + 32, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64,
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=hidden + 32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
     )
 
 
@@ -416,7 +422,10 @@ def killed_saves(models, tmp_path_factory):
     (root / "scenarios.json").write_text(json.dumps(list(scenarios.values())))
     done = subprocess.run(
         [sys.executable, str(root / "helper.py"), str(root / "scenarios.json"), str(root / "results.json")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((root / "results.json").read_text())

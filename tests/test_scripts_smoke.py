@@ -40,18 +40,36 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     vocab = ["[PAD]", "[UNK]", " "] + [chr(c) for c in range(33, 127)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        eos_token="[PAD]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[PAD]"
+    )
     torch.manual_seed(0)
-    llama = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False))
+    llama = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+    )
     with torch.no_grad():  # one large input feature, so the outlier path and its statistics get exercised
         llama.model.layers[0].input_layernorm.weight[5] = 40.0
     llama.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
-    bert = AutoModel.from_config(BertConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=96,
-                                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512))
+    bert = AutoModel.from_config(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+        )
+    )
     bert.save_pretrained(root / "bert")
     tokenizer.save_pretrained(root / "bert")
     rng = random.Random(0)
@@ -77,9 +95,23 @@ def _table_header(markdown: str, first_column: str) -> list[str]:
 
 def test_eval_quality_writes_json_markdown_and_charts(tiny, tmp_path, capsys):
     out = tmp_path / "q"
-    argv = ["--models", f"tl={tiny['llama']},tb={tiny['bert']}:encoder,broken={tiny['broken']}",
-            "--methods", "fp32,bf16,llmint8-t6,llmint8-t0,naive-int8", "--text", str(tiny["text"]),
-            "--max-tokens", "300", "--window", "100", "--sentences", "6", "--out-dir", str(out), "--in-process"]
+    argv = [
+        "--models",
+        f"tl={tiny['llama']},tb={tiny['bert']}:encoder,broken={tiny['broken']}",
+        "--methods",
+        "fp32,bf16,llmint8-t6,llmint8-t0,naive-int8",
+        "--text",
+        str(tiny["text"]),
+        "--max-tokens",
+        "300",
+        "--window",
+        "100",
+        "--sentences",
+        "6",
+        "--out-dir",
+        str(out),
+        "--in-process",
+    ]
     if not HAS_MATPLOTLIB:
         argv.append("--no-plots")
     assert eval_quality.main(argv) == 0
@@ -130,9 +162,23 @@ def test_eval_quality_writes_json_markdown_and_charts(tiny, tmp_path, capsys):
 
 def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
     out = tmp_path / "b"
-    argv = ["--models", f"tl={tiny['llama']},tb={tiny['bert']}:encoder", "--methods", "fp32,bf16,llmint8-t6",
-            "--text", str(tiny["text"]), "--prompt-tokens", "64", "--new-tokens", "4", "--repeats", "1",
-            "--out-dir", str(out), "--in-process"]
+    argv = [
+        "--models",
+        f"tl={tiny['llama']},tb={tiny['bert']}:encoder",
+        "--methods",
+        "fp32,bf16,llmint8-t6",
+        "--text",
+        str(tiny["text"]),
+        "--prompt-tokens",
+        "64",
+        "--new-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--out-dir",
+        str(out),
+        "--in-process",
+    ]
     if not HAS_MATPLOTLIB:
         argv.append("--no-plots")
     assert bench_e2e.main(argv) == 0
@@ -141,8 +187,14 @@ def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
     assert set(rows) == {(m, k) for m in ("tl", "tb") for k in ("fp32", "bf16", "llmint8-t6@bf16")}
     for (model, method), row in rows.items():
         assert row["status"] == "ok", row
-        for key in ("load_s", "peak_rss_load_bytes", "peak_anon_load_bytes", "footprint_bytes", "storage_bytes",
-                    "prefill_tps"):
+        for key in (
+            "load_s",
+            "peak_rss_load_bytes",
+            "peak_anon_load_bytes",
+            "footprint_bytes",
+            "storage_bytes",
+            "prefill_tps",
+        ):
             assert row[key] > 0, (model, method, key)
         assert row["peak_anon_load_bytes"] - row["anon_before_load_bytes"] == row["load_anon_increase_bytes"] >= 0
         # Prefill as generate runs it: a causal LM computes the last position's logits only.
@@ -150,25 +202,40 @@ def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
         if model == "tl":
             assert row["decode_b1_tps"] > 0 and row["decode_b8_tps"] > 0
             assert row["ratio_bf16"]["decode_b8_tps"] == pytest.approx(
-                row["decode_b8_tps"] / rows[("tl", "bf16")]["decode_b8_tps"])
+                row["decode_b8_tps"] / rows[("tl", "bf16")]["decode_b8_tps"]
+            )
         else:
             assert "decode_b1_tps" not in row  # an encoder does not decode
         assert row["ratio_fp32"]["footprint_bytes"] == pytest.approx(
-            row["footprint_bytes"] / rows[(model, "fp32")]["footprint_bytes"])
+            row["footprint_bytes"] / rows[(model, "fp32")]["footprint_bytes"]
+        )
     assert rows[("tl", "fp32")]["ratio_fp32"]["prefill_tps"] == 1.0
     assert rows[("tl", "llmint8-t6@bf16")]["footprint_bytes"] < rows[("tl", "bf16")]["footprint_bytes"]
     assert data["fp16_checkpoint_bytes"]["tl"] == 2 * sum(p.numel() for p in _load_params(tiny["llama"]))
     targets = {c["target"]: c for c in data["checks"] if c["model"] == "tl"}
-    assert {"decode b1 >= 2x bf16 (ratio)", "prefill >= 1.5x bf16 (ratio)",
-            "peak RSS while loading < fp16 checkpoint (MB)"} <= set(targets)
+    assert {
+        "decode b1 >= 2x bf16 (ratio)",
+        "prefill >= 1.5x bf16 (ratio)",
+        "peak RSS while loading < fp16 checkpoint (MB)",
+    } <= set(targets)
     decode = targets["decode b8 >= 2x bf16 (ratio)"]
     assert decode["pass"] == (decode["value"] >= 2.0) and decode["value"] == pytest.approx(
-        rows[("tl", "llmint8-t6@bf16")]["ratio_bf16"]["decode_b8_tps"])
+        rows[("tl", "llmint8-t6@bf16")]["ratio_bf16"]["decode_b8_tps"]
+    )
 
     markdown = (out / "bench.md").read_text()
-    assert _table_header(markdown, "method") == ["method", "load s", "peak RSS load MB", "peak anon load MB",
-                                                 "footprint MB", "storage MB", "prefill tok/s", "decode b1 tok/s",
-                                                 "decode b8 tok/s", "llmint8 kernel"]
+    assert _table_header(markdown, "method") == [
+        "method",
+        "load s",
+        "peak RSS load MB",
+        "peak anon load MB",
+        "footprint MB",
+        "storage MB",
+        "prefill tok/s",
+        "decode b1 tok/s",
+        "decode b8 tok/s",
+        "llmint8 kernel",
+    ]
     assert "## Targets" in markdown and "in-process run" in markdown
     if HAS_MATPLOTLIB:
         _check_pngs(data["charts"], ["bench_speed.png", "bench_memory.png"])
@@ -185,8 +252,15 @@ def _load_params(folder: Path) -> list[torch.Tensor]:
 
 def test_worker_subprocess_round_trip(tiny):
     """One job through the real path: a fresh interpreter, a job file in, a result file out."""
-    job = {"model_arg": f"tl={tiny['llama']}:causal", "method": "llmint8-t6@fp32", "text": str(tiny["text"]),
-           "max_tokens": 64, "window": 32, "sentences": 2, "no_outlier_stats": True}
+    job = {
+        "model_arg": f"tl={tiny['llama']}:causal",
+        "method": "llmint8-t6@fp32",
+        "text": str(tiny["text"]),
+        "max_tokens": 64,
+        "window": 32,
+        "sentences": 2,
+        "no_outlier_stats": True,
+    }
     row = C.run_worker(SCRIPTS / "eval_quality.py", job, timeout=300)
     assert row["status"] == "ok", row
     assert row["num_tokens"] == 64 and row["perplexity"] > 1 and "in_process" not in row
@@ -197,8 +271,16 @@ def test_reference_kernel_control_runs_on_the_reference_kernels(tiny):
     """llmint8-t6-ref gets a worker with the extension switched off, and refuses to run anywhere else."""
     [method] = C.parse_methods("llmint8-t6-ref", "fp32")
     assert method.reference_kernels and method.threshold == 6.0 and method.worker_env == {C.NATIVE_OFF_VARIABLE: "1"}
-    job = {"model_arg": f"tl={tiny['llama']}:causal", "method": method.key, "text": str(tiny["text"]),
-           "max_tokens": 64, "window": 32, "sentences": 2, "no_outlier_stats": True, "env": method.worker_env}
+    job = {
+        "model_arg": f"tl={tiny['llama']}:causal",
+        "method": method.key,
+        "text": str(tiny["text"]),
+        "max_tokens": 64,
+        "window": 32,
+        "sentences": 2,
+        "no_outlier_stats": True,
+        "env": method.worker_env,
+    }
     row = C.run_worker(SCRIPTS / "eval_quality.py", job, timeout=300)
     assert row["status"] == "ok", row
     assert row["kernels"]["implementations"]["int8_linear[cpu]"] == "reference"
@@ -220,15 +302,31 @@ def test_bench_linear_breakdown_table(tmp_path, capsys):
     import bench_linear
 
     out = tmp_path / "bench.json"
-    argv = ["--shapes", "83x100", "--tokens", "1,7", "--rounds", "1", "--repeats", "1", "--cold-mb", "1",
-            "--breakdown", "--json", str(out)]
+    argv = [
+        "--shapes",
+        "83x100",
+        "--tokens",
+        "1,7",
+        "--rounds",
+        "1",
+        "--repeats",
+        "1",
+        "--cold-mb",
+        "1",
+        "--breakdown",
+        "--json",
+        str(out),
+    ]
     assert bench_linear.main(argv) == 0
     printed = capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
     assert [(r["k"], r["n"], r["tokens"]) for r in rows] == [(83, 100, 1), (83, 100, 7)]
     for r in rows:
-        stages = {name: ms for name, ms in r["ms"].items()
-                  if name.startswith(bench_linear.STAGE_PREFIX) and name != bench_linear.WEIGHT_READ}
+        stages = {
+            name: ms
+            for name, ms in r["ms"].items()
+            if name.startswith(bench_linear.STAGE_PREFIX) and name != bench_linear.WEIGHT_READ
+        }
         assert len(stages) == 3 and all(ms > 0 for ms in stages.values()), r["ms"]
         assert r["ms"]["hf_int8 native"] > 0 and r["ms"]["bf16 Linear"] > 0
         # few tokens: the plain read of the same weights is timed too, and the native time is compared with it
@@ -296,8 +394,22 @@ def test_bench_linear_outlier_fraction(tmp_path, capsys):
     x = bench_linear.activations(5, 200, torch.float32, "cpu", 0.4)
     assert int((x.abs() >= 6.0).any(dim=0).sum()) > 40  # 80 columns scaled x20; most cross the threshold
     out = tmp_path / "bench.json"
-    argv = ["--shapes", "300x40", "--tokens", "3", "--rounds", "1", "--repeats", "1", "--cold-mb", "1",
-            "--outlier-fraction", "0.4", "--json", str(out)]
+    argv = [
+        "--shapes",
+        "300x40",
+        "--tokens",
+        "3",
+        "--rounds",
+        "1",
+        "--repeats",
+        "1",
+        "--cold-mb",
+        "1",
+        "--outlier-fraction",
+        "0.4",
+        "--json",
+        str(out),
+    ]
     assert bench_linear.main(argv) == 0
     assert "40.0% outlier columns" in capsys.readouterr().out
     assert json.loads(out.read_text())["outlier_fraction"] == 0.4
@@ -326,8 +438,11 @@ def test_naive_int8_is_per_tensor_and_hurt_by_one_outlier():
 
 def test_method_and_model_parsing_reject_bad_values(tmp_path):
     specs = C.parse_methods("fp32,llmint8-t6@bf16,bnb-t0", "fp32")
-    assert [(s.key, s.dtype, s.threshold) for s in specs] == [("fp32", "fp32", None), ("llmint8-t6@bf16", "bf16", 6.0),
-                                                              ("bnb-t0@fp32", "fp32", 0.0)]
+    assert [(s.key, s.dtype, s.threshold) for s in specs] == [
+        ("fp32", "fp32", None),
+        ("llmint8-t6@bf16", "bf16", 6.0),
+        ("bnb-t0@fp32", "fp32", 0.0),
+    ]
     with pytest.raises(ValueError, match="'int4'"):
         C.parse_methods("int4", "fp32")
     with pytest.raises(ValueError, match="'fp8'"):
@@ -340,27 +455,54 @@ def test_method_and_model_parsing_reject_bad_values(tmp_path):
 
 def test_eval_quality_resume_reuses_rows_of_the_same_text_slice(tiny, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ["--models", f"tl={tiny['llama']}", "--methods", "fp32,naive-int8", "--text", str(tiny["text"]),
-              "--window", "50", "--in-process", "--no-plots", "--no-outlier-stats"]
+    common = [
+        "--models",
+        f"tl={tiny['llama']}",
+        "--methods",
+        "fp32,naive-int8",
+        "--text",
+        str(tiny["text"]),
+        "--window",
+        "50",
+        "--in-process",
+        "--no-plots",
+        "--no-outlier-stats",
+    ]
     assert eval_quality.main([*common, "--max-tokens", "100", "--out-dir", str(first)]) == 0
     before = {r["method"]: r for r in json.loads((first / "quality.json").read_text())["results"]}
-    assert eval_quality.main([*common, "--max-tokens", "100", "--out-dir", str(second),
-                              "--resume-from", str(first / "quality.json")]) == 0
+    assert (
+        eval_quality.main(
+            [*common, "--max-tokens", "100", "--out-dir", str(second), "--resume-from", str(first / "quality.json")]
+        )
+        == 0
+    )
     after = {r["method"]: r for r in json.loads((second / "quality.json").read_text())["results"]}
     assert after["naive-int8@fp32"]["perplexity"] == before["naive-int8@fp32"]["perplexity"]
     assert after["naive-int8@fp32"]["measured_in"]["command"].startswith("python scripts/eval_quality.py")
     assert "\\* measured in an earlier run" in (second / "quality.md").read_text()
     # another text slice is measured again, not reused
-    assert eval_quality.main([*common, "--max-tokens", "60", "--out-dir", str(second),
-                              "--resume-from", str(first / "quality.json")]) == 0
+    assert (
+        eval_quality.main(
+            [*common, "--max-tokens", "60", "--out-dir", str(second), "--resume-from", str(first / "quality.json")]
+        )
+        == 0
+    )
     again = json.loads((second / "quality.json").read_text())["results"]
     assert all("measured_in" not in r and r["num_tokens"] == 60 for r in again)
 
 
 def test_eval_quality_resumes_encoder_rows_only_as_a_whole(tiny, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ["--models", f"tb={tiny['bert']}:encoder", "--text", str(tiny["text"]), "--sentences", "3",
-              "--in-process", "--no-plots"]
+    common = [
+        "--models",
+        f"tb={tiny['bert']}:encoder",
+        "--text",
+        str(tiny["text"]),
+        "--sentences",
+        "3",
+        "--in-process",
+        "--no-plots",
+    ]
     assert eval_quality.main([*common, "--methods", "fp32,naive-int8", "--out-dir", str(first)]) == 0
     resume = ["--resume-from", str(first / "quality.json")]
     assert eval_quality.main([*common, "--methods", "naive-int8", "--out-dir", str(second), *resume]) == 0
@@ -373,11 +515,35 @@ def test_eval_quality_resumes_encoder_rows_only_as_a_whole(tiny, tmp_path):
 
 def test_eval_quality_only_resumed_measures_nothing_new(tiny, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ["--models", f"tl={tiny['llama']}", "--text", str(tiny["text"]), "--window", "50", "--max-tokens", "60",
-              "--in-process", "--no-plots", "--no-outlier-stats"]
+    common = [
+        "--models",
+        f"tl={tiny['llama']}",
+        "--text",
+        str(tiny["text"]),
+        "--window",
+        "50",
+        "--max-tokens",
+        "60",
+        "--in-process",
+        "--no-plots",
+        "--no-outlier-stats",
+    ]
     assert eval_quality.main([*common, "--methods", "fp32", "--out-dir", str(first)]) == 0
-    assert eval_quality.main([*common, "--methods", "fp32,naive-int8", "--out-dir", str(second), "--only-resumed",
-                              "--resume-from", str(first / "quality.json")]) == 0
+    assert (
+        eval_quality.main(
+            [
+                *common,
+                "--methods",
+                "fp32,naive-int8",
+                "--out-dir",
+                str(second),
+                "--only-resumed",
+                "--resume-from",
+                str(first / "quality.json"),
+            ]
+        )
+        == 0
+    )
     rows = {r["method"]: r for r in json.loads((second / "quality.json").read_text())["results"]}
     assert rows["fp32"]["status"] == "ok" and "measured_in" in rows["fp32"]
     assert rows["naive-int8@fp32"]["status"] == "not run" and "perplexity" not in rows["naive-int8@fp32"]
@@ -390,8 +556,18 @@ def test_decode_outliers_counts_prefill_and_decoded_tokens(tiny, tmp_path, capsy
     import decode_outliers
 
     out = tmp_path / "outliers.json"
-    argv = ["--models", f"tiny={tiny['llama']}:causal", "--text", str(tiny["text"]), "--prompt-tokens", "40",
-            "--new-tokens", "4", "--json", str(out)]
+    argv = [
+        "--models",
+        f"tiny={tiny['llama']}:causal",
+        "--text",
+        str(tiny["text"]),
+        "--prompt-tokens",
+        "40",
+        "--new-tokens",
+        "4",
+        "--json",
+        str(out),
+    ]
     assert decode_outliers.main(argv) == 0
     printed = capsys.readouterr().out
     rows = {r["projection"]: r for r in json.loads(out.read_text())["rows"]}
@@ -434,10 +610,26 @@ def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch
     monkeypatch.setenv("HF_INT8_LLAMACPP_CACHE", str(cache))
     out = tmp_path / "b"
     # The tiny llama under the name "smollm2": the name picks the GGUF in the cache.
-    argv = ["--models", f"smollm2={tiny['llama']}", "--methods", "bf16,llmint8-t6,llmint8-t6-int8head",
-            "--text", str(tiny["text"]),
-            "--prompt-tokens", "64", "--new-tokens", "8", "--repeats", "3", "--threads", "1", "--out-dir", str(out),
-            "--in-process", "--no-plots"]
+    argv = [
+        "--models",
+        f"smollm2={tiny['llama']}",
+        "--methods",
+        "bf16,llmint8-t6,llmint8-t6-int8head",
+        "--text",
+        str(tiny["text"]),
+        "--prompt-tokens",
+        "64",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "3",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(out),
+        "--in-process",
+        "--no-plots",
+    ]
     # One thread keeps the tiny decode timings measurable on a machine whose cores are busy; the in-process worker
     # sets it for this whole process, so it is put back afterwards.
     threads = torch.get_num_threads()
@@ -471,10 +663,16 @@ def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch
 
 
 def test_parse_llama_bench_needs_both_figures():
-    entries = [{"n_prompt": 512, "n_gen": 0, "avg_ts": 40.5, "stddev_ts": 1.0},
-               {"n_prompt": 0, "n_gen": 128, "avg_ts": 17.25, "stddev_ts": 0.1}]
+    entries = [
+        {"n_prompt": 512, "n_gen": 0, "avg_ts": 40.5, "stddev_ts": 1.0},
+        {"n_prompt": 0, "n_gen": 128, "avg_ts": 17.25, "stddev_ts": 0.1},
+    ]
     assert bench_e2e.parse_llama_bench(entries, 512, 128) == {
-        "prefill_tps": 40.5, "prefill_tps_stddev": 1.0, "decode_b1_tps": 17.25, "decode_b1_tps_stddev": 0.1}
+        "prefill_tps": 40.5,
+        "prefill_tps_stddev": 1.0,
+        "decode_b1_tps": 17.25,
+        "decode_b1_tps_stddev": 0.1,
+    }
     with pytest.raises(RuntimeError, match="decode_b1_tps"):
         bench_e2e.parse_llama_bench(entries[:1], 512, 128)
     with pytest.raises(RuntimeError, match="prefill_tps"):
@@ -496,8 +694,22 @@ def test_bench_static_compile_eager_and_static_cache(tiny, tmp_path, capsys, req
     threads = torch.get_num_threads()
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     out = tmp_path / "sc.json"
-    argv = ["--model", f"tl={tiny['llama']}", "--modes", "eager,static", "--new-tokens", "6", "--repeats", "1",
-            "--threads", "1", "--text", str(tiny["text"]), "--out", str(out)]
+    argv = [
+        "--model",
+        f"tl={tiny['llama']}",
+        "--modes",
+        "eager,static",
+        "--new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--text",
+        str(tiny["text"]),
+        "--out",
+        str(out),
+    ]
     assert bench_static_compile.main(argv) == 0
     data = json.loads(out.read_text())
     assert list(data["modes"]) == ["eager", "static"]
@@ -516,8 +728,24 @@ def test_profile_decode_splits_a_step_into_parts(tiny, tmp_path, capsys, request
     threads = torch.get_num_threads()
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     out = tmp_path / "profile.json"
-    argv = ["--model", f"tl={tiny['llama']}", "--prompt-tokens", "8", "--steps", "2", "--warmup", "1",
-            "--threads", "1", "--probe-mib", "16", "--text", str(tiny["text"]), "--out", str(out)]
+    argv = [
+        "--model",
+        f"tl={tiny['llama']}",
+        "--prompt-tokens",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--probe-mib",
+        "16",
+        "--text",
+        str(tiny["text"]),
+        "--out",
+        str(out),
+    ]
     assert profile_decode.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["steps"] == 2 and data["step_s"] > 0 and data["tokens_per_s"] > 0

@@ -45,9 +45,7 @@ def _tiny_config():
     sys.path.insert(0, str(HERE))
     from tiny_models import llama_config, tiny_tokenizer
 
-    return llama_config(
-        vocab_size=len(tiny_tokenizer()), intermediate_size=97, attention_bias=True, mlp_bias=True
-    )
+    return llama_config(vocab_size=len(tiny_tokenizer()), intermediate_size=97, attention_bias=True, mlp_bias=True)
 
 
 # ---- the worker: runs on every rank under torchrun ----------------------------------------------------------------
@@ -255,9 +253,10 @@ def test_refusals_and_custom_plans(tp_run):
     for rank_result in ranks:
         refusals = rank_result["refusals"]
         assert "cannot dequantize a tensor-parallel llmint8 model" in refusals["dequantize"]
-        assert "model.layers.0.mlp.down_proj is an llmint8 layer sharded by a tensor-parallel style" in refusals[
-            "rowwise"
-        ]
+        assert (
+            "model.layers.0.mlp.down_proj is an llmint8 layer sharded by a tensor-parallel style"
+            in refusals["rowwise"]
+        )
         assert refusals["llmint8_rowwise"] is True  # loads, and gives the logits of the default plan
 
 

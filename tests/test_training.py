@@ -160,8 +160,11 @@ def test_train_mode_runs_the_same_int8_kernel_as_eval():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            shapes = [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
-                      if isinstance(t, torch.Tensor)]
+            shapes = [
+                tuple(t.shape)
+                for t in (out if isinstance(out, (tuple, list)) else [out])
+                if isinstance(t, torch.Tensor)
+            ]
             self.calls.append((str(func), shapes))
             return out
 
@@ -234,7 +237,7 @@ def test_train_forward_costs_the_same_as_eval_forward():
             fn()  # warm up
         functions = [eval_forward, train_forward, dequantize_forward]
         for i in range(45):  # interleaved, in rotating order, so that load and cache state hit all three alike
-            for fn in functions[i % 3:] + functions[:i % 3]:
+            for fn in functions[i % 3 :] + functions[: i % 3]:
                 start = time.perf_counter()
                 fn()
                 timings[fn.__name__].append(time.perf_counter() - start)
@@ -244,9 +247,11 @@ def test_train_forward_costs_the_same_as_eval_forward():
     train_ratio = median["train_forward"] / median["eval_forward"]
     trap_ratio = median["dequantize_forward"] / median["eval_forward"]
     kernel = hf_int8.implementations()["int8_linear[cpu]"]
-    print(f"\n2048x2048, 32 tokens, 1 thread, int8_linear {kernel}: eval {median['eval_forward']*1e3:.3f} ms, "
-          f"train {median['train_forward']*1e3:.3f} ms ({train_ratio:.2f}x), dequantize-every-call "
-          f"{median['dequantize_forward']*1e3:.3f} ms ({trap_ratio:.2f}x)")
+    print(
+        f"\n2048x2048, 32 tokens, 1 thread, int8_linear {kernel}: eval {median['eval_forward'] * 1e3:.3f} ms, "
+        f"train {median['train_forward'] * 1e3:.3f} ms ({train_ratio:.2f}x), dequantize-every-call "
+        f"{median['dequantize_forward'] * 1e3:.3f} ms ({trap_ratio:.2f}x)"
+    )
     assert train_ratio < 1.5, median
     assert trap_ratio > 1.5 * train_ratio, median  # the measurement would see the trap if it were there
 
@@ -261,8 +266,16 @@ def test_lora_on_smollm2_lowers_the_loss_on_real_text():
     model = _int8_model(path)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # Adapters on the top 8 of 30 layers: the backward pass stops there, which keeps this test short on 2 cores.
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=list(
-        range(22, 30)), target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            layers_to_transform=list(range(22, 30)),
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        ),
+    )
     articles = text.splitlines()
     train_ids = tokenizer(articles[0], return_tensors="pt")["input_ids"][:, :48]
     held_ids = tokenizer(articles[1], return_tensors="pt")["input_ids"][:, :48]
@@ -280,8 +293,10 @@ def test_lora_on_smollm2_lowers_the_loss_on_real_text():
         model(input_ids=train_ids, labels=train_ids).loss.backward()
         optimizer.step()
     after, held_after = loss_on(train_ids), loss_on(held_ids)
-    print(f"\nSmolLM2 llmint8 + LoRA r=16 (q,v,o,down of layers 22-29), 4 AdamW steps on 48 tokens of "
-          f"lee_background article 0: loss {before:.3f} -> {after:.3f}; "
-          f"article 1 (held out) {held_before:.3f} -> {held_after:.3f}")
+    print(
+        f"\nSmolLM2 llmint8 + LoRA r=16 (q,v,o,down of layers 22-29), 4 AdamW steps on 48 tokens of "
+        f"lee_background article 0: loss {before:.3f} -> {after:.3f}; "
+        f"article 1 (held out) {held_before:.3f} -> {held_after:.3f}"
+    )
     assert after < 0.85 * before
     assert held_after < held_before * 1.1  # learning one article does not wreck the model

@@ -31,21 +31,36 @@ def tiny_tokenizer(text: str = TEXT) -> PreTrainedTokenizerFast:
 
 def llama_config(vocab_size: int = 128, **overrides) -> LlamaConfig:
     kwargs = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=128,
-        bos_token_id=2, eos_token_id=3, pad_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 
 
 def gpt2_config(vocab_size: int = 128) -> GPT2Config:
-    return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=2,
-                      eos_token_id=3)
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=2, eos_token_id=3
+    )
 
 
-def save_fp_model(path: Path, config=None, dtype: torch.dtype = torch.float32, seed: int = 0,
-                  with_tokenizer: bool = True, outlier_scale: float = 0.0) -> Path:
+def save_fp_model(
+    path: Path,
+    config=None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    with_tokenizer: bool = True,
+    outlier_scale: float = 0.0,
+) -> Path:
     """Save a random-weight causal LM (and the tiny tokenizer, whose vocabulary it matches) into ``path``.
 
     ``outlier_scale > 0`` multiplies a few embedding columns so that activations cross the LLM.int8() threshold

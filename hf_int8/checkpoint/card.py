@@ -62,8 +62,11 @@ def card_section(
     import_line, cls = _auto_class(architectures)
     where = repo_id or "path/to/this/folder"
     rows = [
-        ("quantization method", f"`{QUANT_METHOD}` (LLM.int8(): int8 weights with one fp32 scale per output row, "
-                                "int8 x int8 matmul, outlier activation columns in floating point)"),
+        (
+            "quantization method",
+            f"`{QUANT_METHOD}` (LLM.int8(): int8 weights with one fp32 scale per output row, "
+            "int8 x int8 matmul, outlier activation columns in floating point)",
+        ),
         ("outlier threshold", f"{threshold}" + (" (0: no outlier path)" if threshold == 0 else "")),
         ("extra modules kept in floating point", ", ".join(f"`{s}`" for s in skip) or "none (defaults only)"),
         ("checkpoint format version", f"{version}"),
@@ -71,10 +74,15 @@ def card_section(
     ]
     if footprint is not None:
         rest = footprint["float_layers"] + footprint["other_buffers"] + footprint["int8_layer_biases"]
-        rows.append(("memory footprint", f"{footprint['total'] / _MIB:.2f} MiB "
-                     f"(int8 weights {footprint['int8_weights'] / _MIB:.2f} MiB, fp32 scales "
-                     f"{footprint['scales'] / _MIB:.2f} MiB, floating-point layers and buffers "
-                     f"{rest / _MIB:.2f} MiB)"))
+        rows.append(
+            (
+                "memory footprint",
+                f"{footprint['total'] / _MIB:.2f} MiB "
+                f"(int8 weights {footprint['int8_weights'] / _MIB:.2f} MiB, fp32 scales "
+                f"{footprint['scales'] / _MIB:.2f} MiB, floating-point layers and buffers "
+                f"{rest / _MIB:.2f} MiB)",
+            )
+        )
     if int8_layers is not None:
         rows.append(("int8 linear layers", f"{int8_layers}"))
     if float_linear_layers is not None:

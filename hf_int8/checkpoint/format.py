@@ -174,4 +174,3 @@ def safetensors_metadata(format_version: int = FORMAT_VERSION) -> dict[str, str]
         "loader": "import hf_int8 before from_pretrained (pip install hf_int8)",
         "hf_int8_version": __version__,
     }
-

@@ -39,8 +39,25 @@ HEADER_ALIGN = 8  # safetensors pads the header with spaces so the data section 
 
 # Bits per element of every dtype the safetensors format defines.
 DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
     "C64": 64,
 }
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -199,9 +216,7 @@ def _seal_record(header: SafetensorsHeader, save_id: str, files: list[str]) -> d
         "save_id": save_id,
         "file": os.path.basename(header.path),
         "files": sorted(files),
-        "tensors": {
-            name: [e.dtype, list(e.shape), crcs[name]] for name, e in sorted(header.tensors.items())
-        },
+        "tensors": {name: [e.dtype, list(e.shape), crcs[name]] for name, e in sorted(header.tensors.items())},
     }
 
 
@@ -241,7 +256,8 @@ def seal_folder(folder: str | os.PathLike) -> str:
     """
     folder = os.fspath(folder)
     files = sorted(
-        f for f in os.listdir(folder)
+        f
+        for f in os.listdir(folder)
         if is_weight_file(f, shards_only=True) and os.path.isfile(os.path.join(folder, f))
     )
     if not files:
@@ -415,8 +431,9 @@ def check_llmint8_layout(
         )
         if not missing:
             module = modules[prefix]
-            found = layer_problems(prefix, entries[WEIGHT_NAME], entries[SCALE_NAME], module.out_features,
-                                   module.in_features)
+            found = layer_problems(
+                prefix, entries[WEIGHT_NAME], entries[SCALE_NAME], module.out_features, module.in_features
+            )
             path = os.path.basename(index[f"{prefix}.{WEIGHT_NAME}"][0])
             problems.extend(f"{problem} (in {path})" for problem in found)
     problems.extend(_missing_keys(model, index.keys(), tied_keys or {}, list(ignore_missing)))

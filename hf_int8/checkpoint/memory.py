@@ -36,8 +36,10 @@ class MemoryReport:
             ("total", self.total),
         ]
         lines = [f"{label:<24}{size:>14,d} B {size / mb:>10.2f} MiB" for label, size in rows]
-        lines.append(f"{self.num_int8_layers} int8 layers; linear layers left in floating point: "
-                     f"{', '.join(self.float_linear_layers) or 'none'}")
+        lines.append(
+            f"{self.num_int8_layers} int8 layers; linear layers left in floating point: "
+            f"{', '.join(self.float_linear_layers) or 'none'}"
+        )
         return "\n".join(lines)
 
 

@@ -155,7 +155,8 @@ def write_folder(
     except OSError as exc:
         if not exists:
             raise PermissionError(
-                exc.errno or errno.EACCES, f"cannot save into {target}: {parent} is not writable ({exc.strerror})",
+                exc.errno or errno.EACCES,
+                f"cannot save into {target}: {parent} is not writable ({exc.strerror})",
                 target,
             ) from exc
         return _write_in_place(write, target, keep_files, seal)

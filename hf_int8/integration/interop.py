@@ -233,8 +233,9 @@ def _write_index(tmp: Path, index: dict[str, Any] | None, new_map: dict[str, str
         return
     meta = dict(index.get("metadata") or {})
     meta["total_size"] = sizes
-    (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(new_map.items()))},
-                                             indent=2) + "\n")
+    (tmp / SAFE_INDEX).write_text(
+        json.dumps({"metadata": meta, "weight_map": dict(sorted(new_map.items()))}, indent=2) + "\n"
+    )
 
 
 class _Reader:
@@ -308,8 +309,9 @@ def _write_converted(plan: _Plan, out: Path, overwrite: bool, progress: bool) ->
                 tensors: dict[str, torch.Tensor] = {}
                 for key in reader.keys_in(name):
                     prefix = key.rpartition(".")[0]
-                    tensors.update(plan.convert_layer(reader, key, prefix) if prefix in plan.layers
-                                   else {key: reader.get(key)})
+                    tensors.update(
+                        plan.convert_layer(reader, key, prefix) if prefix in plan.layers else {key: reader.get(key)}
+                    )
                 save_file(tensors, tmp / name, metadata=plan.metadata)
                 total += sum(t.numel() * t.element_size() for t in tensors.values())
                 new_map.update({k: name for k in tensors})
@@ -337,8 +339,9 @@ def _read_source(src: Path) -> tuple[dict[str, Any], list[str], dict[str, str], 
 # ---------------------------------------------------------------------------------------------------------------
 # llmint8 -> bitsandbytes
 # ---------------------------------------------------------------------------------------------------------------
-def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
-           progress: bool = False) -> ConversionReport:
+def to_bnb(
+    src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = False
+) -> ConversionReport:
     """Convert the llmint8 checkpoint folder ``src`` into a bitsandbytes 8-bit checkpoint folder ``out``."""
     from transformers import BitsAndBytesConfig
 
@@ -352,8 +355,11 @@ def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = 
     quantized = sorted(n for n in linears if f"{n}.{SCALE_NAME}" in key_to_file)
     if not quantized:
         raise ConversionError(f"{src} holds no {SCALE_NAME} tensor: no int8 layer to convert")
-    stray = sorted(k.rpartition(".")[0] for k in key_to_file if k.endswith(f".{SCALE_NAME}")
-                   and k.rpartition(".")[0] not in quantized)
+    stray = sorted(
+        k.rpartition(".")[0]
+        for k in key_to_file
+        if k.endswith(f".{SCALE_NAME}") and k.rpartition(".")[0] not in quantized
+    )
     if stray:
         raise ConversionError(f"{src} has {SCALE_NAME} tensors for modules that are not linear layers: {stray[:5]!r}")
     kept_float = sorted(set(linears) - set(quantized))
@@ -383,8 +389,16 @@ def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = 
         load_in_8bit=True, llm_int8_threshold=qcfg.threshold, llm_int8_skip_modules=kept_float or None
     )
     plan = _Plan(
-        src, config, files, key_to_file, index, set(quantized), convert_layer, bnb_config.to_dict(),
-        {"format": "pt"}, "convert to bitsandbytes",
+        src,
+        config,
+        files,
+        key_to_file,
+        index,
+        set(quantized),
+        convert_layer,
+        bnb_config.to_dict(),
+        {"format": "pt"},
+        "convert to bitsandbytes",
         # keep the user's card, without the llmint8 section and tags that no longer apply
         lambda existing: strip_card(existing) if existing is not None else None,
         seal=False,
@@ -396,8 +410,9 @@ def to_bnb(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = 
 # ---------------------------------------------------------------------------------------------------------------
 # bitsandbytes -> llmint8
 # ---------------------------------------------------------------------------------------------------------------
-def to_llmint8(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
-               progress: bool = False) -> ConversionReport:
+def to_llmint8(
+    src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = False
+) -> ConversionReport:
     """Convert the bitsandbytes 8-bit checkpoint folder ``src`` into an llmint8 checkpoint folder ``out``."""
     src, out = Path(src), Path(out)
     kind = checkpoint_format(src)
@@ -456,18 +471,41 @@ def to_llmint8(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
 
     def card(existing: str | None) -> str:
         totals = {**sizes, "total": sum(sizes.values())}  # complete once every tensor has been converted
-        section = card_section(qcfg.to_dict(), config.get("architectures"), None, totals, len(int8_layers),
-                               sorted(set(linears) - set(int8_layers)))
+        section = card_section(
+            qcfg.to_dict(),
+            config.get("architectures"),
+            None,
+            totals,
+            len(int8_layers),
+            sorted(set(linears) - set(int8_layers)),
+        )
         return merge_card(existing, section)
 
     plan = _Plan(
-        src, config, files, key_to_file, index, int8_set | deq_set, convert_layer, qcfg.to_dict(),
-        {**safetensors_metadata(qcfg.format_version), "format": "pt"}, "convert to llmint8", card,
+        src,
+        config,
+        files,
+        key_to_file,
+        index,
+        int8_set | deq_set,
+        convert_layer,
+        qcfg.to_dict(),
+        {**safetensors_metadata(qcfg.format_version), "format": "pt"},
+        "convert to llmint8",
+        card,
         seal=True,  # the same damage detection on load as a folder hf_int8's save_pretrained wrote
     )
     written = _write_converted(plan, out, overwrite, progress)
-    return ConversionReport("llmint8", str(src), str(out), int8_layers, sorted(set(linears) - set(bnb_int8)),
-                            dequantize, threshold, written)
+    return ConversionReport(
+        "llmint8",
+        str(src),
+        str(out),
+        int8_layers,
+        sorted(set(linears) - set(bnb_int8)),
+        dequantize,
+        threshold,
+        written,
+    )
 
 
 def _bnb_scale(reader: _Reader, prefix: str, key_to_file: dict[str, str]) -> torch.Tensor:
@@ -486,8 +524,9 @@ def _bnb_scale(reader: _Reader, prefix: str, key_to_file: dict[str, str]) -> tor
     return (scb.double() / INT8_MAX).float()
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, *, overwrite: bool = False,
-            progress: bool = False) -> ConversionReport:
+def convert(
+    src: str | os.PathLike, out: str | os.PathLike, to: str, *, overwrite: bool = False, progress: bool = False
+) -> ConversionReport:
     """Convert ``src`` into format ``to`` (``"bnb"`` or ``"llmint8"``) in the new folder ``out``."""
     if to not in _FORMATS:
         raise ValueError(f"to must be one of {_FORMATS!r}, got {to!r}")

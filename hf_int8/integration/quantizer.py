@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 # From its module, not transformers.quantizers: the start-up hook imports hf_int8 while that package is still
 # being initialised (right after transformers.quantizers.auto)
 from transformers.quantizers.base import HfQuantizer

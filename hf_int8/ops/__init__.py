@@ -277,9 +277,7 @@ def int8_linear(
     _check_int8_weight(weight, weight_scale)
     _check_threshold(threshold)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"x must have {weight.shape[1]} features in its last dimension, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must have {weight.shape[1]} features in its last dimension, got shape {tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the int8 weight is on {weight.device}")
     if weight_scale.device != weight.device:

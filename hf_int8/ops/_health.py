@@ -367,4 +367,3 @@ def forget(device: str | torch.device | None = None) -> None:
         _verdicts.pop(name, None)
         for known in [d for d in _native if str(_canonical(d)) == name]:
             del _native[known]
-
