@@ -78,7 +78,7 @@ void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStr
   (void)stream;
   ::hf_int8::emu::launch(kernel, grid, block, std::forward<Args>(args)...);
 #else
-  kernel<<<grid, block, 0, stream> > >(std::forward<Args>(args)...);
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
 #endif
 }
 
