@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -119,7 +119,7 @@ checkpoint into a bitsandbytes 8-bit one.
 
 def model_card(model: nn.Module, repo_id: str | None = None, existing: str | None = None) -> str:
     """Full README.md text for ``model``: ``existing`` (a card already there) with its hf_int8 section refreshed."""
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig (this layer does not import transformers)
     qcfg = config.quantization_config
     qdict = qcfg.to_dict() if hasattr(qcfg, "to_dict") else dict(qcfg)
     report = memory_report(model)
@@ -139,7 +139,8 @@ def merge_card(existing: str | None, section: str) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     card = ModelCard(existing) if existing and existing.strip() else None
-    data = card.data if card is not None else ModelCardData()
+    # ModelCard.data is declared as the base CardData but built as ModelCard's card_data_class, ModelCardData
+    data = cast(ModelCardData, card.data) if card is not None else ModelCardData()
     tags = list(data.tags or [])
     for tag in CARD_TAGS:
         if tag not in tags:

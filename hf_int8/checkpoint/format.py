@@ -83,8 +83,18 @@ def unflatten_codes(codes: torch.Tensor, out_features: int, in_features: int) ->
 class TensorInfo(Protocol):
     """What a header entry of a safetensors file tells about a tensor without reading it."""
 
-    dtype: str  # safetensors dtype name ("I8", "F32", ...)
-    shape: tuple[int, ...]
+    @property
+    def dtype(self) -> str: ...  # safetensors dtype name ("I8", "F32", ...)
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+def _dtype_is(value: torch.Tensor | TensorInfo, dtype: torch.dtype, header_name: str) -> tuple[bool, str]:
+    """Whether a tensor or header entry has ``dtype`` (``header_name`` in safetensors' spelling), and its dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype == dtype, repr(value.dtype)
+    return value.dtype == header_name, value.dtype
 
 
 def layer_problems(
@@ -105,14 +115,8 @@ def layer_problems(
     """
     problems = []
     is_tensor = isinstance(codes, torch.Tensor)
-    if is_tensor:
-        codes_ok = codes.dtype == torch.int8
-        codes_dtype = repr(codes.dtype)
-        scale_ok = scale.dtype == torch.float32
-        scale_dtype = repr(scale.dtype)
-    else:
-        codes_ok, codes_dtype = codes.dtype == "I8", codes.dtype
-        scale_ok, scale_dtype = scale.dtype == "F32", scale.dtype
+    codes_ok, codes_dtype = _dtype_is(codes, torch.int8, "I8")
+    scale_ok, scale_dtype = _dtype_is(scale, torch.float32, "F32")
     shape = (out_features, in_features)
     # A header entry may hold the codes as stored (flat); a tensor must already be [out, in] (see unflatten_codes)
     shapes = (shape,) if is_tensor else (shape, (out_features * in_features,))
@@ -124,7 +128,9 @@ def layer_problems(
         problems.append(f"{prefix}.{SCALE_NAME} must be float32, got {scale_dtype}")
     elif tuple(scale.shape) != (out_features,):
         problems.append(f"{prefix}.{SCALE_NAME} must have shape {[out_features]}, got {list(scale.shape)}")
-    if problems or not is_tensor or scale.device.type == "meta":  # meta: offloaded, the values are elsewhere
+    if problems or not isinstance(codes, torch.Tensor) or not isinstance(scale, torch.Tensor):
+        return problems  # header entries: dtype and shape are all there is to check
+    if scale.device.type == "meta":  # meta: offloaded, the values are elsewhere
         return problems
     bad = (~torch.isfinite(scale) | (scale < 0)).sum().item()
     if bad:

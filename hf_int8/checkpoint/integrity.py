@@ -312,25 +312,25 @@ def check_checkpoint_files(paths: Iterable[str | os.PathLike], verify_data: bool
     Raises :class:`CheckpointError` naming the file (and the tensor) at the first problem. Files that are not
     safetensors (``.bin``, ``.pt``, ...) are refused: only safetensors checkpoints are checked and accepted.
     """
-    paths = [os.fspath(p) for p in paths]
-    for path in paths:
+    files: list[str] = [os.fspath(p) for p in paths]
+    for path in files:
         if not path.endswith(".safetensors"):
             raise CheckpointError(
                 f"{path} is not a safetensors file: llmint8 checkpoints are safetensors only and pickle files "
                 "(.bin/.pt) are never loaded"
             )
-    headers = [read_header(p) for p in paths]
-    seals = [_parse_seal(h) for h in headers]
-    sealed = [s is not None for s in seals]
-    if not any(sealed):
+    headers = [read_header(p) for p in files]
+    found = [_parse_seal(h) for h in headers]
+    seals = [s for s in found if s is not None]
+    if not seals:
         return CheckpointSummary(headers, sealed=False, save_id=None)
-    if not all(sealed):
-        unsealed = [h.path for h, s in zip(headers, seals, strict=True) if s is None]
+    if len(seals) != len(headers):
+        unsealed = [h.path for h, s in zip(headers, found, strict=True) if s is None]
         raise CheckpointError(
             f"checkpoint mixes sealed and unsealed files: {unsealed} carry no hf_int8 seal (files from another save?)"
         )
     first = seals[0]
-    names = sorted(os.path.basename(p) for p in paths)
+    names = sorted(os.path.basename(p) for p in files)
     for header, seal in zip(headers, seals, strict=True):
         base = os.path.basename(header.path)
         if seal["save_id"] != first["save_id"]:

@@ -85,7 +85,7 @@ def _float(self: nn.Module) -> nn.Module:
     return nn.Module.float(self)
 
 
-_GUARDS = {"_apply": _apply, "half": _half, "float": _float}
+_GUARDS: dict[str, Callable[..., nn.Module]] = {"_apply": _apply, "half": _half, "float": _float}
 
 
 def guard_dtype_casts(model: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -10,6 +11,16 @@ from torch import nn
 from .. import ops
 from ..ops.constants import DEFAULT_THRESHOLD
 from . import casts
+
+
+class FloatLinearLike(Protocol):
+    """What :meth:`Int8Linear.from_float` reads: ``nn.Linear`` (weight ``[out, in]``) or transformers' ``Conv1D``."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
 
 
 class Int8Linear(nn.Module):
@@ -24,6 +35,10 @@ class Int8Linear(nn.Module):
     ``.bfloat16``) raises ``ValueError`` and leaves the layer as it was: the int8 codes and fp32 scales never change
     dtype, and the bias keeps the dtype it was created with (see :mod:`hf_int8.nn.casts`).
     """
+
+    weight: nn.Parameter
+    weight_scale: torch.Tensor
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -52,7 +67,7 @@ class Int8Linear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_float(cls, linear: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> Int8Linear:
+    def from_float(cls, linear: FloatLinearLike, threshold: float = DEFAULT_THRESHOLD) -> Int8Linear:
         """Quantize an ``nn.Linear`` (or a transformers ``Conv1D``, whose weight is stored ``[in, out]``)."""
         weight = linear.weight.detach()
         if type(linear).__name__ == "Conv1D":
@@ -69,7 +84,7 @@ class Int8Linear(nn.Module):
         codes, scale = ops.quantize_weight(weight.contiguous())
         module.weight.data = codes
         module.weight_scale.data = scale
-        if linear.bias is not None:
+        if linear.bias is not None and module.bias is not None:
             module.bias.data = linear.bias.detach().clone()
         return module
 
@@ -88,7 +103,7 @@ class Int8Linear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
+        bias: torch.Tensor | None = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return ops.int8_linear(x, self.weight, self.weight_scale, bias, self.threshold)

@@ -323,7 +323,7 @@ def decide(device: torch.device) -> bool:
             return True
         verdict = _verdicts.get(name)
         judged = verdict is None
-        if judged:
+        if verdict is None:
             _judging.add(name)
             try:
                 verdict = _judge(_canonical(device))
