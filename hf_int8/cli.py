@@ -20,9 +20,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint.format import CONFIG_NAME, README, SAFE_INDEX, is_weight_file
+
+if TYPE_CHECKING:  # type-only: this module imports transformers inside the functions that use it
+    from transformers import AutoModel, PreTrainedModel
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -56,7 +59,7 @@ def _log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------------------------
-def _model_class(config) -> type:
+def _model_class(config) -> type[PreTrainedModel] | type[AutoModel]:
     """The transformers class named by ``config.architectures`` (keeps task heads), else ``AutoModel``."""
     import transformers
 

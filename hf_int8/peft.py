@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig
@@ -43,7 +43,8 @@ class Int8LoraLinear(LoraLinear):
     """
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
+        base = cast(Int8Linear, module)  # PEFT passes the base layer: _dispatch_int8 wraps Int8Linear layers only
+        return base.in_features, base.out_features
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any):
         variants = [
@@ -56,7 +57,7 @@ class Int8LoraLinear(LoraLinear):
         return None
 
     def _requantize(self, adapter: str, sign: float, safe: bool) -> None:
-        base: Int8Linear = self.get_base_layer()
+        base = cast(Int8Linear, self.get_base_layer())  # _dispatch_int8 wraps Int8Linear layers only
         merged = base.dequantize(torch.float32) + sign * self.get_delta_weight(adapter).float()
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {adapter!r} into {base!r} gives NaN/Inf weights; adapter broken?")
@@ -64,7 +65,8 @@ class Int8LoraLinear(LoraLinear):
         base.weight.data = codes
         base.weight_scale.data = scale
         if self.lora_bias[adapter] and base.bias is not None:
-            base.bias.data = base.bias.data + sign * self.lora_B[adapter].bias.data.to(base.bias.dtype)
+            lora_b = cast(nn.Linear, self.lora_B[adapter])  # PEFT's LoRA B of a Linear layer is an nn.Linear
+            base.bias.data = base.bias.data + sign * lora_b.bias.data.to(base.bias.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -129,7 +131,7 @@ def _all_linear_with_int8(include_all_linear):
             f"{prefix}.{suffix}"
             for prefix, module in model.named_modules()
             if isinstance(module, BaseTunerLayer)
-            for suffix, _ in module.named_modules()
+            for suffix, _ in cast(nn.Module, module).named_modules()  # a tuner layer is an nn.Module as well
             if suffix
         }
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -54,13 +54,13 @@ def has_peft_adapters(model: nn.Module) -> bool:
 
 def mark_initialized(module: nn.Module) -> None:
     """Tell the loader a module's tensors came from the checkpoint (``_is_hf_initialized``): no random init."""
-    module._is_hf_initialized = True
+    module._is_hf_initialized = True  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
 
 
 def mark_local_tensor_parallel(module: nn.Module) -> None:
     """Make transformers' colwise/rowwise styles run ``forward`` on local tensors (``_hf_quantized_needs_local_tp``):
     an int8 layer holds plain-tensor shards, not DTensors."""
-    module._hf_quantized_needs_local_tp = True
+    module._hf_quantized_needs_local_tp = True  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
 
 
 # ---- tensor parallelism (imported on use: torch.distributed may be missing) -------------------------------------
@@ -96,7 +96,7 @@ def patch_lora_layer_factory(wrap: Callable[[Callable], Callable]) -> None:
     if not getattr(LoraModel._create_new_module, _PATCHED, False):
         wrapped = wrap(LoraModel._create_new_module)
         setattr(wrapped, _PATCHED, True)
-        LoraModel._create_new_module = staticmethod(wrapped)
+        LoraModel._create_new_module = staticmethod(wrapped)  # type: ignore[method-assign]  # deliberate patch
 
 
 def patch_all_linear_expansion(wrap: Callable[[Callable], Callable]) -> None:

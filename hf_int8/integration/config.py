@@ -33,7 +33,7 @@ class Int8Config(QuantizationConfigMixin):
         format_version: on-disk layout version; written by this package, checked when loading.
     """
 
-    quant_method = QUANT_METHOD
+    quant_method = QUANT_METHOD  # type: ignore[assignment]  # a registered method is a str, not transformers' enum
 
     def __init__(
         self,
@@ -101,4 +101,4 @@ class Int8Config(QuantizationConfigMixin):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Int8Config) and self.to_dict() == other.to_dict()
 
-    __hash__ = None  # mutable config: equality by value, so not hashable
+    __hash__ = None  # type: ignore[assignment]  # mutable config: equality by value, so deliberately not hashable

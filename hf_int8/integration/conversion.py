@@ -42,7 +42,11 @@ class Int8QuantizeOp(_SharesQuantizer, ConversionOps):
     def __init__(self, hf_quantizer: Any) -> None:
         self.hf_quantizer = hf_quantizer
 
-    def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None, **kwargs: Any) -> dict[str, Any]:
+    # ConversionOps.convert names source_patterns and target_patterns; transformers passes them by keyword
+    # (core_model_loading), so the **kwargs of these ops takes them: compatible at run time, not to mypy.
+    def convert(  # type: ignore[override]  # transformers passes the patterns by keyword
+        self, input_dict: dict[str, Any], model: nn.Module | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         result = {}
         for name, value in input_dict.items():
             value = _as_tensor(value)
@@ -62,11 +66,13 @@ class Int8QuantizeOp(_SharesQuantizer, ConversionOps):
             # reference kernel on a device whose native kernels cannot serve it (ops/_health.py).
             codes, scale = ops.op_for("quantize_weight", value.device)(value.contiguous())
             if not bool(torch.isfinite(scale).all()):
-                bad = (~torch.isfinite(value)).sum().item()
+                bad = int((~torch.isfinite(value)).sum().item())
                 value, problem = self._reread_overflowed(name, value, bad, module)
                 if problem:
                     record_error(module, problem)
                     continue
+                if value is None:
+                    raise RuntimeError(f"re-reading {name} gave neither a tensor nor a problem")
                 codes, scale = ops.quantize_weight(value.contiguous())
             if (shard := tp.shard_of(module)) is not None:
                 # Quantized whole, then sliced: this rank's codes and scales are exactly those one process has
@@ -101,7 +107,7 @@ class Int8QuantizeOp(_SharesQuantizer, ConversionOps):
                 original = original.t()
             if bool(torch.isfinite(original).all()):
                 return original, None
-            bad = (~torch.isfinite(original)).sum().item()
+            bad = int((~torch.isfinite(original)).sum().item())
         return None, f"cannot quantize {name}: {path} holds {bad} NaN/Inf values in it (damaged checkpoint?)"
 
 
@@ -111,13 +117,18 @@ class Int8DeserializeOp(_SharesQuantizer, ConversionOps):
     def __init__(self, hf_quantizer: Any) -> None:
         self.hf_quantizer = hf_quantizer
 
-    def convert(
+    def convert(  # type: ignore[override]  # transformers passes the patterns by keyword
         self,
         input_dict: dict[str, Any],
         model: nn.Module | None = None,
         full_layer_name: str | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
+        if model is None or full_layer_name is None:
+            raise ValueError(
+                "Int8DeserializeOp.convert needs the model and full_layer_name (transformers passes both), got "
+                f"model={type(model).__name__}, full_layer_name={full_layer_name!r}"
+            )
         tensors = {key: _as_tensor(value) for key, value in input_dict.items()}
         module, _ = get_module_from_name(model, full_layer_name)
         if not isinstance(module, Int8Linear):
@@ -147,7 +158,7 @@ class Int8DeserializeOp(_SharesQuantizer, ConversionOps):
         if (shard := tp.shard_of(module)) is not None:
             codes, scale = shard.take(codes, scale)  # checked whole, kept in part (tensor parallelism)
         mark_initialized(module)
-        module._hf_int8_loaded = True
+        module._hf_int8_loaded = True  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
         return {full_layer_name: codes, f"{prefix}.{SCALE_NAME}": scale}
 
     @property
@@ -163,9 +174,17 @@ class Int8SerializeOp(ConversionOps):
     the int8 codes as floating-point weights. :class:`Int8DeserializeOp` restores ``[out, in]`` (a view, no copy).
     """
 
-    def convert(self, input_dict: dict[str, Any], model=None, full_layer_name=None, **kwargs) -> dict[str, Any]:
+    def convert(  # type: ignore[override]  # transformers passes the patterns by keyword
+        self,
+        input_dict: dict[str, Any],
+        model: nn.Module | None = None,
+        full_layer_name: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         tensors = {key: _as_tensor(value) for key, value in input_dict.items()}
-        module = get_module_from_name(model, full_layer_name)[0] if model is not None and full_layer_name else None
+        if model is None or not full_layer_name:
+            return tensors
+        module = get_module_from_name(model, full_layer_name)[0]
         if not isinstance(module, Int8Linear) or set(tensors) != {"weight"}:
             return tensors
         return {full_layer_name: flatten_codes(tensors["weight"])}
@@ -181,13 +200,16 @@ def record_error(module: nn.Module, message: str) -> None:
     Raising inside a conversion op would only surface as transformers' generic "issues during automatic
     conversion" error, with the tensor's name buried in a log report.
     """
-    module._hf_int8_errors = [*getattr(module, "_hf_int8_errors", []), message]
+    errors = [*getattr(module, "_hf_int8_errors", []), message]
+    module._hf_int8_errors = errors  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
 
 
 class Identity(ConversionOps):
     """Pass-through op whose reverse is itself (see ``get_weight_conversions``)."""
 
-    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def convert(  # type: ignore[override]  # transformers passes the patterns by keyword
+        self, input_dict: dict[str, Any], **kwargs: Any
+    ) -> dict[str, Any]:
         return input_dict
 
     @property

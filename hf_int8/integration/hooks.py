@@ -19,7 +19,7 @@ import functools
 import os
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -29,6 +29,9 @@ from ..checkpoint.format import layer_problems
 from ..nn import Int8Linear, casts
 from . import hub, tp
 from ._compat import has_peft_adapters
+
+if TYPE_CHECKING:  # not at run time: the start-up hook imports hf_int8 while transformers is still initialising
+    from transformers import PreTrainedModel
 
 _INNER = "_hf_int8_inner_save_pretrained"  # a save_pretrained the instance had before install (kept, restored)
 # Keyword arguments of save_pretrained that concern the Hub upload, not transformers' save
@@ -59,13 +62,15 @@ def check_int8_layers(model: nn.Module) -> None:
         )
 
 
-def _inner(model: nn.Module) -> Callable[..., Any]:
+def _inner(model: PreTrainedModel) -> Callable[..., Any]:
     # Through the class, not a bound method captured at install time: after copy.deepcopy(model) that one would save
     # the original model's weights.
     return model.__dict__.get(_INNER) or functools.partial(type(model).save_pretrained, model)
 
 
-def save_unstaged(model: nn.Module, folder: str | os.PathLike, *, repo_id: str | None = None, **kwargs: Any) -> Any:
+def save_unstaged(
+    model: PreTrainedModel, folder: str | os.PathLike, *, repo_id: str | None = None, **kwargs: Any
+) -> Any:
     """transformers' save of ``model`` plus the llmint8 model card, written into ``folder`` as is: for a caller that
     stages (and seals) the folder itself through :func:`hf_int8.checkpoint.staging.write_folder`, like the CLI."""
     check_int8_layers(model)
@@ -74,7 +79,7 @@ def save_unstaged(model: nn.Module, folder: str | os.PathLike, *, repo_id: str |
     return result
 
 
-def _save(model: nn.Module, save_directory: str | os.PathLike, args: tuple, push: bool, kwargs: dict) -> Any:
+def _save(model: PreTrainedModel, save_directory: str | os.PathLike, args: tuple, push: bool, kwargs: dict) -> Any:
     """Save ``model`` (one process, or rank 0 with the full layers) and push it when asked."""
     hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
     adapters_only = has_peft_adapters(model)  # an adapter-only save writes no int8 layer and no card
@@ -95,12 +100,12 @@ def _save(model: nn.Module, save_directory: str | os.PathLike, args: tuple, push
     if push and main:
         repo_id = hub_kwargs.get("repo_id") or os.path.basename(os.path.realpath(os.fspath(save_directory)))
         push_kwargs = {k: v for k, v in {**kwargs, **hub_kwargs}.items() if k in _PUSH_KWARGS}
-        model.push_to_hub(repo_id, **push_kwargs)
+        model.push_to_hub(repo_id, **push_kwargs)  # type: ignore[arg-type]  # typeshed's wraps() drops self binding
     return result
 
 
 def _save_pretrained(
-    self: nn.Module, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False, **kwargs: Any
+    self: PreTrainedModel, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False, **kwargs: Any
 ) -> Any:
     """``save_pretrained`` of an llmint8 model: staged, sealed, swapped in atomically, with the llmint8 model card."""
     if tp.is_sharded(self):
@@ -113,23 +118,24 @@ def _save_pretrained(
     return _save(self, save_directory, args, push_to_hub, kwargs)
 
 
-def _push_to_hub(self: nn.Module, repo_id: str, **kwargs: Any) -> Any:
+def _push_to_hub(self: PreTrainedModel, repo_id: str, **kwargs: Any) -> Any:
     """Save with the llmint8 model card and upload to ``repo_id`` (same arguments as transformers')."""
     return hub.push_model(self, repo_id, **kwargs)
 
 
-def install(model: nn.Module) -> None:
+def install(model: PreTrainedModel) -> None:
     """Install the hooks of this module on ``model`` (idempotent)."""
     casts.guard_dtype_casts(model)
     current = model.__dict__.get("save_pretrained")
     if getattr(current, "__func__", None) is not _save_pretrained:
         if current is not None:
             model.__dict__[_INNER] = current
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
-    model.push_to_hub = types.MethodType(_push_to_hub, model)
+        hook = types.MethodType(_save_pretrained, model)
+        model.save_pretrained = hook  # type: ignore[method-assign]  # a per-instance hook, on purpose
+    model.push_to_hub = types.MethodType(_push_to_hub, model)  # type: ignore[assignment]  # a per-instance hook
 
 
-def uninstall(model: nn.Module) -> None:
+def uninstall(model: PreTrainedModel) -> None:
     """Remove the hooks of :func:`install` (a ``save_pretrained`` the model had before comes back)."""
     casts.unguard_dtype_casts(model)
     model.__dict__.pop("push_to_hub", None)
@@ -138,4 +144,4 @@ def uninstall(model: nn.Module) -> None:
         del model.__dict__["save_pretrained"]
         inner = model.__dict__.pop(_INNER, None)
         if inner is not None:
-            model.save_pretrained = inner
+            model.save_pretrained = inner  # type: ignore[method-assign]  # the instance's own hook, restored

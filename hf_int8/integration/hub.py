@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, cast
 
 from ..checkpoint.format import README
+
+if TYPE_CHECKING:  # not at run time: the start-up hook imports hf_int8 while transformers is still initialising
+    from transformers import PreTrainedModel
 
 COMMIT_MESSAGE = "Upload llmint8 model (hf_int8)"
 
@@ -59,15 +60,16 @@ def _remote_card(api: Any, repo_id: str, token: Any, revision: str | None) -> st
 
 
 def _add_tags(card_path: Path, tags: list[str]) -> None:
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
     card = ModelCard(card_path.read_text(encoding="utf-8"))
-    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
-    card_path.write_text(f"---\n{card.data.to_yaml()}\n---\n\n{card.text.lstrip()}", encoding="utf-8")
+    data = cast(ModelCardData, card.data)  # a ModelCard parses its metadata into ModelCardData (card_data_class)
+    data.tags = list(dict.fromkeys([*(data.tags or []), *tags]))
+    card_path.write_text(f"---\n{data.to_yaml()}\n---\n\n{card.text.lstrip()}", encoding="utf-8")
 
 
 def push_model(
-    model: nn.Module,
+    model: PreTrainedModel,
     repo_id: str,
     *,
     commit_message: str | None = None,
@@ -76,7 +78,7 @@ def push_model(
     token: Any = None,
     revision: str | None = None,
     create_pr: bool = False,
-    max_shard_size: int | str | None = "50GB",
+    max_shard_size: int | str = "50GB",
     tags: list[str] | None = None,
 ):
     """Save ``model`` with the llmint8 model card and upload it to ``repo_id`` (transformers' arguments)."""

@@ -41,7 +41,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import safe_open
@@ -64,6 +64,9 @@ from ..checkpoint.format import (
 from ..ops.constants import INT8_MAX
 from ._compat import Conv1D, should_convert_module
 from .config import QUANT_METHOD, Int8Config
+
+if TYPE_CHECKING:  # not at run time: the start-up hook imports hf_int8 while transformers is still initialising
+    from transformers import PreTrainedModel
 
 BNB_SCALE_NAME = "SCB"
 BNB_FORMAT_NAME = "weight_format"
@@ -158,7 +161,7 @@ def _float_dtype(config: dict[str, Any]) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def _meta_model(config_dict: dict[str, Any]) -> nn.Module:
+def _meta_model(config_dict: dict[str, Any]) -> PreTrainedModel:
     """The checkpoint's model class built on the meta device (no memory, no weights), without quantization."""
     import transformers
     from transformers import AutoConfig
@@ -188,7 +191,8 @@ def _linear_shape(model: nn.Module, name: str) -> tuple[int, int]:
     module = model.get_submodule(name)
     if type(module) is nn.Linear:
         return module.out_features, module.in_features
-    in_f, out_f = module.weight.shape  # transformers Conv1D stores [in, out]
+    conv = cast(Conv1D, module)  # the other kind _linear_names selects
+    in_f, out_f = conv.weight.shape  # transformers Conv1D stores [in, out]
     return out_f, in_f
 
 
@@ -242,7 +246,8 @@ class _Reader:
     """Lazy access to any tensor of a (possibly sharded) checkpoint."""
 
     def __init__(self, folder: Path, key_to_file: dict[str, str]) -> None:
-        self.folder, self.key_to_file, self.handles = folder, key_to_file, {}
+        self.folder, self.key_to_file = folder, key_to_file
+        self.handles: dict[str, safe_open] = {}  # file name -> open file, entered
 
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
@@ -330,7 +335,9 @@ def _write_converted(plan: _Plan, out: Path, overwrite: bool, progress: bool) ->
     return sorted(p.name for p in out.iterdir())
 
 
-def _read_source(src: Path) -> tuple[dict[str, Any], list[str], dict[str, str], dict[str, Any] | None, nn.Module]:
+def _read_source(
+    src: Path,
+) -> tuple[dict[str, Any], list[str], dict[str, str], dict[str, Any] | None, PreTrainedModel]:
     config = read_config(src)
     files, key_to_file, index = weight_files(src)
     return config, files, key_to_file, index, _meta_model(config)

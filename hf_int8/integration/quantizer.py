@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from ._compat import (
 )
 from .config import Int8Config
 from .conversion import Identity, Int8DeserializeOp, Int8QuantizeOp
+
+if TYPE_CHECKING:  # not at run time: the start-up hook imports hf_int8 while transformers is still initialising
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float
                 threshold=threshold,
                 bias_dtype=module.bias.dtype if module.bias is not None else None,
             )
-        new._hf_int8_from_conv1d = is_conv1d
+        new._hf_int8_from_conv1d = is_conv1d  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
         new.requires_grad_(False)
         if new.bias is not None:
             new.bias.requires_grad_(module.bias.requires_grad)
@@ -102,13 +105,13 @@ class Int8HfQuantizer(HfQuantizer):
     def quantized_element_size(self) -> float:
         return 1
 
-    def update_parallel_plan(self, model: nn.Module, plan: dict[str, str]) -> None:
+    def update_parallel_plan(self, model: PreTrainedModel, plan: dict[str, str]) -> None:
         # Int8Linear layers are sharded by hf_int8's own copies of the colwise/rowwise styles (see hf_int8.tp)
         super().update_parallel_plan(model, plan)
         tp.rewrite_plan(model, plan)
 
     # ---- model surgery --------------------------------------------------------------------------------------
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         user_skip = list(self.quantization_config.skip_modules or [])
         module_names = [name for name, _ in model.named_modules()]
         for pattern in user_skip:
@@ -130,7 +133,7 @@ class Int8HfQuantizer(HfQuantizer):
                 if has_head or not name.endswith(".bias") or name.removesuffix(".bias") in user_skip
             }
         )
-        self._int8_head_after_loading = None
+        self._int8_head_after_loading: str | None = None
         if getattr(self.quantization_config, "quantize_lm_head", False):
             self._plan_int8_head(model, user_skip, keep_fp32)
         self.quantized_module_names = replace_with_int8_linear(
@@ -139,7 +142,7 @@ class Int8HfQuantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
         self._check_checkpoint(model, kwargs.get("checkpoint_files"))
 
-    def _plan_int8_head(self, model: nn.Module, user_skip: list[str], keep_in_fp32: list[str]) -> None:
+    def _plan_int8_head(self, model: PreTrainedModel, user_skip: list[str], keep_in_fp32: list[str]) -> None:
         """``quantize_lm_head=True``: take the output head off the skip list, or (tied head) quantize it after loading.
 
         A head the user skips, or one the model keeps in fp32, stays floating point. A head tied to the input
@@ -162,17 +165,17 @@ class Int8HfQuantizer(HfQuantizer):
             name for name in self.modules_to_not_convert if name != head_name and not head_name.startswith(name + ".")
         ]
 
-    def _quantize_tied_head(self, model: nn.Module, head_name: str) -> None:
+    def _quantize_tied_head(self, model: PreTrainedModel, head_name: str) -> None:
         """Replace the loaded (tied) head by an int8 copy and untie it, so it saves and reloads as its own layer."""
-        head = model.get_submodule(head_name)
+        head = cast(nn.Linear, model.get_submodule(head_name))  # _plan_int8_head picks an nn.Linear head only
         if head.weight.device.type == "meta":
             raise ValueError(
                 f"quantize_lm_head=True cannot quantize {head_name!r}: its weight (tied to the input embedding) is "
                 f"offloaded (device {head.weight.device}); keep it on cpu/cuda in the device_map"
             )
         int8_head = Int8Linear.from_float(head, threshold=self.quantization_config.threshold)
-        int8_head._hf_int8_loaded = True
-        int8_head._hf_int8_from_conv1d = False
+        int8_head._hf_int8_loaded = True  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
+        int8_head._hf_int8_from_conv1d = False  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
         parent, child = get_module_from_name(model, head_name)
         parent._modules[child] = int8_head
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
@@ -183,7 +186,7 @@ class Int8HfQuantizer(HfQuantizer):
             tied_keys.pop(f"{head_name}.weight", None)
         self.quantized_module_names = sorted({*self.quantized_module_names, head_name})
 
-    def _check_checkpoint(self, model: nn.Module, checkpoint_files: list[str] | None) -> None:
+    def _check_checkpoint(self, model: PreTrainedModel, checkpoint_files: list[str] | None) -> None:
         """Refuse damaged, incomplete or mismatched checkpoint files before a single weight is loaded."""
         files = [os.fspath(f) for f in checkpoint_files or []]
         if not self.pre_quantized:  # a floating-point source may be a .bin or .gguf: transformers checks those
@@ -204,7 +207,7 @@ class Int8HfQuantizer(HfQuantizer):
                     ", ".join(os.path.basename(f) for f in files),
                 )
 
-    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+    def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         module, name = get_module_from_name(model, param_name)
         return isinstance(module, Int8Linear) and name == "weight"
 
@@ -227,10 +230,10 @@ class Int8HfQuantizer(HfQuantizer):
             return None  # scales stay fp32 whatever dtype the model is loaded in
         return super().get_new_dtype(converter, param, dtype)
 
-    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         # Conversion ops are deep-copied per tensor by transformers, so they mark the module, not the quantizer.
         source = getattr(model.config, "name_or_path", "") or "the checkpoint"
-        problems = []
+        problems: list[str] = []
         for name, module in model.named_modules():
             if not isinstance(module, Int8Linear):
                 continue
@@ -249,13 +252,13 @@ class Int8HfQuantizer(HfQuantizer):
             if isinstance(module, Int8Linear):
                 if module.weight_scale.dtype != torch.float32 and module.weight_scale.device.type != "meta":
                     raise ValueError(f"{name}.{SCALE_NAME} was loaded as {module.weight_scale.dtype!r}, not float32")
-        if getattr(self, "_int8_head_after_loading", None):
-            self._quantize_tied_head(model, self._int8_head_after_loading)
-        model.is_loaded_in_8bit = True
+        if head_name := getattr(self, "_int8_head_after_loading", None):
+            self._quantize_tied_head(model, head_name)
+        model.is_loaded_in_8bit = True  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
         hooks.install(model)  # dtype casts refused; save_pretrained / push_to_hub staged, sealed, with the card
         return model
 
-    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         # int8 weights are saved flattened (see Int8SerializeOp; this covers save_original_format=False too) and the
         # safetensors header names the method, so that any tool reading it can tell what the tensors are.
         state_dict = model.state_dict()
@@ -276,7 +279,7 @@ class Int8HfQuantizer(HfQuantizer):
     def is_compileable(self) -> bool:
         return True
 
-    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         if tp.is_sharded(model):
             raise ValueError(
                 "cannot dequantize a tensor-parallel llmint8 model (its Int8Linear layers hold shards); load the "
@@ -290,6 +293,7 @@ class Int8HfQuantizer(HfQuantizer):
             if isinstance(module, Int8Linear):
                 parent, child = get_module_from_name(model, name)
                 linear = module.to_linear(dtype)
+                replacement: nn.Module = linear
                 if getattr(module, "_hf_int8_from_conv1d", False):
                     conv = Conv1D(module.out_features, module.in_features).to(device=linear.weight.device, dtype=dtype)
                     conv.weight.data = linear.weight.data.t().contiguous()
@@ -297,8 +301,8 @@ class Int8HfQuantizer(HfQuantizer):
                         conv.bias.data = linear.bias.data
                     else:
                         conv.bias = None
-                    linear = conv
-                parent._modules[child] = linear
+                    replacement = conv
+                parent._modules[child] = replacement
         hooks.uninstall(model)  # casting is fine again once the model is floating point
-        model.is_loaded_in_8bit = False
+        model.is_loaded_in_8bit = False  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
         return model

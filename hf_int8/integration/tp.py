@@ -109,15 +109,15 @@ def _shard_int8_weight(module: Int8Linear, dim: int, mesh: Any) -> None:
             f"cannot shard an Int8Linear with {kind}={full} over {world} ranks: rank {rank} would hold nothing; keep "
             f"such small layers out of the tp_plan or in floating point (skip_modules)"
         )
-    weight = module._parameters["weight"]
     shape = (size, module.in_features) if dim == 0 else (module.out_features, size)
     module._parameters["weight"] = nn.Parameter(
-        torch.empty(shape, dtype=torch.int8, device=weight.device), requires_grad=False
+        torch.empty(shape, dtype=torch.int8, device=module.weight.device), requires_grad=False
     )
     if dim == 0:
-        scale = module._buffers["weight_scale"]
-        module._buffers["weight_scale"] = torch.empty(size, dtype=torch.float32, device=scale.device)
-    module._hf_int8_tp = Int8Shard(dim, offset, size, full, rank, world, mesh)
+        module._buffers["weight_scale"] = torch.empty(size, dtype=torch.float32, device=module.weight_scale.device)
+    module._hf_int8_tp = Int8Shard(  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
+        dim, offset, size, full, rank, world, mesh
+    )
     # transformers' colwise/rowwise styles then run forward on local tensors (the bias DTensor included)
     mark_local_tensor_parallel(module)
 
@@ -133,7 +133,8 @@ def _make_style(base: Any) -> Any:
         else:
             super(cls, self).shard_param(module, param, mesh)
 
-    cls = type(f"Int8{type(base).__name__}", (type(base),), {"shard_param": shard_param, "__module__": __name__})
+    # Any: a subclass, made at run time, of the (untyped) class of base
+    cls: Any = type(f"Int8{type(base).__name__}", (type(base),), {"shard_param": shard_param, "__module__": __name__})
     style = cls.__new__(cls)
     style.__dict__.update(base.__dict__)
     return style
@@ -182,7 +183,9 @@ def _gather(local: torch.Tensor, shard: Int8Shard, full_shape: tuple[int, ...], 
     from torch.distributed.tensor import DTensor, Shard
 
     stride = torch.empty(full_shape, device="meta").stride()
-    whole = DTensor.from_local(local, shard.mesh, [Shard(dim)], run_check=False, shape=full_shape, stride=stride)
+    whole = DTensor.from_local(
+        local, shard.mesh, [Shard(dim)], run_check=False, shape=torch.Size(full_shape), stride=stride
+    )
     return whole.full_tensor()
 
 
@@ -227,9 +230,9 @@ def _full_layers(layers: list[tuple[Int8Linear, torch.Tensor, torch.Tensor]]):
             module._buffers["weight_scale"] = scale
         yield
     finally:
-        for module, weight, scale in saved:
-            module._parameters["weight"] = weight
-            module._buffers["weight_scale"] = scale
+        for module, shard_weight, shard_scale in saved:
+            module._parameters["weight"] = shard_weight
+            module._buffers["weight_scale"] = shard_scale
 
 
 def save_gathered(model: nn.Module, save_full: Callable[[], T], save_scratch: Callable[[str], T]) -> T:
