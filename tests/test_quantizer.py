@@ -12,15 +12,13 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import tiny_bert_config, tiny_decoder_config, tiny_gpt2_config, tiny_llama_config
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
-    BertConfig,
     GemmaConfig,
-    GPT2Config,
-    LlamaConfig,
     OPTConfig,
     Qwen2Config,
     T5Config,
@@ -35,19 +33,11 @@ TOKENS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_see
 
 
 def _llama():
-    return AutoModelForCausalLM, LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    return AutoModelForCausalLM, tiny_llama_config(VOCAB)
 
 
 def _gpt2():
-    return AutoModelForCausalLM, GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return AutoModelForCausalLM, tiny_gpt2_config(VOCAB)
 
 
 def _opt():
@@ -63,39 +53,15 @@ def _opt():
 
 
 def _qwen2():
-    return AutoModelForCausalLM, Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    return AutoModelForCausalLM, tiny_decoder_config(Qwen2Config, VOCAB, tie_word_embeddings=True)
 
 
 def _gemma():
-    return AutoModelForCausalLM, GemmaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-    )
+    return AutoModelForCausalLM, tiny_decoder_config(GemmaConfig, VOCAB, num_key_value_heads=1, head_dim=16)
 
 
 def _bert():
-    return AutoModelForSequenceClassification, BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        num_labels=3,
-        max_position_embeddings=64,
-    )
+    return AutoModelForSequenceClassification, tiny_bert_config(VOCAB, num_labels=3, max_position_embeddings=64)
 
 
 def _t5():

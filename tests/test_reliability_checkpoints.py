@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save_file
+from tiny_models import save_fp_model, sized_llama_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_int8  # noqa: F401  (registers llmint8)
@@ -34,23 +35,8 @@ LAYER = "model.layers.0.mlp.up_proj"
 TOKENS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 
 
-def _tiny_llama_config(layers: int = 2, hidden: int = 64) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=96,
-        hidden_size=hidden,
-        intermediate_size=hidden + 32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-    )
-
-
 def _save_quantized(root: Path, config: LlamaConfig, **save_kwargs) -> Path:
-    torch.manual_seed(0)
-    fp = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fp.save_pretrained(root / "fp")
+    save_fp_model(root / "fp", config, with_tokenizer=False)
     model = AutoModelForCausalLM.from_pretrained(root / "fp", quantization_config=Int8Config(), dtype=torch.float32)
     model.save_pretrained(root / "int8", **save_kwargs)
     return root / "int8"
@@ -59,12 +45,12 @@ def _save_quantized(root: Path, config: LlamaConfig, **save_kwargs) -> Path:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     """A quantized checkpoint in one file, as hf_int8 saves it (sealed)."""
-    return _save_quantized(tmp_path_factory.mktemp("ckpt"), _tiny_llama_config())
+    return _save_quantized(tmp_path_factory.mktemp("ckpt"), sized_llama_config())
 
 
 @pytest.fixture(scope="module")
 def saved_sharded(tmp_path_factory) -> Path:
-    return _save_quantized(tmp_path_factory.mktemp("sharded"), _tiny_llama_config(), max_shard_size="30KB")
+    return _save_quantized(tmp_path_factory.mktemp("sharded"), sized_llama_config(), max_shard_size="30KB")
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +265,7 @@ def _zero_scale_keep_codes(t):
 
 
 def _shrink_row(t):
-    codes = t[f"{LAYER}.weight"].clone().view(-1, _tiny_llama_config().hidden_size)
+    codes = t[f"{LAYER}.weight"].clone().view(-1, sized_llama_config().hidden_size)
     codes[2] = torch.div(codes[2], 2, rounding_mode="trunc")  # the row's largest code is now 63, scale unchanged
     t[f"{LAYER}.weight"] = codes.reshape(t[f"{LAYER}.weight"].shape)
 
@@ -422,7 +408,7 @@ def test_deleted_shard_fails_clearly(saved_sharded, copy_of):
 @pytest.fixture(scope="module")
 def fuzz_base(tmp_path_factory):
     """The smallest useful checkpoint (one layer), so that each fuzz example is one quick load."""
-    folder = _save_quantized(tmp_path_factory.mktemp("fuzz"), _tiny_llama_config(layers=1, hidden=32))
+    folder = _save_quantized(tmp_path_factory.mktemp("fuzz"), sized_llama_config(layers=1, hidden=32))
     model = _load(folder)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     raw = (folder / "model.safetensors").read_bytes()

@@ -16,7 +16,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tiny_models import save_fp_model, small_llama_config
+from transformers import AutoModelForCausalLM
 
 import hf_int8  # noqa: F401  (registers llmint8)
 from hf_int8 import Int8Config, Int8Linear, ops
@@ -101,19 +102,8 @@ def test_a_changed_field_is_checked_again_on_post_init():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-        max_position_embeddings=32,
-    )
     root = tmp_path_factory.mktemp("cfg")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(root / "fp")
+    save_fp_model(root / "fp", small_llama_config(), with_tokenizer=False)
     model = AutoModelForCausalLM.from_pretrained(root / "fp", quantization_config=Int8Config(), dtype=torch.float32)
     model.save_pretrained(root / "int8")
     return root

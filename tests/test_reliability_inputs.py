@@ -32,7 +32,8 @@ import pytest
 import torch
 from _tolerance import assert_within, fp32_sum_tolerance, int8_linear_terms, int8_linear_tolerance
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tiny_models import save_fp_model, small_llama_config
+from transformers import AutoModelForCausalLM
 
 import hf_int8
 from hf_int8 import Int8Config, Int8Linear, ops
@@ -165,20 +166,7 @@ def test_user_facing_quantization_refuses_non_finite_weights(value):
 
 @pytest.fixture(scope="module")
 def fp_checkpoint(tmp_path_factory):
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("fp")
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    return path
+    return save_fp_model(tmp_path_factory.mktemp("fp"), small_llama_config(num_hidden_layers=1), with_tokenizer=False)
 
 
 def _edit_fp_checkpoint(src, dst, name, edit):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_fp_model, sized_llama_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_int8  # noqa: F401  (registers llmint8)
@@ -34,23 +35,8 @@ TOKENIZER = '{"fake": "tokenizer file the user keeps next to the model"}'
 USER_NOTES = "Notes written by the user, which a save must keep."
 
 
-def _config(hidden: int = 64, layers: int = 2) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=96,
-        hidden_size=hidden,
-        intermediate_size=hidden + 32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-    )
-
-
 def _quantized(root: Path, seed: int, threshold: float, config: LlamaConfig):
-    torch.manual_seed(seed)
-    fp_dir = root / f"fp{seed}"
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(fp_dir)
+    fp_dir = save_fp_model(root / f"fp{seed}", config, seed=seed, with_tokenizer=False)
     return AutoModelForCausalLM.from_pretrained(
         fp_dir, quantization_config=Int8Config(threshold=threshold), dtype=torch.float32
     )
@@ -73,8 +59,8 @@ def _load_signature(folder: Path):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    a = _quantized(root, 1, 6.0, _config())
-    b = _quantized(root, 2, 4.0, _config())
+    a = _quantized(root, 1, 6.0, sized_llama_config())
+    b = _quantized(root, 2, 4.0, sized_llama_config())
     a.save_pretrained(root / "A")
     (root / "A" / "tokenizer.json").write_text(TOKENIZER)
     readme = root / "A" / "README.md"
@@ -402,7 +388,7 @@ def killed_saves(models, tmp_path_factory):
         pytest.skip("the kill tests fork a helper process (POSIX only)")
     root = tmp_path_factory.mktemp("killed")
     big = root / "big"
-    _quantized(root, 3, 4.0, _config(hidden=256, layers=4)).save_pretrained(big)
+    _quantized(root, 3, 4.0, sized_llama_config(hidden=256, layers=4)).save_pretrained(big)
     scenarios = {}
     for point in KILL_POINTS:
         scenarios[f"existing-{point}"] = {"source": str(models["B"]), "shard": "30KB", "kill": point}

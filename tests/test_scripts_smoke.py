@@ -33,8 +33,9 @@ WORDS = "the cat sat on a mat while dogs ran far away from home . it was late an
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny random llama (causal) and bert (encoder) sharing a character-level tokenizer, and a small text."""
+    from tiny_models import tiny_bert_config, tiny_llama_config
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("tiny")
     vocab = ["[PAD]", "[UNK]", " "] + [chr(c) for c in range(33, 127)]
@@ -44,32 +45,12 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[PAD]"
     )
     torch.manual_seed(0)
-    llama = AutoModelForCausalLM.from_config(
-        LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-        )
-    )
+    llama = AutoModelForCausalLM.from_config(tiny_llama_config(len(vocab), max_position_embeddings=512))
     with torch.no_grad():  # one large input feature, so the outlier path and its statistics get exercised
         llama.model.layers[0].input_layernorm.weight[5] = 40.0
     llama.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
-    bert = AutoModel.from_config(
-        BertConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-        )
-    )
+    bert = AutoModel.from_config(tiny_bert_config(len(vocab), max_position_embeddings=512))
     bert.save_pretrained(root / "bert")
     tokenizer.save_pretrained(root / "bert")
     rng = random.Random(0)
@@ -91,6 +72,15 @@ def _table_header(markdown: str, first_column: str) -> list[str]:
         if line.startswith(f"| {first_column} |"):
             return [cell.strip() for cell in line.strip("|").split("|")]
     raise AssertionError(f"no table starting with {first_column!r} in:\n{markdown}")
+
+
+@pytest.fixture
+def restore_threads():
+    """The scripts run with ``--threads 1`` in this process (the in-process worker sets torch's thread count for the
+    whole process); the count is put back after the test so that the tests after it run at full speed."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_eval_quality_writes_json_markdown_and_charts(tiny, tmp_path, capsys):
@@ -596,7 +586,7 @@ print(json.dumps([
 """
 
 
-def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch, request):
+def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch, restore_threads):
     """A llama.cpp row from a (fake) llama-bench in build_llamacpp's cache; its figures feed the issue-14 targets."""
     cache = tmp_path / "llamacpp"
     (cache / "bin").mkdir(parents=True)
@@ -630,10 +620,8 @@ def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch
         "--in-process",
         "--no-plots",
     ]
-    # One thread keeps the tiny decode timings measurable on a machine whose cores are busy; the in-process worker
-    # sets it for this whole process, so it is put back afterwards.
-    threads = torch.get_num_threads()
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    # One thread keeps the tiny decode timings measurable on a machine whose cores are busy (restore_threads puts the
+    # count back afterwards).
     assert bench_e2e.main(argv) == 0
     data = json.loads((out / "bench.json").read_text())
     rows = {r["method"]: r for r in data["results"]}
@@ -687,12 +675,10 @@ def test_int8_head_method_asks_for_an_int8_lm_head():
     assert C._quantization_config(plain).quantize_lm_head is False
 
 
-def test_bench_static_compile_eager_and_static_cache(tiny, tmp_path, capsys, request):
+def test_bench_static_compile_eager_and_static_cache(tiny, tmp_path, capsys, restore_threads):
     """The static-cache path runs and is compared with eager (the compile mode is measured by hand, not here)."""
     import bench_static_compile
 
-    threads = torch.get_num_threads()
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
     out = tmp_path / "sc.json"
     argv = [
         "--model",
@@ -721,12 +707,10 @@ def test_bench_static_compile_eager_and_static_cache(tiny, tmp_path, capsys, req
         bench_static_compile.main(["--model", f"tl={tiny['llama']}", "--modes", "static"])
 
 
-def test_profile_decode_splits_a_step_into_parts(tiny, tmp_path, capsys, request):
+def test_profile_decode_splits_a_step_into_parts(tiny, tmp_path, capsys, restore_threads):
     """One decode step of a tiny llmint8 model, split by part, against the weight-read bound of the same run."""
     import profile_decode
 
-    threads = torch.get_num_threads()
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
     out = tmp_path / "profile.json"
     argv = [
         "--model",
