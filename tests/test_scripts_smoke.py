@@ -161,10 +161,14 @@ def test_bench_e2e_writes_json_markdown_and_charts(tiny, tmp_path):
         str(tiny["text"]),
         "--prompt-tokens",
         "64",
+        # Decode speed is t(n tokens) - t(1 token), medians of 3: on a loaded 2-core machine one run can stall for
+        # ~40 ms, more than 16 of this model's tokens take (t(16) <= t(1) was seen); 64 tokens stay well above that.
         "--new-tokens",
-        "4",
+        "64",
         "--repeats",
-        "1",
+        "3",
+        "--decode-repeats",
+        "3",
         "--out-dir",
         str(out),
         "--in-process",
@@ -610,8 +614,10 @@ def test_bench_e2e_llamacpp_rows_and_issue14_targets(tiny, tmp_path, monkeypatch
         "--prompt-tokens",
         "64",
         "--new-tokens",
-        "8",
+        "64",  # see test_bench_e2e_writes_json_markdown_and_charts
         "--repeats",
+        "3",
+        "--decode-repeats",
         "3",
         "--threads",
         "1",
