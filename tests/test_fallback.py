@@ -300,7 +300,7 @@ def test_skip_env_var_runs_no_self_check():
 # The self-check accepts the real kernels (no false alarm) on every CPU ISA path, and on every GPU present.
 # ---------------------------------------------------------------------------------------------------------------
 @needs_native_cpu
-@pytest.mark.parametrize("isa", ["amx", "avx512-vnni", "avx2", "none"])
+@pytest.mark.parametrize("isa", ["amx", "avx512-bf16", "avx512-vnni", "avx2", "none"])
 def test_self_check_passes_on_the_native_cpu_kernels(isa, monkeypatch):
     monkeypatch.setenv("HF_INT8_CPU_ISA", isa)  # the C++ side reads it on every call
     if cpu_module().cpu_isa() != isa:

@@ -1,9 +1,9 @@
 """Native kernels against the pure-PyTorch reference (the oracle), on CPU and, where a GPU exists, on CUDA.
 
 Every comparison runs on each CPU instruction-set path this machine can take (HF_INT8_CPU_ISA caps the choice at
-run time: ``amx``, ``avx512-vnni``, ``avx2``, ``none``), so the fallbacks are tested here too, not only the path the
-machine picks; on CUDA it runs whatever the CUDA extension registered. The oracle always runs on the CPU, from
-:mod:`hf_int8.ops.reference` directly.
+run time: ``amx``, ``avx512-bf16``, ``avx512-vnni``, ``avx2``, ``none``), so the fallbacks are tested here too, not
+only the path the machine picks; on CUDA it runs whatever the CUDA extension registered. The oracle always runs on
+the CPU, from :mod:`hf_int8.ops.reference` directly.
 
 What must hold (README, "Native CPU kernels"):
 * int8 codes, row scales, outlier masks and int32 accumulators: identical to the reference;
@@ -30,7 +30,7 @@ from hf_int8.ops import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ISA_ENV = "HF_INT8_CPU_ISA"
-CPU_ISAS = ["amx", "avx512-vnni", "avx2", "none"]
+CPU_ISAS = ["amx", "avx512-bf16", "avx512-vnni", "avx2", "none"]
 NO_CUDA = "no CUDA device present (torch.cuda.is_available() is False)"
 
 # (tokens, in_features K, out_features N): feature sizes that are not multiples of 16 or 64, plus one K long enough
@@ -113,7 +113,8 @@ def _activations(m: int, k: int, dtype: torch.dtype, case: str, seed: int = 0) -
     scaled by 20 (so some of their values cross the threshold and some stay below it). ``many-outliers`` scales 40%
     of the columns (as in Qwen2.5's down_proj): more than the CPU epilogue sums itself from a table, so with many
     tokens the outlier product is a GEMM of its own (gemm.cpp, kFusedOutliersMax: fused into the AMX kernel with
-    AMX-BF16, else outlier_gemm.cpp's fp32 kernels)."""
+    AMX-BF16, else outlier_gemm.cpp's kernels: VDPBF16PS for bf16-exact activations on avx512-bf16, fp32 FMAs
+    otherwise)."""
     x = torch.randn(m, k, generator=_gen(seed)).clamp_(-5.5, 5.5)
     if m > 5:
         x[5] = 0.0
@@ -255,26 +256,31 @@ def test_non_finite_inputs_match_reference(target):
 @pytest.mark.parametrize("m", [1, 40], ids=["decode", "prefill"])
 @pytest.mark.parametrize(
     "special",
-    ["huge", "tiny", "inf", "nan", "fp32-bits"],
+    ["huge", "tiny", "inf", "nan", "fp32-bits", "huge-bf16", "tiny-bf16", "inf-bf16", "nan-bf16"],
 )
 def test_many_outlier_columns_with_extreme_values(target, m, special):
-    """The many-outlier product on values it must not mishandle: beyond the range the AMX-BF16 path takes exactly
-    (|x| > 1e30, or below 2^-100: the product falls back to fp32 FMAs), Inf and NaN (kept whole, not split into
-    bf16 pieces whose remainder would be NaN), and fp32 values that need all three bf16 pieces."""
+    """The many-outlier product on values it must not mishandle: beyond the range the bf16 paths (AMX-BF16,
+    VDPBF16PS) take exactly (|x| > 1e30, or below 2^-100: the product falls back to fp32 FMAs), Inf and NaN (kept
+    whole, not split into bf16 pieces whose remainder would be NaN), and fp32 values that need all three bf16 pieces.
+    The ``-bf16`` cases round every activation to a bf16 number first, as a bf16 model's are: the VDPBF16PS path
+    takes those (or declines them for the out-of-range values)."""
     device, _ = target
     k, n = 150, 70
     weight, scale = _weight(n, k)
     x = _activations(m, k, torch.float32, "many-outliers", seed=3)
     col = int((x.abs() >= 6.0).any(dim=0).nonzero()[0])  # an outlier column
+    kind = special.removesuffix("-bf16")
     value = {"huge": 3e33, "tiny": 1e-33, "inf": float("inf"), "nan": float("nan"), "fp32-bits": 1.0 + 2.0**-20}
-    x[0, col] = value[special]
+    x[0, col] = value[kind]
     if special == "fp32-bits":
         x[:, col] = 7.0 + 2.0**-18  # 22 significant bits: three bf16 pieces
+    if special.endswith("-bf16"):
+        x = x.bfloat16().float()  # fp32 holding bf16 numbers: fp32 output, so the product's rounding shows
     got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), None, 6.0).cpu()
     want = ref.int8_linear(x, weight, scale, None, 6.0)
     # NaN and Inf outputs must sit at the same places (assert_within checks that), the finite ones within the bound.
     assert_within(got, want, int8_linear_tolerance(x, weight, scale, None, 6.0), special)
-    if special == "huge":  # finite, and far above anything the inlier columns contribute
+    if kind == "huge":  # finite, and far above anything the inlier columns contribute
         assert torch.isfinite(want).all() and want.abs().max() > 1e30
 
 
@@ -396,9 +402,10 @@ def test_results_do_not_depend_on_thread_count(cpu_native, isa):
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)
                 results[threads] = [
-                    ops.int8_linear(_activations(m, 1000, torch.float32, case), weight, scale, bias, 6.0)
+                    ops.int8_linear(_activations(m, 1000, dtype, case), weight, scale, bias, 6.0)
                     for m in (1, 7, 100, 2048)
                     for case in ("outliers", "many-outliers")
+                    for dtype in (torch.float32, torch.bfloat16)  # bf16: the VDPBF16PS outlier product on avx512-bf16
                 ] + [ops.quantize_activation(_activations(300, 1000, torch.bfloat16, "outliers"), 6.0)[0]]
         finally:
             torch.set_num_threads(old)
@@ -419,14 +426,16 @@ def test_isa_is_chosen_at_run_time_and_reported(cpu_native):
         assert cpu_native.gemm_path(1) == cpu_native.gemm_path(8) == "avx2"
         # Past 8 rows oneDNN (at::_int_mm) takes over only where it runs on VNNI/AMX: on a CPU without them its
         # AVX2 kernel is slower than ours (gemm.cpp, choose()).
-        many_rows = "avx2 onednn" if best in ("amx", "avx512-vnni") else "avx2"
+        many_rows = "avx2 onednn" if best in ("amx", "avx512-bf16", "avx512-vnni") else "avx2"
         assert cpu_native.gemm_path(9) == cpu_native.gemm_path(4096) == many_rows
     with _isa("none"):
         assert cpu_native.gemm_path(83) == "generic"
-    if best in ("amx", "avx512-vnni"):
-        with _isa("avx512-vnni"):
-            assert cpu_native.gemm_path(1) == cpu_native.gemm_path(8) == "avx512-vnni small-M"
-            assert cpu_native.gemm_path(9) == cpu_native.gemm_path(4096) == "avx512-vnni packed"
+    for capped in ("avx512-bf16", "avx512-vnni"):  # avx512-bf16 changes the outlier product, not the int8 GEMM
+        if CPU_ISAS.index(best) <= CPU_ISAS.index(capped):
+            with _isa(capped):
+                assert cpu_native.cpu_isa() == capped
+                assert cpu_native.gemm_path(1) == cpu_native.gemm_path(8) == "avx512-vnni small-M"
+                assert cpu_native.gemm_path(9) == cpu_native.gemm_path(4096) == "avx512-vnni packed"
     if best == "amx":
         assert cpu_native.gemm_path(4096) == "amx"
     assert cpu_native.cpu_isa() == best  # the cap is lifted again

@@ -103,7 +103,7 @@ IMPLS = [
     pytest.param(Impl("dispatch-cpu", "cpu", True), id="dispatch-cpu"),
     *[
         pytest.param(Impl(f"native-cpu-{isa}", "cpu", True, isa=isa), id=f"native-cpu-{isa}", marks=_native_cpu)
-        for isa in ("avx512-vnni", "avx2", "none")
+        for isa in ("avx512-bf16", "avx512-vnni", "avx2", "none")
     ],
     pytest.param(Impl("reference-cuda", "cuda", False), id="reference-cuda", marks=[_cuda, pytest.mark.gpu]),
     pytest.param(Impl("dispatch-cuda", "cuda", True), id="dispatch-cuda", marks=[_cuda, pytest.mark.gpu]),

@@ -16,7 +16,9 @@ Isa detect() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    return amx::available() ? Isa::kAmx : Isa::kAvx512Vnni;
+    // kAvx512Bf16 also uses VPCOMPRESSB (AVX512-VBMI2), which every CPU with AVX512-BF16 but Cooper Lake has
+    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vbmi2")) return Isa::kAvx512Vnni;
+    return amx::available() ? Isa::kAmx : Isa::kAvx512Bf16;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     return Isa::kAvx2;
@@ -27,10 +29,11 @@ Isa detect() {
 
 Isa parse(const std::string& name) {
   if (name == "amx") return Isa::kAmx;
+  if (name == "avx512-bf16") return Isa::kAvx512Bf16;
   if (name == "avx512-vnni") return Isa::kAvx512Vnni;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "none") return Isa::kNone;
-  TORCH_CHECK_VALUE(false, "HF_INT8_CPU_ISA must be amx, avx512-vnni, avx2 or none, got '", name, "'");
+  TORCH_CHECK_VALUE(false, "HF_INT8_CPU_ISA must be amx, avx512-bf16, avx512-vnni, avx2 or none, got '", name, "'");
 }
 
 }  // namespace
@@ -52,6 +55,7 @@ Isa selected_isa() {
 std::string selected_isa_name() {
   switch (selected_isa()) {
     case Isa::kAmx: return "amx";
+    case Isa::kAvx512Bf16: return "avx512-bf16";
     case Isa::kAvx512Vnni: return "avx512-vnni";
     case Isa::kAvx2: return "avx2";
     default: return "none";

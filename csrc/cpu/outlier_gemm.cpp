@@ -10,11 +10,18 @@
 //   products and accumulates in fp32, computes the same sum as an fp32 FMA loop up to summation order. The
 //   activations are split once per call into B tiles; each block of weight rows gathers its outlier weights once as
 //   A tiles. col_scale[n] is applied to the finished sum (the bf16 operands must stay exact), which moves the result
-//   by an fp32 rounding at most. Activations so large that |x| * 127 * J could overflow fp32 (above kAmxMaxAbs), or so
-//   small that a bf16 piece would be subnormal (which AMX flushes to zero), make prepare_amx_outliers decline.
-// - Otherwise (other CPUs, or declined) outlier_product computes it up front for the epilogue to add: fp32 FMA
-//   register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over dequantized weights, walking the outlier columns
-//   in chunks whose gathered weights fit in L1.
+//   by an fp32 rounding at most. Activations so large that |x| * 127 * J could overflow fp32 (above kBf16MaxAbs), or
+//   so small that a bf16 piece would be subnormal (which AMX flushes to zero), make prepare_amx_outliers decline.
+// - Otherwise outlier_product computes it up front for the epilogue to add:
+//   - AVX512-BF16 + VBMI2 (Zen 4/5; Sapphire Rapids and later when the AMX GEMM does not run) when every outlier
+//     activation is a bf16 number in the range above, as a bf16 model's activations are: VDPBF16PS multiplies pairs
+//     of bf16 numbers exactly and accumulates in fp32, 32 multiply-adds per instruction against 16 for an fp32 FMA.
+//     Register tiles of 12 tokens x 32 rows over column pairs; each strip's outlier codes are picked out of its rows
+//     once with VPCOMPRESSB (per-code gathers cost half as much as the products). Like the AMX path, the int8 values
+//     enter as they are and col_scale multiplies the finished sums. Other activations (fp32, fp16: two or three
+//     pieces would cost as much as FMAs or more) take the FMA path.
+//   - fp32 FMA register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over dequantized weights.
+//   Both walk the outlier columns in chunks whose gathered weights fit in L1.
 // Not BLAS: a BLAS splits its work, and its fp32 sums, by the number of threads.
 #include <ATen/Parallel.h>
 
@@ -41,7 +48,8 @@ struct Problem {
   int64_t M, J;
   const int8_t* b;  // [N, ldb]: int8 weight rows
   int64_t N, ldb;
-  const int64_t* cols;  // [J]: the outlier column indices into K
+  int64_t K;            // columns of b
+  const int64_t* cols;  // [J]: the outlier column indices into K (ascending)
   const float* scale;   // [N]
   float* out;           // [M, ldo], ldo >= round_up(N, 32)
   int64_t ldo;
@@ -193,10 +201,12 @@ void product_fma(Isa isa, const Problem& g) {
 constexpr int kMaxPieces = 3;      // bf16 pieces of an fp32 value (8 + 8 + 8 mantissa bits)
 constexpr int64_t kAmxJStep = 32;  // outlier columns per TDPBF16PS (16 pairs)
 constexpr int64_t kAmxRows = 32;   // tokens per block (two A tiles)
-// Activation magnitudes the AMX path takes: below kAmxMaxAbs, |x| * 127 summed over any J that fits in memory stays
-// far from fp32 overflow; from kAmxMinAbs up, every bf16 piece of x (down to 2^-16 of it) is a normal number.
-constexpr float kAmxMaxAbs = 1e30f;
-constexpr float kAmxMinAbs = 0x1p-100f;
+// Activation magnitudes the bf16 paths (AMX, AVX512-BF16) take: below kBf16MaxAbs, |x| * 127 summed over any J that
+// fits in memory stays far from fp32 overflow; from kBf16MinAbs up, every bf16 piece of x (down to 2^-16 of it) is a
+// normal number, and so is every product and nonzero partial sum (multiples of the smallest piece's last bit): AMX and
+// VDPBF16PS flush subnormals to zero, so this range is where they compute what fp32 FMAs compute.
+constexpr float kBf16MaxAbs = 1e30f;
+constexpr float kBf16MinAbs = 0x1p-100f;
 
 #if HF_INT8_X86
 // The top 8 significant bits of v as bf16 (truncated, so never rounded up into the next binade or to infinity).
@@ -237,7 +247,7 @@ int split_row(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p
   int used = 1;
   for (int64_t j = 0; j < J; ++j) {
     const float v = x[j], a = std::fabs(v);
-    if ((a > kAmxMaxAbs && !std::isinf(a)) || (a < kAmxMinAbs && a != 0.0f)) return 0;
+    if ((a > kBf16MaxAbs && !std::isinf(a)) || (a < kBf16MinAbs && a != 0.0f)) return 0;
     uint16_t piece[kMaxPieces];
     used = std::max(used, split_bf16(v, piece));
     p0[j] = piece[0];
@@ -250,7 +260,7 @@ int split_row(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p
 // split_row, 16 values at a time (a block holding Inf or NaN goes through split_row).
 HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p2) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512 max_abs = _mm512_set1_ps(kAmxMaxAbs), min_abs = _mm512_set1_ps(kAmxMinAbs);
+  const __m512 max_abs = _mm512_set1_ps(kBf16MaxAbs), min_abs = _mm512_set1_ps(kBf16MinAbs);
   const __m512i exponent = _mm512_set1_epi32(0x7F800000);  // all ones: Inf or NaN
   __mmask16 needs2 = 0, needs3 = 0;
   int used = 1;
@@ -281,6 +291,191 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
     _mm256_mask_storeu_epi16(p2 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h2, 16)));
   }
   return std::max(used, needs3 != 0 ? 3 : (needs2 != 0 ? 2 : 1));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX512-BF16 path.
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int64_t kPairChunk = 256;  // outlier column pairs per pass over the tokens (table: 32 KiB, in L1)
+
+// x[0 .. J) as bf16 at dst[0 .. J) (dst[J], the pad of an odd J, is left as it is: zero). False, with dst partly
+// written, when a value is not exactly a bf16 number or lies outside [kBf16MinAbs, kBf16MaxAbs] (0, Inf and NaN pass:
+// they propagate as in an fp32 FMA).
+HF_INT8_TARGET_AVX512 bool bf16_row(const float* x, int64_t J, uint16_t* dst) {
+  const __m512i low = _mm512_set1_epi32(0xFFFF);
+  const __m512 max_abs = _mm512_set1_ps(kBf16MaxAbs), min_abs = _mm512_set1_ps(kBf16MinAbs);
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  for (int64_t j = 0; j < J; j += 16) {
+    const __mmask16 k = avx512::mask16(J - j);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512 a = _mm512_abs_ps(v);
+    const __mmask16 bad =
+        _mm512_test_epi32_mask(bits, low) |
+        (_mm512_cmp_ps_mask(a, max_abs, _CMP_GT_OQ) & _mm512_cmp_ps_mask(a, inf, _CMP_NEQ_OQ)) |
+        (_mm512_cmp_ps_mask(a, min_abs, _CMP_LT_OQ) & _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ));
+    if (bad != 0) return false;
+    _mm256_mask_storeu_epi16(dst + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+  }
+  return true;
+}
+
+// The outlier columns as a bitset over K (64 per word, zero past K); empty when they are not strictly ascending (the
+// order compress_row produces must be the order of x's columns).
+std::vector<uint64_t> column_bits(const Problem& g) {
+  std::vector<uint64_t> bits(static_cast<size_t>(ceil_div(g.K, 64)), 0u);
+  for (int64_t j = 0; j < g.J; ++j) {
+    const int64_t k = g.cols[j];
+    if (k < 0 || k >= g.K || (j > 0 && k <= g.cols[j - 1])) return {};
+    bits[static_cast<size_t>(k / 64)] |= uint64_t{1} << (k % 64);
+  }
+  return bits;
+}
+
+// dst[0 .. J) = row[cols[0 .. J)], 64 columns of the row per VPCOMPRESSB (a gather per code was ~4x slower).
+// dst must hold J + 64 bytes; dst[J] ends up 0 (the pad of an odd J).
+HF_INT8_TARGET_AVX512_BF16 void compress_row(const int8_t* row, int64_t K, const uint64_t* bits, int8_t* dst) {
+  int64_t written = 0;
+  dst[0] = 0;
+  for (int64_t w = 0; w * 64 < K; ++w) {
+    const __mmask64 take = bits[w];
+    if (take == 0) continue;
+    const int64_t valid = std::min<int64_t>(64, K - w * 64);
+    const __mmask64 in_row = valid == 64 ? ~__mmask64(0) : ~__mmask64(0) >> (64 - valid);
+    const __m512i v = _mm512_maskz_loadu_epi8(in_row, row + w * 64);
+    _mm512_storeu_si512(dst + written, _mm512_maskz_compress_epi8(take, v));  // zeros after the taken bytes
+    written += __builtin_popcountll(take);
+  }
+}
+
+// table[p - p0][c] = bf16(codes_c[2p]) | bf16(codes_c[2p + 1]) << 16 for p in [p0, p1), rounded up to 16 pairs (0
+// past J; int8 values are exact in bf16), where codes_c = the compressed outlier codes of row n0 + c (`codes`, rows of
+// `ld` bytes; `rows` of them are valid, the rest are 0): for each weight row, the VDPBF16PS lane of a pair of outlier
+// columns. Built row by row in `scratch` ([32 rows][kPairChunk]), then turned to [pair][row] by 16 x 16 transposes.
+HF_INT8_TARGET_AVX512 void gather_pairs(const int8_t* codes, int64_t ld, int64_t rows, int64_t J, int64_t p0,
+                                        int64_t p1, uint32_t* scratch, uint32_t* table) {
+  const int64_t padded = round_up(p1 - p0, 16);
+  for (int64_t c = 0; c < kStripRows; ++c) {
+    uint32_t* dst = scratch + c * kPairChunk;
+    if (c >= rows) {
+      std::memset(dst, 0, static_cast<size_t>(padded) * sizeof(uint32_t));
+      continue;
+    }
+    const int8_t* row = codes + c * ld;
+    for (int64_t q = 0; q < padded; q += 8) {  // 8 pairs: 16 codes
+      const int64_t j = 2 * (p0 + q);
+      const __m128i c8 = _mm_maskz_loadu_epi8(avx512::mask16(std::max<int64_t>(0, J - j)), row + j);
+      const __m512i bf16 = _mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c8))), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + q), _mm512_cvtepi32_epi16(bf16));
+    }
+  }
+  for (int64_t b = 0; b < padded; b += 16) {
+    for (int64_t c0 = 0; c0 < kStripRows; c0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(scratch + (c0 + i) * kPairChunk + b);
+      avx512::transpose16(r);
+      for (int k = 0; k < 16; ++k) _mm512_storeu_si512(table + (b + k) * kStripRows + c0, r[k]);
+    }
+  }
+}
+
+// out[m0 .. m0 + R, n0 .. n0 + 32) (+)= sum over pairs [p0, p1) of x pair . table pair (unscaled sums).
+template <int R>
+HF_INT8_TARGET_AVX512_BF16 void tile_bf16(const Problem& g, const uint32_t* x_pairs, int64_t pairs, int64_t m0,
+                                          int64_t n0, int64_t p0, int64_t p1, const uint32_t* table) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    float* o = g.out + (m0 + r) * g.ldo + n0;
+    acc[r][0] = p0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o);
+    acc[r][1] = p0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o + 16);
+  }
+  const uint32_t* x = x_pairs + m0 * pairs;
+  for (int64_t p = p0; p < p1; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(table + (p - p0) * kStripRows);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(table + (p - p0) * kStripRows + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * pairs + p]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = g.out + (m0 + r) * g.ldo + n0;
+    _mm512_storeu_ps(o, acc[r][0]);
+    _mm512_storeu_ps(o + 16, acc[r][1]);
+  }
+}
+
+void tile_bf16_rows(const Problem& g, const uint32_t* x_pairs, int64_t pairs, int64_t m0, int64_t rows, int64_t n0,
+                    int64_t p0, int64_t p1, const uint32_t* table) {
+  switch (rows) {
+    case 12: tile_bf16<12>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 11: tile_bf16<11>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 10: tile_bf16<10>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 9: tile_bf16<9>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 8: tile_bf16<8>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 7: tile_bf16<7>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 6: tile_bf16<6>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 5: tile_bf16<5>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 4: tile_bf16<4>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 3: tile_bf16<3>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    case 2: tile_bf16<2>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+    default: tile_bf16<1>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
+  }
+}
+
+// out[., n0 .. n0 + 32) *= col_scale (0 past N): the sums of int8 values become the sums of dequantized weights.
+HF_INT8_TARGET_AVX512 void scale_strip(const Problem& g, int64_t n0) {
+  const int64_t valid = g.N - n0;  // >= 1
+  const __m512 s0 = _mm512_maskz_loadu_ps(avx512::mask16(valid), g.scale + n0);
+  const __m512 s1 =
+      valid > 16 ? _mm512_maskz_loadu_ps(avx512::mask16(valid - 16), g.scale + n0 + 16) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < g.M; ++m) {
+    float* o = g.out + m * g.ldo + n0;
+    _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), s0));
+    _mm512_storeu_ps(o + 16, _mm512_mul_ps(_mm512_loadu_ps(o + 16), s1));
+  }
+}
+
+// The product on AVX512-BF16; false (nothing written) when an activation is outside what the path computes exactly.
+bool product_bf16(const Problem& g) {
+  constexpr int64_t kRowsPerTile = 12;
+  const int64_t pairs = ceil_div(g.J, 2);
+  // x as bf16 pairs [M][pairs]; uint32 storage, written as 16-bit lanes by bf16_row (intrinsic stores may alias)
+  std::vector<uint32_t> x_pairs(static_cast<size_t>(g.M * pairs), 0u);
+  std::vector<uint8_t> row_ok(static_cast<size_t>(g.M), 0);
+  at::parallel_for(0, g.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(g.J, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      row_ok[static_cast<size_t>(m)] =
+          bf16_row(g.x + m * g.J, g.J, reinterpret_cast<uint16_t*>(x_pairs.data() + m * pairs)) ? 1 : 0;
+    }
+  });
+  for (const uint8_t ok : row_ok) {
+    if (ok == 0) return false;
+  }
+  const std::vector<uint64_t> bits = column_bits(g);
+  if (bits.empty()) return false;
+  const int64_t strips = ceil_div(g.N, kStripRows);
+  const int64_t ld_codes = round_up(g.J + 64, 64);
+  at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<int8_t> codes(static_cast<size_t>(kStripRows * ld_codes));  // the strip's outlier codes
+    std::vector<uint32_t> scratch(static_cast<size_t>(kStripRows * kPairChunk));
+    std::vector<uint32_t> table(static_cast<size_t>(kPairChunk * kStripRows));
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t n0 = s * kStripRows, rows = std::min(kStripRows, g.N - n0);
+      for (int64_t c = 0; c < rows; ++c)
+        compress_row(g.b + (n0 + c) * g.ldb, g.K, bits.data(), codes.data() + c * ld_codes);
+      for (int64_t p0 = 0; p0 < pairs; p0 += kPairChunk) {
+        const int64_t p1 = std::min(pairs, p0 + kPairChunk);
+        gather_pairs(codes.data(), ld_codes, rows, g.J, p0, p1, scratch.data(), table.data());
+        for (int64_t m0 = 0; m0 < g.M; m0 += kRowsPerTile) {
+          tile_bf16_rows(g, x_pairs.data(), pairs, m0, std::min(kRowsPerTile, g.M - m0), n0, p0, p1, table.data());
+        }
+      }
+      scale_strip(g, n0);
+    }
+  });
+  return true;
 }
 
 // Re-lays row-major pieces [n_pieces][mp][jp] as B tiles: for each piece, 16-token panel and step of 32 columns, a
@@ -428,7 +623,11 @@ void outlier_block(const GemmProblem&, const AmxOutliers&, const uint16_t*, int6
 #endif
 
 void outlier_product(Isa isa, const GemmProblem& p, float* out, int64_t ldo) {
-  const Problem g{p.ep.x_outlier, p.M, p.ep.n_outliers, p.b, p.N, p.ldb, p.ep.outlier_cols, p.ep.col_scale, out, ldo};
+  const Problem g{
+      p.ep.x_outlier, p.M, p.ep.n_outliers, p.b, p.N, p.ldb, p.K, p.ep.outlier_cols, p.ep.col_scale, out, ldo};
+#if HF_INT8_X86
+  if (isa >= Isa::kAvx512Bf16 && product_bf16(g)) return;
+#endif
   product_fma(isa, g);
 }
 

@@ -165,22 +165,25 @@ def arch_problem(device: torch.device) -> str | None:
 SELF_CHECK_N = 5
 # (M tokens, K features, outlier columns, bias), each in every input dtype. K = 1 and the odd K = 83 take the
 # kernels' scalar tails, M = 1 their decode path; M = 17 with K = 64 reaches the CUDA tensor-core GEMM (M > 8) and its
-# 16-byte vector loads (K % 16 == 0). Outlier columns are 0 and K/2, some of whose values cross the threshold.
+# 16-byte vector loads (K % 16 == 0). Outlier columns are spread over K (0 and K/2 for two), some of their values
+# cross the threshold; 12 of them with M = 20 is more than the CPU epilogue sums itself, so the outlier product runs
+# as a GEMM of its own (AMX-BF16, VDPBF16PS or fp32 FMAs, by CPU and input dtype: csrc/cpu/outlier_gemm.cpp).
 SELF_CHECK_CASES = (
-    (1, 1, False, True),
-    (1, 83, False, False),
-    (7, 83, True, True),
-    (17, 64, True, False),
+    (1, 1, 0, True),
+    (1, 83, 0, False),
+    (7, 83, 2, True),
+    (17, 64, 2, False),
+    (20, 83, 12, True),
 )
 _EPS_OUT = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-def _problem_inputs(m: int, k: int, outliers: bool, bias: bool):
+def _problem_inputs(m: int, k: int, outliers: int, bias: bool):
     """fp32 ``x [m, k]``, ``w [N, k]`` and ``bias [N]`` (or None), on the CPU, the same in every process."""
     g = torch.Generator().manual_seed(1000 * m + k)
     x = (torch.randn(m, k, generator=g) * 2).clamp_(-5.5, 5.5)  # below the threshold...
-    if outliers:  # ...except columns 0 and K/2, whose values cross it in some rows
-        x[:, sorted({0, k // 2})] *= 20.0
+    if outliers:  # ...except `outliers` columns spread over K, whose values cross it in some rows
+        x[:, [i * k // outliers for i in range(outliers)]] *= 20.0
     w = torch.randn(SELF_CHECK_N, k, generator=g) * 0.05
     return x, w, torch.randn(SELF_CHECK_N, generator=g) if bias else None
 
@@ -212,7 +215,7 @@ def _check_problems(device: torch.device, native_ops: set[str]) -> str | None:
     for m, k, outliers, bias in SELF_CHECK_CASES:
         x32, w32, b32 = _problem_inputs(m, k, outliers, bias)
         for dtype in reference.FLOAT_DTYPES:
-            what = f"{str(dtype).replace('torch.', '')}, M={m}, K={k}, {'outliers' if outliers else 'no outliers'}"
+            what = f"{str(dtype).replace('torch.', '')}, M={m}, K={k}, {outliers} outlier columns"
             x, w = x32.to(device=device, dtype=dtype), w32.to(device=device, dtype=dtype)
             b = None if b32 is None else b32.to(device=device, dtype=dtype)
             w_codes, w_scale = reference.quantize_weight(w)

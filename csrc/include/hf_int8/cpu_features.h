@@ -5,10 +5,14 @@
 
 namespace hf_int8::cpu {
 
-// Ordered: each level implies the ones below it. kAmx adds AMX-INT8 tiles (for the large-M GEMM) to kAvx512Vnni.
-enum class Isa { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
+// Ordered: each level implies the ones below it. kAvx512Bf16 adds VDPBF16PS and VPCOMPRESSB (AVX512-BF16 and
+// AVX512-VBMI2: the outlier product of bf16 activations, outlier_gemm.cpp) to kAvx512Vnni; kAmx adds AMX-INT8 tiles
+// (for the large-M GEMM) to kAvx512Bf16 (every CPU with AMX has AVX512-BF16; one without it is treated as
+// kAvx512Vnni).
+enum class Isa { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
-// Best ISA this CPU supports, capped by HF_INT8_CPU_ISA (values: amx, avx512-vnni, avx2, none) when it is set.
+// Best ISA this CPU supports, capped by HF_INT8_CPU_ISA (values: amx, avx512-bf16, avx512-vnni, avx2, none) when it is
+// set.
 Isa selected_isa();
 // Best ISA this CPU supports, ignoring HF_INT8_CPU_ISA: what libraries such as oneDNN will use on it.
 Isa detected_isa();

@@ -27,6 +27,8 @@
 #define HF_INT8_X86 1
 #define HF_INT8_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define HF_INT8_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define HF_INT8_TARGET_AVX512_BF16 \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx512vbmi2")))
 #define HF_INT8_TARGET_AMX \
   __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
 #define HF_INT8_TARGET_AMX_BF16 \
