@@ -114,12 +114,13 @@ def _activations(m: int, k: int, dtype: torch.dtype, case: str, seed: int = 0) -
     of the columns (as in Qwen2.5's down_proj): more than the CPU epilogue sums itself from a table, so with many
     tokens the outlier product is a GEMM of its own (gemm.cpp, kFusedOutliersMax: fused into the AMX kernel with
     AMX-BF16, else outlier_gemm.cpp's kernels: VDPBF16PS for bf16-exact activations on avx512-bf16, fp32 FMAs
-    otherwise)."""
+    otherwise). ``most-outliers`` scales 60%: with 128 tokens or more, avx512-bf16's int8 GEMM then skips the outlier
+    columns (gemm.cpp, kCompactMinRows)."""
     x = torch.randn(m, k, generator=_gen(seed)).clamp_(-5.5, 5.5)
     if m > 5:
         x[5] = 0.0
     if case != "none":
-        count = 3 if case == "outliers" else max(3, 2 * k // 5)
+        count = {"outliers": 3, "many-outliers": max(3, 2 * k // 5), "most-outliers": max(3, 3 * k // 5)}[case]
         cols = torch.randperm(k, generator=_gen(seed + 1))[:count]
         x[:, cols] *= 20.0
     return x.to(dtype)
@@ -224,6 +225,26 @@ def test_int8_linear(target, m, k, n, case, threshold):
             assert torch.equal(got, want), f"without outlier columns CPU is bit-identical to the reference ({what})"
         if m > 5:  # a zero input row gives exactly the bias (after the cast)
             assert torch.equal(got[5], bias), what
+
+
+# >= 128 tokens (kCompactMinRows): K not a multiple of 64 (the compressed rows' tail), one K past 4096.
+MOST_OUTLIER_SHAPES = [(128, 200, 75), (200, 1000, 130), (130, 4500, 70)]
+
+
+@pytest.mark.parametrize("m,k,n", MOST_OUTLIER_SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in MOST_OUTLIER_SHAPES])
+def test_int8_linear_with_most_columns_outliers(target, m, k, n):
+    """60% outlier columns and >= 128 tokens: on avx512-bf16 the int8 GEMM runs over the other 40% only (A and B
+    compressed): the same int32 sums, so the same bound; other paths take the usual route."""
+    device, _ = target
+    weight, scale = _weight(n, k)
+    for dtype in DTYPES:
+        x = _activations(m, k, dtype, "most-outliers", seed=m)
+        bias = torch.randn(n, generator=_gen(9)).to(dtype)
+        got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), bias.to(device), 6.0).cpu()
+        want = ref.int8_linear(x, weight, scale, bias, 6.0)
+        assert int(ref.quantize_activation(x, 6.0)[2].sum()) * 2 >= k, "the case is what it says"
+        assert_within(got, want, int8_linear_tolerance(x, weight, scale, bias, 6.0), str(dtype))
+        assert torch.equal(got[5], bias), f"a zero input row gives exactly the bias ({dtype})"
 
 
 def test_int8_linear_leading_dims_and_no_bias(target):
@@ -404,7 +425,7 @@ def test_results_do_not_depend_on_thread_count(cpu_native, isa):
                 results[threads] = [
                     ops.int8_linear(_activations(m, 1000, dtype, case), weight, scale, bias, 6.0)
                     for m in (1, 7, 100, 2048)
-                    for case in ("outliers", "many-outliers")
+                    for case in ("outliers", "many-outliers", "most-outliers")
                     for dtype in (torch.float32, torch.bfloat16)  # bf16: the VDPBF16PS outlier product on avx512-bf16
                 ] + [ops.quantize_activation(_activations(300, 1000, torch.bfloat16, "outliers"), 6.0)[0]]
         finally:

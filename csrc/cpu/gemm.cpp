@@ -37,6 +37,13 @@ constexpr int64_t kAmxKBlockedMaxK = 4096;      // AMX: K-blocked up to this K (
 // (decode) kernel always sums the product itself: it gathers each weight row's outlier weights once, from the row it
 // has just streamed, and dots them with every token.
 constexpr int64_t kFusedOutliersMax = 8;
+// Packed VNNI path, Isa::kAvx512Bf16 and up: with at least kCompactMinRows tokens and half the columns outliers, the
+// int8 GEMM skips the outlier columns (zero in A; GemmProblem::b_keep): the GEMM time saved grows with M x share, the
+// cost of compressing the rows (VPCOMPRESSB, ~N * K / 64 of them) does not. Measured on an AMD EPYC Zen 5, 2 threads,
+// bf16 activations, against the same call without it (4096x4096 and 11008x4096): 1.06-1.30x faster at 128-512 tokens
+// with 50-70% outlier columns; 0.94-0.98x at 25% with 128-256 tokens, 0.64-0.81x at 16 tokens (not taken there).
+constexpr int64_t kCompactMinRows = 128;
+constexpr int64_t kCompactFromShare = 2;  // outlier columns >= K / this
 
 Path choose(Isa isa, int64_t M) {
   if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallMaxM) return Path::kSmallM;
@@ -199,6 +206,34 @@ void gemm(Isa isa, const GemmProblem& p) {
     } else if (q.ep.w_outlier_t == nullptr && path != Path::kSmallM) {
       w_outlier = outlier_weights(q);
       q.ep.w_outlier_t = w_outlier.data_ptr<float>();
+    }
+  }
+
+  // Many outlier columns: the int8 GEMM runs over the other columns only, A compressed here, B as it is packed.
+  std::vector<uint64_t> keep;
+  at::Tensor a_kept;
+  if (path == Path::kPackedVnni && isa >= Isa::kAvx512Bf16 && q.M >= kCompactMinRows &&
+      q.ep.n_outliers > kFusedOutliersMax && q.ep.n_outliers * kCompactFromShare >= q.K) {
+    keep.assign(static_cast<size_t>(ceil_div(q.K, 64)), ~uint64_t{0});
+    if (q.K % 64 != 0) keep.back() = ~uint64_t{0} >> (64 - q.K % 64);
+    for (int64_t j = 0; j < q.ep.n_outliers; ++j) {
+      const int64_t k = q.ep.outlier_cols[j];
+      keep[static_cast<size_t>(k / 64)] &= ~(uint64_t{1} << (k % 64));
+    }
+    int64_t k_kept = 0;
+    for (const uint64_t word : keep) k_kept += __builtin_popcountll(word);
+    if (k_kept > 0) {
+      const int64_t ld = round_up(k_kept + 64, 64);
+      a_kept = at::empty({q.M, ld}, at::kChar);
+      int8_t* dst = a_kept.data_ptr<int8_t>();
+      at::parallel_for(0, q.M, std::max<int64_t>(1, 16384 / q.K), [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) avx512::compress_columns(q.a + m * q.lda, q.K, keep.data(), dst + m * ld);
+      });
+      q.b_keep = keep.data();
+      q.b_keep_k = q.K;
+      q.a = dst;
+      q.lda = ld;
+      q.K = k_kept;
     }
   }
 

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace hf_int8::cpu::avx512 {
 
@@ -319,14 +320,39 @@ void pack_rows(const GemmProblem& p, int64_t m_begin, int64_t m_end, int8_t* x_p
   }
 }
 
+HF_INT8_TARGET_AVX512_VBMI2 int64_t compress_columns(const int8_t* src, int64_t K, const uint64_t* keep, int8_t* dst) {
+  int64_t written = 0;
+  for (int64_t w = 0; w * 64 < K; ++w) {
+    const __mmask64 take = keep[w];
+    if (take == 0) continue;
+    const int64_t valid = std::min<int64_t>(64, K - w * 64);
+    const __mmask64 in_row = valid == 64 ? ~__mmask64(0) : ~__mmask64(0) >> (64 - valid);
+    const __m512i v = _mm512_maskz_loadu_epi8(in_row, src + w * 64);
+    _mm512_storeu_si512(dst + written, _mm512_maskz_compress_epi8(take, v));  // zeros after the taken bytes
+    written += __builtin_popcountll(take);
+  }
+  return written;
+}
+
 HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, const int8_t* x_panels, int64_t n_begin, int64_t n_end,
                                   uint8_t* panels) {
   const int64_t kq = ceil_div(p.K, 4);
   const int64_t n_panels = ceil_div(n_end - n_begin, kPanelCols);
+  // b_keep: each panel's rows are compressed to their K kept columns first, then packed from there.
+  const int64_t ld_kept = round_up(p.K + 64, 64);
+  std::vector<int8_t> kept(p.b_keep != nullptr ? static_cast<size_t>(kPanelCols * ld_kept) : 0);
   for (int64_t q = 0; q < n_panels; ++q) {
-    const int64_t n0 = n_begin + q * kPanelCols;
-    pack_panel(p.b + n0 * p.ldb, p.ldb, std::min<int64_t>(kPanelCols, n_end - n0), p.K, kq, /*flip=*/true,
-               panels + q * kq * 64);
+    const int64_t n0 = n_begin + q * kPanelCols, rows = std::min<int64_t>(kPanelCols, n_end - n0);
+    const int8_t* b = p.b + n0 * p.ldb;
+    int64_t ldb = p.ldb;
+    if (p.b_keep != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) {
+        compress_columns(b + r * p.ldb, p.b_keep_k, p.b_keep, kept.data() + r * ld_kept);
+      }
+      b = kept.data();
+      ldb = ld_kept;
+    }
+    pack_panel(b, ldb, rows, p.K, kq, /*flip=*/true, panels + q * kq * 64);
   }
   int64_t m0 = 0;
   for (; m0 + kPackedRows <= p.M; m0 += kPackedRows) {
@@ -347,6 +373,7 @@ void pack_panel(const int8_t*, int64_t, int64_t, int64_t, int64_t, bool, uint8_t
 void small_m(const GemmProblem&, int64_t, int64_t) {}
 void pack_rows(const GemmProblem&, int64_t, int64_t, int8_t*) {}
 void packed(const GemmProblem&, const int8_t*, int64_t, int64_t, uint8_t*) {}
+int64_t compress_columns(const int8_t*, int64_t, const uint64_t*, int8_t*) { return 0; }
 }  // namespace hf_int8::cpu::avx512
 
 #endif  // HF_INT8_X86

@@ -321,7 +321,7 @@ HF_INT8_TARGET_AVX512 bool bf16_row(const float* x, int64_t J, uint16_t* dst) {
 }
 
 // The outlier columns as a bitset over K (64 per word, zero past K); empty when they are not strictly ascending (the
-// order compress_row produces must be the order of x's columns).
+// order compress_columns produces must be the order of x's columns).
 std::vector<uint64_t> column_bits(const Problem& g) {
   std::vector<uint64_t> bits(static_cast<size_t>(ceil_div(g.K, 64)), 0u);
   for (int64_t j = 0; j < g.J; ++j) {
@@ -330,22 +330,6 @@ std::vector<uint64_t> column_bits(const Problem& g) {
     bits[static_cast<size_t>(k / 64)] |= uint64_t{1} << (k % 64);
   }
   return bits;
-}
-
-// dst[0 .. J) = row[cols[0 .. J)], 64 columns of the row per VPCOMPRESSB (a gather per code was ~4x slower).
-// dst must hold J + 64 bytes; dst[J] ends up 0 (the pad of an odd J).
-HF_INT8_TARGET_AVX512_BF16 void compress_row(const int8_t* row, int64_t K, const uint64_t* bits, int8_t* dst) {
-  int64_t written = 0;
-  dst[0] = 0;
-  for (int64_t w = 0; w * 64 < K; ++w) {
-    const __mmask64 take = bits[w];
-    if (take == 0) continue;
-    const int64_t valid = std::min<int64_t>(64, K - w * 64);
-    const __mmask64 in_row = valid == 64 ? ~__mmask64(0) : ~__mmask64(0) >> (64 - valid);
-    const __m512i v = _mm512_maskz_loadu_epi8(in_row, row + w * 64);
-    _mm512_storeu_si512(dst + written, _mm512_maskz_compress_epi8(take, v));  // zeros after the taken bytes
-    written += __builtin_popcountll(take);
-  }
 }
 
 // table[p - p0][c] = bf16(codes_c[2p]) | bf16(codes_c[2p + 1]) << 16 for p in [p0, p1), rounded up to 16 pairs (0
@@ -464,7 +448,7 @@ bool product_bf16(const Problem& g) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t n0 = s * kStripRows, rows = std::min(kStripRows, g.N - n0);
       for (int64_t c = 0; c < rows; ++c)
-        compress_row(g.b + (n0 + c) * g.ldb, g.K, bits.data(), codes.data() + c * ld_codes);
+        avx512::compress_columns(g.b + (n0 + c) * g.ldb, g.K, bits.data(), codes.data() + c * ld_codes);
       for (int64_t p0 = 0; p0 < pairs; p0 += kPairChunk) {
         const int64_t p1 = std::min(pairs, p0 + kPairChunk);
         gather_pairs(codes.data(), ld_codes, rows, g.J, p0, p1, scratch.data(), table.data());

@@ -29,6 +29,8 @@
 #define HF_INT8_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define HF_INT8_TARGET_AVX512_BF16 \
   __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx512vbmi2")))
+#define HF_INT8_TARGET_AVX512_VBMI2 \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2")))
 #define HF_INT8_TARGET_AMX \
   __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
 #define HF_INT8_TARGET_AMX_BF16 \
@@ -84,6 +86,12 @@ struct GemmProblem {
   // sum_k a[m, k] per row; used by the VNNI kernels, which multiply (b + 128) as u8 by a as s8 and subtract
   // kU8Shift * a_rowsum[m] (quant_math.h, unshift_u8_accumulator).
   const int32_t* a_rowsum = nullptr;
+  // When set (packed VNNI path, Isa::kAvx512Bf16 and up): b's rows hold b_keep_k columns, of which the GEMM uses, in
+  // order, the K whose bit is set in b_keep (64 per word); a holds just those. The packing compresses each b row
+  // (compress_columns) on the way. gemm() sets it when many columns are outliers: they are zero in a, so a GEMM over
+  // the other columns gives the same int32 sums with less work.
+  const uint64_t* b_keep = nullptr;
+  int64_t b_keep_k = 0;
   Epilogue ep;
 };
 
@@ -186,6 +194,10 @@ void packed(const GemmProblem& p, const int8_t* x_panels, int64_t n_begin, int64
 // Packs rows [0, n_rows) (n_rows <= 16) of b into one panel of kq groups of 4 columns: panel[g][n][t] = b[n][4g + t]
 // (+128 as u8 when flip), zero (128 when flip) past K and past n_rows.
 void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t kq, bool flip, uint8_t* panel);
+// dst[0 ..) = the values of src[0 .. K) whose bit is set in keep (64 per word, zero past K), in order, 64 columns per
+// VPCOMPRESSB (AVX512-VBMI2: Isa::kAvx512Bf16 and up); returns how many. dst must hold that many + 64 bytes; the
+// bytes after the kept ones, up to the end of the last 64-byte store, are 0.
+int64_t compress_columns(const int8_t* src, int64_t K, const uint64_t* keep, int8_t* dst);
 }  // namespace avx512
 
 namespace amx {
