@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -410,6 +411,36 @@ def test_bench_linear_outlier_fraction(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_linear.parse_args(["--outlier-fraction", "1.5"])
     assert "got 1.5" in capsys.readouterr().err
+
+
+def test_ab_cpu_isa_times_two_levels_in_one_process(tmp_path, capsys, monkeypatch):
+    """scripts/ab_cpu_isa.py: the machine's best level against the portable one, on the same tensors; the cap is lifted
+    afterwards; a level the CPU cannot run and a wrong number of levels are refused by name."""
+    import ab_cpu_isa
+
+    from hf_int8._extension import cpu_module
+
+    module = cpu_module()
+    if module is None:
+        pytest.skip("the native CPU kernels are not built: the script compares their levels")
+    monkeypatch.delenv("HF_INT8_CPU_ISA", raising=False)
+    best = module.cpu_isa()
+    x = ab_cpu_isa.activations(9, 200, 0.5, torch.bfloat16, torch.Generator().manual_seed(0))
+    assert int((x.abs() >= 6.0).any(dim=0).sum()) == 100  # exactly the requested share of outlier columns
+    out = tmp_path / "ab.json"
+    argv = ["--levels", f"{best},none", "--shapes", "200x40", "--tokens", "9", "--fractions", "0.5"]
+    assert ab_cpu_isa.main(argv + ["--rounds", "2", "--calls", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"] == "200x40" and row[f"{best}_ms"] > 0 and row["none_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["none_ms"] / row[f"{best}_ms"])
+    assert "HF_INT8_CPU_ISA" not in os.environ and module.cpu_isa() == best
+    with pytest.raises(SystemExit):
+        ab_cpu_isa.main(["--levels", "avx2,none,amx"])
+    assert "exactly two levels" in capsys.readouterr().err
+    if best != "amx":
+        with pytest.raises(SystemExit, match="cannot run 'amx'"):
+            ab_cpu_isa.main(["--levels", "amx,none", "--shapes", "64x8", "--tokens", "1", "--fractions", "0"])
+        assert "HF_INT8_CPU_ISA" not in os.environ  # restored on the way out, error or not
 
 
 def test_naive_int8_is_per_tensor_and_hurt_by_one_outlier():

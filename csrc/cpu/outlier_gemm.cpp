@@ -300,8 +300,8 @@ constexpr int64_t kPairChunk = 256;  // outlier column pairs per pass over the t
 // Taken from this share of outlier columns on (J >= K / this): below it the work that does not shrink with J
 // (compressing whole weight rows, a pass over the product to scale it) outweighs the faster products. Measured on an
 // AMD EPYC Zen 5, 2 threads, bf16 activations, 16/128/512 tokens, 4096x4096, 4096x11008, 1536x8960, against the FMA
-// path in the same process: 1.06-1.40x faster at 10% and 12.5% outlier columns, 1.20-1.66x at 20%, but 0.71-1.12x
-// at 6.5% and 0.65-1.00x at 1%.
+// path in the same process (scripts/ab_cpu_isa.py): 1.06-1.40x faster at 10% and 12.5% outlier columns, 1.20-1.66x at
+// 20%, but 0.71-1.12x at 6.5% and 0.65-1.00x at 1%.
 constexpr int64_t kBf16FromShare = 10;
 
 // x[0 .. J) as bf16 at dst[0 .. J) (dst[J], the pad of an odd J, is left as it is: zero). False, with dst partly
