@@ -2,7 +2,9 @@
 
 Runs ``python -c pass`` with and without ``hf_int8_autoload.pth`` (the file is parked under another name for the
 "without" runs), alternating run by run so that a change of machine load hits both alike, and times the hook's own
-import with ``python -X importtime``. Prints a table; ``--json`` writes the figures too.
+import with ``python -X importtime``. ``--self-check-runs N`` also times, in N fresh processes, the self-check the
+native CPU kernels run against the reference at the first op of a process. Prints a table; ``--json`` writes the
+figures too.
 
     python scripts/bench_startup.py                      # the interpreter running this script
     python scripts/bench_startup.py --python VENV/bin/python --runs 200
@@ -78,14 +80,42 @@ def hook_import_us(python: str, runs: int) -> list[float]:
     return values
 
 
+SELF_CHECK_CODE = """
+import time, torch
+from hf_int8.ops import OP_NAMES, _health
+started = time.perf_counter()
+problem = _health.self_check(torch.device("cpu"), set(OP_NAMES))
+print((time.perf_counter() - started) * 1e3, problem is None)
+"""
+
+
+def self_check_ms(python: str, runs: int) -> list[float]:
+    """The CPU self-check's wall time in each of ``runs`` fresh processes (ms); the check must pass."""
+    values = []
+    for _ in range(runs):
+        done = subprocess.run(
+            [python, "-c", SELF_CHECK_CODE], capture_output=True, text=True, check=True, env=CHILD_ENV
+        )
+        ms, passed = done.stdout.split()
+        if passed != "True":
+            raise SystemExit(
+                f"the CPU self-check failed in {python!r}: the native kernels disagree with the reference"
+            )
+        values.append(float(ms))
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default=sys.executable, help="interpreter of the environment to measure")
     parser.add_argument("--runs", type=int, default=100, help="alternating pairs of interpreter starts")
+    parser.add_argument("--self-check-runs", type=int, default=0, help="fresh processes timing the CPU self-check")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error(f"--runs must be >= 1, got {args.runs!r}")
+    if args.self_check_runs < 0:
+        parser.error(f"--self-check-runs must be >= 0, got {args.self_check_runs!r}")
     pth = _pth_of(args.python)
     _wall_ms(args.python)  # warm-up: page cache, and the hook's .pyc where it was missing
     import_us = hook_import_us(args.python, args.runs)
@@ -103,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     result["ratio with/without"] = (
         result["python -c pass with hook median ms"] / result["python -c pass without hook median ms"]
     )
+    if args.self_check_runs:
+        checks = self_check_ms(args.python, args.self_check_runs)
+        result["CPU self-check runs"] = args.self_check_runs
+        result["CPU self-check median ms"] = statistics.median(checks)
     print("| measure | value |\n|---|---|")
     for key, value in result.items():
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")

@@ -357,7 +357,8 @@ def test_start_up_hook_loads_one_module_and_its_cost_is_measured(fresh_venv, tmp
     assert with_hook - without == {"hf_int8_autoload"}, sorted(with_hook ^ without)
     assert without - with_hook == set()
     out = tmp_path / "startup.json"
-    assert bench_startup.main(["--python", py, "--runs", "3", "--json", str(out)]) == 0
+    assert bench_startup.main(["--python", py, "--runs", "3", "--self-check-runs", "1", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["runs"] == 3 and figures["hook import median us (-X importtime)"] > 0, figures
+    assert figures["CPU self-check runs"] == 1 and figures["CPU self-check median ms"] > 0, figures
     assert pth.is_file()  # the script put the .pth back
