@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -473,6 +474,16 @@ def start_single_model_run(args) -> tuple[ModelSpec, MethodSpec]:
     if args.threads:
         torch.set_num_threads(args.threads)
     return parse_models(args.model)[0], parse_methods(args.method, args.dtype)[0]
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` (seconds)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def error_string(exc: BaseException) -> str:

@@ -14,12 +14,11 @@ share is measured across that share.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
+from pathlib import Path
 
+import _common as C
 import torch
 
 ISA_ENV = "HF_INT8_CPU_ISA"
@@ -41,15 +40,6 @@ def _list(kind, text: str) -> list:
     if not values:
         raise argparse.ArgumentTypeError(f"an empty list: {text!r}")
     return values
-
-
-def _median_time(fn, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def activations(tokens: int, k: int, fraction: float, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -99,7 +89,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
                     for level in args.levels if r % 2 == 0 else args.levels[::-1]:
                         os.environ[ISA_ENV] = level
                         call()  # warm-up at this level (first use of a path)
-                        times[level].append(_median_time(call, args.calls))
+                        times[level].append(C.median_time(call, args.calls))
                 first, second = (min(times[level]) for level in args.levels)
                 row = {"shape": f"{k}x{n}", "tokens": tokens, "outlier_fraction": fraction}
                 row.update({f"{level}_ms": min(times[level]) * 1e3 for level in args.levels})
@@ -136,10 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = getattr(torch, args.dtype)
     rows = run(args)
     if args.json:
-        record = {"command": "python scripts/ab_cpu_isa.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-        record.update(threads=torch.get_num_threads(), rows=rows)
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+        record = C.run_metadata(["scripts/ab_cpu_isa.py", *(sys.argv[1:] if argv is None else argv)])
+        record.update(threads=torch.get_num_threads(), levels=args.levels, rows=rows)
+        C.write_json(Path(args.json), record)
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import threading
@@ -122,15 +121,6 @@ def touch_weights(model) -> int:
     return count
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def worker(job: dict[str, Any]) -> dict[str, Any]:
     C.quiet_library_warnings()
     C.seed_everything()
@@ -194,7 +184,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         result["prefill_logits"] = "last position" if last_only else "all positions"
         with torch.inference_mode():
             model(input_ids=prompt[:, :16], **last_only)  # warm-up (allocator, oneDNN primitives)
-            prefill = _median_time(lambda: model(input_ids=prompt, **last_only), job["repeats"])
+            prefill = C.median_time(lambda: model(input_ids=prompt, **last_only), job["repeats"])
         result["prefill_s"] = prefill
         result["prefill_tps"] = prompt_tokens / prefill
         if spec.kind != "causal":
@@ -225,8 +215,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                     raise RuntimeError(f"generate returned {out.shape[1] - input_ids.shape[1]} tokens, not {n}")
 
             generate(2)  # warm-up
-            first = _median_time(lambda: generate(1), job["repeats"])
-            full = _median_time(lambda: generate(new_tokens), job["decode_repeats"])
+            first = C.median_time(lambda: generate(1), job["repeats"])
+            full = C.median_time(lambda: generate(new_tokens), job["decode_repeats"])
             if full <= first:
                 raise RuntimeError(f"decode time not measurable: t({new_tokens})={full:.4f}s <= t(1)={first:.4f}s")
             result[f"decode_b{batch}_s"] = full - first
