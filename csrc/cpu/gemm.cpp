@@ -215,12 +215,9 @@ void gemm(Isa isa, const GemmProblem& p) {
   at::Tensor a_kept;
   if (path == Path::kPackedVnni && isa >= Isa::kAvx512Bf16 && q.M >= kCompactMinRows &&
       q.ep.n_outliers > kFusedOutliersMax && q.ep.n_outliers * kCompactFromShare >= q.K) {
-    keep.assign(static_cast<size_t>(ceil_div(q.K, 64)), ~uint64_t{0});
-    if (q.K % 64 != 0) keep.back() = ~uint64_t{0} >> (64 - q.K % 64);
-    for (int64_t j = 0; j < q.ep.n_outliers; ++j) {
-      const int64_t k = q.ep.outlier_cols[j];
-      keep[static_cast<size_t>(k / 64)] &= ~(uint64_t{1} << (k % 64));
-    }
+    keep = outlier_column_bits(q.ep.outlier_cols, q.ep.n_outliers, q.K);
+    for (uint64_t& word : keep) word = ~word;  // the other columns
+    if (!keep.empty() && q.K % 64 != 0) keep.back() &= ~uint64_t{0} >> (64 - q.K % 64);
     int64_t k_kept = 0;
     for (const uint64_t word : keep) k_kept += __builtin_popcountll(word);
     if (k_kept > 0) {

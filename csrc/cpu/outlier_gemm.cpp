@@ -326,18 +326,6 @@ HF_INT8_TARGET_AVX512 bool bf16_row(const float* x, int64_t J, uint16_t* dst) {
   return true;
 }
 
-// The outlier columns as a bitset over K (64 per word, zero past K); empty when they are not strictly ascending (the
-// order compress_columns produces must be the order of x's columns).
-std::vector<uint64_t> column_bits(const Problem& g) {
-  std::vector<uint64_t> bits(static_cast<size_t>(ceil_div(g.K, 64)), 0u);
-  for (int64_t j = 0; j < g.J; ++j) {
-    const int64_t k = g.cols[j];
-    if (k < 0 || k >= g.K || (j > 0 && k <= g.cols[j - 1])) return {};
-    bits[static_cast<size_t>(k / 64)] |= uint64_t{1} << (k % 64);
-  }
-  return bits;
-}
-
 // table[p - p0][c] = bf16(codes_c[2p]) | bf16(codes_c[2p + 1]) << 16 for p in [p0, p1), rounded up to 16 pairs (0
 // past J; int8 values are exact in bf16), where codes_c = the compressed outlier codes of row n0 + c (`codes`, rows of
 // `ld` bytes; `rows` of them are valid, the rest are 0): for each weight row, the VDPBF16PS lane of a pair of outlier
@@ -443,7 +431,8 @@ bool product_bf16(const Problem& g) {
   for (const uint8_t ok : row_ok) {
     if (ok == 0) return false;
   }
-  const std::vector<uint64_t> bits = column_bits(g);
+  // compress_columns keeps K's order: the codes line up with x's outlier columns only if cols ascend
+  const std::vector<uint64_t> bits = outlier_column_bits(g.cols, g.J, g.K);
   if (bits.empty()) return false;
   const int64_t strips = ceil_div(g.N, kStripRows);
   const int64_t ld_codes = round_up(g.J + 64, 64);
@@ -492,6 +481,16 @@ void to_b_tiles(const uint16_t* rows, int64_t n_pieces, int64_t mp, int64_t jp, 
 }  // namespace
 
 int64_t outlier_product_cols(int64_t N) { return round_up(N, kStripRows); }
+
+std::vector<uint64_t> outlier_column_bits(const int64_t* cols, int64_t J, int64_t K) {
+  std::vector<uint64_t> bits(static_cast<size_t>(ceil_div(K, 64)), 0u);
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t k = cols[j];
+    if (k < 0 || k >= K || (j > 0 && k <= cols[j - 1])) return {};
+    bits[static_cast<size_t>(k / 64)] |= uint64_t{1} << (k % 64);
+  }
+  return bits;
+}
 
 bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& storage, AmxOutliers& out) {
 #if HF_INT8_X86

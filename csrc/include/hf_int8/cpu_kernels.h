@@ -232,6 +232,9 @@ void finish_rows(const GemmProblem& p, const int32_t* acc, int64_t ld_acc, int64
 // ep.n_outliers columns, for the epilogue to add. `out` must hold M rows of ldo >= outlier_product_cols(N) floats (the
 // kernels write whole 32-row strips). Threaded over strips of weight rows; independent of the thread count.
 int64_t outlier_product_cols(int64_t N);
+// The outlier columns cols[0 .. J) as a bitset over K (64 per word, zero past K); empty when they are not strictly
+// ascending indices into K (the order compress_columns keeps).
+std::vector<uint64_t> outlier_column_bits(const int64_t* cols, int64_t J, int64_t K);
 void outlier_product(Isa isa, const GemmProblem& p, float* out, int64_t ldo);
 
 // The same product in 32 x 32 blocks on AMX-BF16, fused into the AMX GEMM (see Epilogue::amx_outliers).
