@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import _common as C
+import bench_linear
 import torch
 
 ISA_ENV = "HF_INT8_CPU_ISA"
-OUTLIER_SCALE = 20.0  # an outlier column: its first token scaled past the default threshold 6
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -40,14 +40,6 @@ def _list(kind, text: str) -> list:
     if not values:
         raise argparse.ArgumentTypeError(f"an empty list: {text!r}")
     return values
-
-
-def activations(tokens: int, k: int, fraction: float, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """x [tokens, k] below the threshold except ``round(fraction * k)`` outlier columns (their first token x20)."""
-    x = torch.randn(tokens, k, generator=generator).clamp_(-5.5, 5.5)
-    cols = torch.randperm(k, generator=generator)[: round(fraction * k)]
-    x[0, cols] = OUTLIER_SCALE
-    return x.to(dtype)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -79,7 +71,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
         codes, scale = ops.quantize_weight(torch.randn(n, k, generator=gen))
         for tokens in args.tokens:
             for fraction in args.fractions:
-                x = activations(tokens, k, fraction, args.dtype, gen)
+                x = bench_linear.activations(tokens, k, args.dtype, "cpu", fraction)  # the layer benchmark's inputs
 
                 def call(x=x, codes=codes, scale=scale) -> None:
                     ops.int8_linear(x, codes, scale, None, 6.0)

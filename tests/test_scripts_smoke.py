@@ -414,8 +414,9 @@ def test_bench_linear_outlier_fraction(tmp_path, capsys):
 
 
 def test_ab_cpu_isa_times_two_levels_in_one_process(tmp_path, capsys, monkeypatch):
-    """scripts/ab_cpu_isa.py: the machine's best level against the portable one, on the same tensors; the cap is lifted
-    afterwards; a level the CPU cannot run and a wrong number of levels are refused by name."""
+    """scripts/ab_cpu_isa.py: the machine's best level against the portable one, on the same tensors (bench_linear's
+    activations, whose outlier share test_bench_linear_outlier_fraction checks); the cap is lifted afterwards; a
+    level the CPU cannot run and a wrong number of levels are refused by name."""
     import ab_cpu_isa
 
     from hf_int8._extension import cpu_module
@@ -425,13 +426,12 @@ def test_ab_cpu_isa_times_two_levels_in_one_process(tmp_path, capsys, monkeypatc
         pytest.skip("the native CPU kernels are not built: the script compares their levels")
     monkeypatch.delenv("HF_INT8_CPU_ISA", raising=False)
     best = module.cpu_isa()
-    x = ab_cpu_isa.activations(9, 200, 0.5, torch.bfloat16, torch.Generator().manual_seed(0))
-    assert int((x.abs() >= 6.0).any(dim=0).sum()) == 100  # exactly the requested share of outlier columns
     out = tmp_path / "ab.json"
     argv = ["--levels", f"{best},none", "--shapes", "200x40", "--tokens", "9", "--fractions", "0.5"]
     assert ab_cpu_isa.main(argv + ["--rounds", "2", "--calls", "1", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["shape"] == "200x40" and row[f"{best}_ms"] > 0 and row["none_ms"] > 0
+    assert row["shape"] == "200x40" and row["outlier_fraction"] == 0.5
+    assert row[f"{best}_ms"] > 0 and row["none_ms"] > 0
     assert row["ratio"] == pytest.approx(row["none_ms"] / row[f"{best}_ms"])
     assert "HF_INT8_CPU_ISA" not in os.environ and module.cpu_isa() == best
     with pytest.raises(SystemExit):
