@@ -40,9 +40,10 @@ constexpr int64_t kFusedOutliersMax = 8;
 // Packed VNNI path, Isa::kAvx512Bf16 and up: with at least kCompactMinRows tokens and half the columns outliers, the
 // int8 GEMM skips the outlier columns (zero in A; GemmProblem::b_keep): the GEMM time saved grows with M x share, the
 // cost of compressing the rows (VPCOMPRESSB, ~N * K / 64 of them) does not. Measured on an AMD EPYC Zen 5, 2 threads,
-// bf16 activations, against the same call without it (4096x4096 and 11008x4096, in one process): 1.06-1.30x faster at
-// 128-512 tokens with 50-70% outlier columns; 0.94-0.98x at 25% with 128-256 tokens, 0.64-0.81x at 16 tokens (not
-// taken there).
+// bf16 activations, 4096x4096 and 11008x4096, against the same call without it, call by call in one process (a
+// temporary build switch, not kept: scripts/ab_cpu_isa.py compares ISA levels, and both levels' differences show
+// there together): 1.06-1.30x faster at 128-512 tokens with 50-70% outlier columns; 0.94-0.98x at 25% with 128-256
+// tokens, 0.64-0.81x at 16 tokens (not taken there).
 constexpr int64_t kCompactMinRows = 128;
 constexpr int64_t kCompactFromShare = 2;  // outlier columns >= K / this
 

@@ -298,10 +298,12 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int64_t kPairChunk = 256;  // outlier column pairs per pass over the tokens (table: 32 KiB, in L1)
 // Taken from this share of outlier columns on (J >= K / this): below it the work that does not shrink with J
-// (compressing whole weight rows, a pass over the product to scale it) outweighs the faster products. Measured on an
-// AMD EPYC Zen 5, 2 threads, bf16 activations, 16/128/512 tokens, 4096x4096, 4096x11008, 1536x8960, against the FMA
-// path in the same process (scripts/ab_cpu_isa.py): 1.06-1.40x faster at 10% and 12.5% outlier columns, 1.20-1.66x at
-// 20%, but 0.71-1.12x at 6.5% and 0.65-1.00x at 1%.
+// (compressing whole weight rows, a pass over the product to scale it) outweighs the faster products. AMD EPYC Zen 5,
+// 2 threads, bf16 activations, 16/128/512 tokens, 4096x4096, 4096x11008, 1536x8960, against the FMA path call by call
+// in one process: with the path taken at every share (a throw-away A/B before this bound existed) it was 0.65-1.12x
+// at 1-6.5% outlier columns; with the bound, `scripts/ab_cpu_isa.py --fractions 0.01,0.065,0.1,0.125,0.2 --tokens
+// 16,128,512` printed 0.96-1.02x at 1-6.5% (same path), 1.02-1.32x at 10-12.5% and 1.20-1.57x at 20%
+// (docs/results/ab_cpu_isa_zen5.json).
 constexpr int64_t kBf16FromShare = 10;
 
 // x[0 .. J) as bf16 at dst[0 .. J) (dst[J], the pad of an odd J, is left as it is: zero). False, with dst partly
