@@ -149,6 +149,22 @@ def test_int8_matmul_exact(target, m, k, n):
     assert torch.equal(got.cpu(), ref.int8_matmul(a, b))
 
 
+# Every row count of the streaming (decode) kernels, M = 1..8 (one template each, with its own number of weight rows
+# per tile), with K shorter than one 64-byte step (masked tail only), a whole number of steps (no tail), and steps
+# plus a tail; N not a multiple of any tile width.
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("k", [40, 128, 161])
+def test_int8_matmul_exact_every_decode_row_count(target, m, k):
+    device, _ = target
+    n = 29
+    a, b = _int8((m, k), 2), _int8((n, k), 3)
+    a[-1, :] = -128
+    b[0, :] = -128
+    b[-1, :] = 127
+    got = torch.ops.hf_int8.int8_matmul(a.to(device), b.to(device))
+    assert torch.equal(got.cpu(), ref.int8_matmul(a, b))
+
+
 CASES = [("outliers", 6.0), ("many-outliers", 6.0), ("none", 6.0), ("outliers", 0.0)]
 CASE_IDS = ["outliers-t6", "many-outliers-t6", "no-outliers-t6", "t0"]
 

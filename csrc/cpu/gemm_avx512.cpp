@@ -5,8 +5,8 @@
 // (quant_math.h, unshift_u8_accumulator). Exact for every int8 value, -128 included.
 //
 // small_m (decode, M <= 8): each B row is streamed from memory exactly once; MR rows of A (in cache) are dotted with
-//   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally 16 accumulators at a time and finished
-//   one token's NR outputs per vector. Bandwidth-bound by design: the next tile's rows are prefetched into L2.
+//   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally 16 accumulators at a time. Bandwidth-
+//   bound by design: a thread's rows are read as NR long contiguous streams (see kStreamPrefetchBytes).
 // packed (M > 8): B is packed per 16 columns into the VNNI layout [K/4][16][4] (u8), then a 12 x 32 register tile
 //   (24 accumulators) walks K four bytes at a time with A broadcast from memory: no horizontal reductions, and the
 //   epilogue runs on the accumulators straight from registers.
@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -24,12 +25,15 @@ namespace hf_int8::cpu::avx512 {
 
 namespace {
 
-// Prefetching of the streamed B rows (small-M kernel). The hardware prefetcher alone left the 1-token kernel at
-// ~45% of the read bandwidth; prefetching 1 KiB ahead inside each row at ~70-80%, because with short rows (1.5 KiB
-// for K = 1536) most of those prefetches land in rows the tile is already reading. What reached 81-89% of a plain
-// read of the same bytes (1, 2 and 4 tokens, K = 1536 and 4096): the same offset in the *next* tile's rows into L2,
-// a whole tile ahead, plus a short in-row prefetch into L1.
-constexpr int64_t kPrefetchL1Bytes = 256;
+// How the small-M kernel reads the weight. A thread's rows [n_begin, n_end) are split into NR equal slices and each
+// tile takes the next row of every slice, so the kernel reads NR long contiguous streams (row after row), each with a
+// software prefetch this far ahead, as the read-bandwidth probe of scripts/bench_linear.py does. The previous order,
+// tiles of NR adjacent rows (NR short streams of K bytes, the next tile prefetched into L2, tuned on an Intel Xeon),
+// read at ~70-75% of the probe's rate on an AMD EPYC Zen 5 in a standalone loop (1536 x 8960, 1 token, 2 threads),
+// the slices at ~95-100%; bench_linear.py's "% of weight read" column shows the whole op. Not yet re-measured on
+// Intel.
+constexpr int64_t kStreamPrefetchBytes = 1024;
+constexpr int64_t kScalarOutliersMax = 8;
 
 // ---------------------------------------------------------------------------------------------------------------
 // small M
@@ -78,11 +82,14 @@ HF_INT8_TARGET_AVX512 void reduce_rows_ps(const float* acc, int n, float* out) {
   }
 }
 
-// out[i * NR + j] = sum_k a[i, k] * (b[j, k] + 128) for MR rows of A and NR rows of B. The K tail is the last
-// iteration with a byte mask (masked-off bytes load as 0 in A, so B's contribute nothing). The accumulators are
-// stored and reduced out of line: with the reduction inlined GCC spilled accumulators inside the loop.
+// out[i * NR + j] = sum_k a[i, k] * (b[j][k] + 128) for MR rows of A and NR rows of B, 64 bytes of K per step. The
+// K tail is the last step with a byte mask (bytes past K load as 0 in A, so B's contribute nothing). Full steps load
+// unmasked on purpose: on AMD Zen 5, masked loads of the streamed rows (all bytes enabled) left the hardware
+// prefetcher behind (a 1-token, 1536 x 8960 call took 0.36 ms with them, 0.28 ms with unmasked loads, 2 threads, same
+// prefetches). The accumulators are stored and reduced out of line: with the reduction inlined GCC spilled
+// accumulators inside the loop.
 template <int MR, int NR>
-HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int64_t K,
+HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* const (&b)[NR], int64_t K,
                                     int32_t* out) {
   __m512i acc[MR][NR];
 #pragma GCC unroll 8
@@ -92,18 +99,19 @@ HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* 
   }
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t k = 0; k < K; k += 64) {
-    const __mmask64 m = K - k >= 64 ? ~__mmask64(0) : ~__mmask64(0) >> (64 - (K - k));
+    const bool full = K - k >= 64;
+    const __mmask64 m = full ? ~__mmask64(0) : ~__mmask64(0) >> (64 - (K - k));
     __m512i w[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      const int8_t* row = b + j * ldb + k;
-      _mm_prefetch(reinterpret_cast<const char*>(row + NR * ldb), _MM_HINT_T1);  // next tile, same offset
-      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchL1Bytes), _MM_HINT_T0);
-      w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row), flip);
+      const int8_t* row = b[j] + k;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kStreamPrefetchBytes), _MM_HINT_T0);
+      w[j] = _mm512_xor_si512(full ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8(m, row), flip);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512i x = _mm512_maskz_loadu_epi8(m, a + i * lda + k);
+      const int8_t* x_row = a + i * lda + k;
+      const __m512i x = full ? _mm512_loadu_si512(x_row) : _mm512_maskz_loadu_epi8(m, x_row);
 #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], x);
     }
@@ -117,7 +125,7 @@ HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda, const int8_t* 
   reduce_rows(stored, MR * NR, out);
 }
 
-constexpr int nr_for(int mr) { return mr <= 3 ? 8 : (mr == 4 ? 6 : (mr <= 6 ? 4 : 3)); }
+constexpr int nr_for(int mr) { return mr <= 6 ? 4 : 3; }  // streams per thread (see kStreamPrefetchBytes)
 
 // Up to 16 dequantized outlier weights of one row, float(row[cols[c]]) * scale for c < J, in a register (lanes past J
 // zero).
@@ -141,16 +149,30 @@ HF_INT8_TARGET_AVX512 inline __m512 gather16_dequantized(const int8_t* row, cons
 // multiplied with every token's activations of those columns into lane-wise partial sums (fixed order); the MR * NR
 // partial vectors are reduced together. Nothing goes through memory: a gathered row written to a buffer and read back
 // at once stalls on store forwarding (measured: 1 token, 100 outlier columns, K = 1536, 51-63% of a plain read of the
-// weights with the buffer).
+// weights with the buffer). Up to kScalarOutliersMax columns (most decode calls: a median of 0-3 per call in Qwen2.5)
+// plain scalar FMAs per row are cheaper than a gather and a reduction tree.
 template <int MR, int NR>
-HF_INT8_TARGET_AVX512 void tile_outliers(const GemmProblem& p, int64_t n, float* o) {
+HF_INT8_TARGET_AVX512 void tile_outliers(const GemmProblem& p, const int64_t (&rows)[NR], float* o) {
   const Epilogue& ep = p.ep;
   const int64_t J = ep.n_outliers;
+  if (J <= kScalarOutliersMax) {
+    for (int j = 0; j < NR; ++j) {
+      const int8_t* row = p.b + rows[j] * p.ldb;
+      const float scale = ep.col_scale[rows[j]];
+      for (int i = 0; i < MR; ++i) {
+        const float* x = ep.x_outlier + i * J;
+        float sum = 0.0f;
+        for (int64_t c = 0; c < J; ++c) sum = std::fma(x[c], static_cast<float>(row[ep.outlier_cols[c]]) * scale, sum);
+        o[i * NR + j] = sum;
+      }
+    }
+    return;
+  }
   alignas(64) float partial[MR * NR * 16];
   for (int j = 0; j < NR; ++j) {
-    const int8_t* row = p.b + (n + j) * p.ldb;
-    const float scale = ep.col_scale[n + j];
-    const bool overread_ok = n + j + 1 < p.N;
+    const int8_t* row = p.b + rows[j] * p.ldb;
+    const float scale = ep.col_scale[rows[j]];
+    const bool overread_ok = rows[j] + 1 < p.N;
     __m512 acc[MR];
     for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < J; c += 16) {
@@ -165,32 +187,40 @@ HF_INT8_TARGET_AVX512 void tile_outliers(const GemmProblem& p, int64_t n, float*
   reduce_rows_ps(partial, MR * NR, o);
 }
 
-// Finishes the MR x NR outputs of a tile, one token's NR outputs per finish16 (as the packed kernels do).
+// Finishes the MR x NR outputs of a tile (its rows are not adjacent: one finish16 lane each).
 template <int MR, int NR>
-HF_INT8_TARGET_AVX512 void finish_tile(const GemmProblem& p, int64_t n, const int32_t* acc) {
+HF_INT8_TARGET_AVX512 void finish_tile(const GemmProblem& p, const int64_t (&rows)[NR], const int32_t* acc) {
   alignas(64) float o[MR * NR];
   const bool outliers = p.ep.kind != OutKind::kInt32 && p.ep.n_outliers > 0;
-  if (outliers) tile_outliers<MR, NR>(p, n, o);
+  if (outliers) tile_outliers<MR, NR>(p, rows, o);
   for (int i = 0; i < MR; ++i) {
-    const __m512i a = _mm512_maskz_loadu_epi32(mask16(NR), acc + i * NR);
-    const __m512i exact = _mm512_sub_epi32(a, _mm512_set1_epi32(kU8Shift * p.a_rowsum[i]));
-    finish16(p, i, n, NR, exact, outliers ? o + i * NR : nullptr);
+    const __m512i shift = _mm512_set1_epi32(kU8Shift * p.a_rowsum[i]);
+    for (int j = 0; j < NR; ++j) {
+      const __m512i exact = _mm512_sub_epi32(_mm512_set1_epi32(acc[i * NR + j]), shift);
+      finish16(p, i, rows[j], 1, exact, outliers ? o + i * NR + j : nullptr);
+    }
   }
+}
+
+template <int MR, int NR>
+HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&rows)[NR]) {
+  const int8_t* b[NR];
+  for (int j = 0; j < NR; ++j) b[j] = p.b + rows[j] * p.ldb;
+  int32_t acc[MR * NR];
+  dot_tile<MR, NR>(p.a, p.lda, b, p.K, acc);
+  finish_tile<MR, NR>(p, rows, acc);
 }
 
 template <int MR>
 HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   constexpr int NR = nr_for(MR);
-  int32_t acc[MR * NR];
-  int64_t n = n_begin;
-  for (; n + NR <= n_end; n += NR) {
-    dot_tile<MR, NR>(p.a, p.lda, p.b + n * p.ldb, p.ldb, p.K, acc);
-    finish_tile<MR, NR>(p, n, acc);
+  const int64_t slice = (n_end - n_begin) / NR;  // rows per stream (kStreamPrefetchBytes)
+  int64_t rows[NR];
+  for (int64_t t = 0; t < slice; ++t) {
+    for (int j = 0; j < NR; ++j) rows[j] = n_begin + j * slice + t;
+    stream_tile<MR, NR>(p, rows);
   }
-  for (; n < n_end; ++n) {
-    dot_tile<MR, 1>(p.a, p.lda, p.b + n * p.ldb, p.ldb, p.K, acc);
-    finish_tile<MR, 1>(p, n, acc);
-  }
+  for (int64_t n = n_begin + NR * slice; n < n_end; ++n) stream_tile<MR, 1>(p, {n});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
