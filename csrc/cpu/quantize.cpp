@@ -18,6 +18,7 @@
 #endif
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -255,10 +256,17 @@ int64_t quantize_activation_into(Isa isa, InKind in, const void* x, int64_t M, i
     for (int64_t b = 0; b < n_blocks; ++b) {
       for (int64_t w = 0; w < words; ++w) bits[w] |= block_bits[b * words + w];
     }
-    for (int64_t k = 0; k < K; ++k) n_outliers += column_is_outlier(bits.data(), k) ? 1 : 0;
+    // No bit past column K is ever set. Word by word: scanning column by column cost ~10 us a 1-token call at K =
+    // 8960.
+    for (const uint16_t word : bits) n_outliers += __builtin_popcount(word);
   }
   if (out.col_mask != nullptr) {
-    for (int64_t k = 0; k < K; ++k) out.col_mask[k] = column_is_outlier(bits.data(), k) ? 1 : 0;
+    std::memset(out.col_mask, 0, static_cast<size_t>(K));
+    for (int64_t w = 0; n_outliers > 0 && w < words; ++w) {
+      for (uint32_t word = bits[w]; word != 0; word &= word - 1) {
+        out.col_mask[w * kBitsPerWord + __builtin_ctz(word)] = 1;
+      }
+    }
   }
 
   // Pass 2: absmax over the inlier columns, codes, row sums, scales.
