@@ -243,6 +243,33 @@ def test_int8_linear(target, m, k, n, case, threshold):
             assert torch.equal(got[5], bias), what
 
 
+# Decode with many outlier columns: on the AVX-512 decode kernel (1-2 tokens, 9 to 1024 outlier columns) the outlier
+# product rides the int8 GEMM as two exact int8 rows per token when every outlier value is a multiple of its token's
+# unit (2^-14 of its largest one: bf16 values spanning a few powers of two), and falls back to floating point when one
+# is not (one value 10^4 times the others, fp32 mantissas) or past 1024 columns.
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("k,n_outliers", [(200, 9), (200, 120), (1200, 300), (1200, 1100)], ids=str)
+@pytest.mark.parametrize("wide_range", [False, True], ids=["outliers-within-7-octaves", "one-huge-outlier"])
+def test_int8_linear_decode_with_many_outlier_columns(target, m, k, n_outliers, wide_range):
+    device, _ = target
+    n = 75
+    weight, scale = _weight(n, k)
+    g = _gen(k + n_outliers)
+    cols = torch.randperm(k, generator=g)[:n_outliers]
+    for dtype in DTYPES:
+        x = torch.randn(m, k, generator=g).clamp_(-5.5, 5.5)
+        magnitude = 6.0 + torch.rand(m, n_outliers, generator=g) * 400.0  # 6 .. 406: within 7 powers of two
+        x[:, cols] = magnitude * torch.where(torch.rand(m, n_outliers, generator=g) < 0.5, -1.0, 1.0)
+        if wide_range:
+            x[-1, cols[0]] = 6.0e4
+        x = x.to(dtype)
+        bias = torch.randn(n, generator=_gen(9)).to(dtype)
+        got = ops.int8_linear(x.to(device), weight.to(device), scale.to(device), bias.to(device), 6.0).cpu()
+        want = ref.int8_linear(x, weight, scale, bias, 6.0)
+        assert int(ref.quantize_activation(x, 6.0)[2].sum()) == n_outliers, "the case is what it says"
+        assert_within(got, want, int8_linear_tolerance(x, weight, scale, bias, 6.0), str(dtype))
+
+
 # >= 128 tokens (kCompactMinRows): K not a multiple of 64 (the compressed rows' tail), one K past 4096.
 MOST_OUTLIER_SHAPES = [(128, 200, 75), (200, 1000, 130), (130, 4500, 70)]
 

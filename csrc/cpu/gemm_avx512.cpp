@@ -227,12 +227,33 @@ HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&firs
   const bool outliers = p.ep.kind != OutKind::kInt32 && p.ep.n_outliers > 0;
   for (int64_t t = 0; t < count; ++t) stream_tile<MR, NR>(p, first, t, outliers, run);
   const __mmask16 valid = mask16(count);
-  for (int i = 0; i < MR; ++i) {
-    const __m512i shift = _mm512_set1_epi32(kU8Shift * p.a_rowsum[i]);
-    for (int j = 0; j < NR; ++j) {
-      const __m512i exact = _mm512_sub_epi32(_mm512_maskz_load_epi32(valid, run.acc[j][i]), shift);
-      finish16(p, i, first[j], count, exact, outliers ? run.outliers[j][i] : nullptr);
+  const auto exact = [&](int j, int row) HF_INT8_TARGET_AVX512 {
+    return _mm512_sub_epi32(_mm512_maskz_load_epi32(valid, run.acc[j][row]),
+                            _mm512_set1_epi32(kU8Shift * p.a_rowsum[row]));
+  };
+  const Epilogue& ep = p.ep;
+  if (ep.piece_unit != nullptr) {
+    // Rows [0, T) are the tokens, T + 2i and T + 2i + 1 token i's outlier pieces: its outlier product is
+    // unit * (256 * hi + lo) times the row's weight scale. hi and lo are exact in fp32 (gemm.cpp, kPieceMaxCols),
+    // 256 * hi + lo is rounded once, as is the product with the scale.
+    const int64_t T = ep.piece_tokens;
+    const __m512 col_scale_mask = _mm512_set1_ps(0.0f);
+    for (int64_t i = 0; i < T; ++i) {
+      for (int j = 0; j < NR; ++j) {
+        const __m512 hi = _mm512_cvtepi32_ps(exact(j, static_cast<int>(T + 2 * i)));
+        const __m512 lo = _mm512_cvtepi32_ps(exact(j, static_cast<int>(T + 2 * i + 1)));
+        const __m512 sum =
+            _mm512_mul_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo), _mm512_set1_ps(ep.piece_unit[i]));
+        const __m512 scale = _mm512_mask_loadu_ps(col_scale_mask, valid, ep.col_scale + first[j]);
+        alignas(64) float product[16];
+        _mm512_store_ps(product, _mm512_mul_ps(sum, scale));
+        finish16(p, i, first[j], count, exact(j, static_cast<int>(i)), product);
+      }
     }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) finish16(p, i, first[j], count, exact(j, i), outliers ? run.outliers[j][i] : nullptr);
   }
 }
 

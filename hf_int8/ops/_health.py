@@ -167,10 +167,12 @@ SELF_CHECK_N = 5
 # kernels' scalar tails, M = 1 their decode path; M = 17 with K = 64 reaches the CUDA tensor-core GEMM (M > 8) and its
 # 16-byte vector loads (K % 16 == 0). Outlier columns are spread over K (0 and K/2 for two), some of their values
 # cross the threshold; 12 of them with M = 20 is more than the CPU epilogue sums itself, so the outlier product runs
-# as a GEMM of its own (AMX-BF16, VDPBF16PS or fp32 FMAs, by CPU and input dtype: csrc/cpu/outlier_gemm.cpp).
+# as a GEMM of its own (AMX-BF16, VDPBF16PS or fp32 FMAs, by CPU and input dtype: csrc/cpu/outlier_gemm.cpp); with
+# M = 1 the CPU decode kernel carries them as exact int8 pieces through its int8 product (bf16: csrc/cpu/gemm.cpp).
 SELF_CHECK_CASES = (
     (1, 1, 0, True),
     (1, 83, 0, False),
+    (1, 83, 12, True),
     (7, 83, 2, True),
     (17, 64, 2, False),
     (20, 83, 12, True),

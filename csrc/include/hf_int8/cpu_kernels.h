@@ -74,6 +74,12 @@ struct Epilogue {
   // AMX path only: the outlier activations split into bf16 pieces (outlier_gemm.cpp), from which the AMX GEMM
   // computes each 32 x 32 block of the outlier product right before it finishes that block (no [M, N] buffer).
   const AmxOutliers* amx_outliers = nullptr;
+  // Small-M path only (gemm.cpp, OutlierPieces): A holds piece_tokens token rows followed by two rows per token, hi
+  // and lo, with x_outlier[i, c] = piece_unit[i] * (256 * hi[c] + lo[c]) exactly at the outlier columns and 0
+  // elsewhere. The int8 GEMM then sums the outlier product exactly along with the rest; only the token rows are
+  // finished.
+  const float* piece_unit = nullptr;  // [piece_tokens]
+  int64_t piece_tokens = 0;
 };
 
 // One GEMM problem: C = A @ B^T with A [M, K] int8 (row stride lda) and B [N, K] int8 (row stride ldb).
