@@ -134,7 +134,12 @@ class MethodSpec:
     @property
     def quantize_lm_head(self) -> bool:
         """Whether the method quantizes the output head as well (``Int8Config(quantize_lm_head=True)``)."""
-        return self.family == "llmint8" and self.key.partition("@")[0].endswith("-int8head")
+        return self.family == "llmint8" and "-int8head" in self.key.partition("@")[0]
+
+    @property
+    def compiled_decode(self) -> bool:
+        """Whether decoding runs with a static KV cache under ``torch.compile`` (the fast way to generate on CPU)."""
+        return self.key.partition("@")[0].endswith("-compiled")
 
     @property
     def worker_env(self) -> dict[str, str]:
@@ -149,6 +154,12 @@ BASE_METHODS: dict[str, tuple[str, float | None, str]] = {
     "llmint8-t0": ("llmint8", 0.0, "hf_int8 LLM.int8(), threshold 0 (no outlier path)"),
     # The opt-in int8 output head (Int8Config(quantize_lm_head=True)): a decode-speed lever.
     "llmint8-t6-int8head": ("llmint8", 6.0, "hf_int8 LLM.int8(), threshold 6.0, lm_head in int8 too"),
+    # The same, decoding with a static KV cache and model.forward under torch.compile (prefill stays eager).
+    "llmint8-t6-int8head-compiled": (
+        "llmint8",
+        6.0,
+        "hf_int8 LLM.int8(), threshold 6.0, lm_head in int8 too, decode with a static KV cache under torch.compile",
+    ),
     # A control, not a default: the same algorithm on the pure-PyTorch reference kernels. Per layer it matches the
     # native kernels to fp32 rounding; end to end the difference shows how much a model's perplexity moves when only
     # the fp32 summation order changes (int8 rounding and the outlier threshold amplify such differences).

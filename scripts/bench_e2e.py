@@ -193,6 +193,11 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         new_tokens = job["new_tokens"]
         result["new_tokens"] = new_tokens
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Compiled decode: the first generate of each shape and cache length compiles (dynamic=False); the time of the
+        # warm-up calls beyond their steady-state time is reported as decode_b<N>_compile_s.
+        extra = {"cache_implementation": "static"} if method.compiled_decode else {}
+        if method.compiled_decode:
+            model.forward = torch.compile(model.forward, dynamic=False)
         for batch in job["batches"]:
             # Fixed prompts: consecutive 32-token slices of the text after the prefill prompt, one per sequence.
             rows = [
@@ -210,13 +215,19 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                     min_new_tokens=n,
                     do_sample=False,
                     pad_token_id=pad,
+                    **extra,
                 )
                 if out.shape[1] != input_ids.shape[1] + n:
                     raise RuntimeError(f"generate returned {out.shape[1] - input_ids.shape[1]} tokens, not {n}")
 
-            generate(2)  # warm-up
+            warm = time.perf_counter()
+            for n in (1, new_tokens) if method.compiled_decode else (2,):  # warm-up (compiled: both cache lengths)
+                generate(n)
+            warm = time.perf_counter() - warm
             first = C.median_time(lambda: generate(1), job["repeats"])
             full = C.median_time(lambda: generate(new_tokens), job["decode_repeats"])
+            if method.compiled_decode:
+                result[f"decode_b{batch}_compile_s"] = warm - first - full
             if full <= first:
                 raise RuntimeError(f"decode time not measurable: t({new_tokens})={full:.4f}s <= t(1)={first:.4f}s")
             result[f"decode_b{batch}_s"] = full - first
@@ -412,7 +423,11 @@ def targets(rows: list[dict[str, Any]], fp16_bytes: dict[str, int]) -> list[dict
             )
         # Speed targets: decode at llama.cpp's Q8_0 speed, and further above bf16; also with the opt-in int8 head.
         llama = _find(rows, model, LLAMACPP_METHOD)
-        for variant, suffix in (("llmint8-t6", ""), ("llmint8-t6-int8head", ", int8 lm_head")):
+        for variant, suffix in (
+            ("llmint8-t6", ""),
+            ("llmint8-t6-int8head", ", int8 lm_head"),
+            ("llmint8-t6-int8head-compiled", ", int8 lm_head, static cache + torch.compile"),
+        ):
             row = _find(rows, model, variant)
             if row is None:
                 continue
@@ -554,6 +569,16 @@ def render_markdown(data: dict[str, Any]) -> str:
                 ]
             )
         out += [C.markdown_table(headers, table), ""]
+        compiles = [
+            f"{r['method']} b{b} {r[f'decode_b{b}_compile_s']:.0f} s"
+            for r in rows
+            if r["model"] == model
+            for b in s["batches"]
+            if r.get(f"decode_b{b}_compile_s") is not None
+        ]
+        if compiles:
+            out += ["torch.compile time of the compiled decode (first generates, not in the tok/s): "
+                    + ", ".join(compiles) + ".", ""]  # fmt: skip
     if data["checks"]:
         out.append("## Targets, on these figures\n")
         table = [

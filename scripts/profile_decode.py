@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Where one decode step (batch 1) of an llmint8 model spends its time, and how far it is from the weight-read bound.
+"""Where one decode step of an llmint8 model (batch 1, or --batch N) spends its time, and how far it is from the
+weight-read bound.
 
 A decode step runs the model on one new token against a KV cache. This script loads the model with ``Int8Config``
-(bf16 by default, like ``bench_e2e``), prefills a ``--prompt-tokens`` prompt, then times ``--steps`` decode forwards:
+(bf16 by default, like ``bench_e2e``), prefills a ``--prompt-tokens`` prompt (``--batch`` of them, consecutive pieces
+of the text), then times ``--steps`` decode forwards:
 
 1. without instrumentation: the step time (median) -- the figure the breakdown is compared against;
 2. alternating with those plain steps (so both see the same load on a shared machine), steps with forward
@@ -169,8 +171,14 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     from eval_quality import read_text
 
     text, _ = read_text(args.text)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.prompt_tokens]
-    prompt = torch.tensor([ids])
+    all_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = args.prompt_tokens
+    if len(all_ids) < args.batch * n:
+        raise ValueError(
+            f"the text has {len(all_ids)} tokens, fewer than --batch x --prompt-tokens = {args.batch * n}"
+        )
+    ids = all_ids[:n]
+    prompt = torch.tensor([all_ids[b * n : (b + 1) * n] for b in range(args.batch)])
 
     timer = StepTimer(model, categorize(model))
 
@@ -210,7 +218,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         "meta": C.run_metadata(["scripts/profile_decode.py", *sys.argv[1:]]),
         "model": spec.label, "method": method.key, "quantize_lm_head": args.quantize_lm_head,
         "threads": torch.get_num_threads(), "load_s": load_s, "prompt_tokens": len(ids), "steps": args.steps,
-        "step_s": step, "step_hooked_s": hooked[middle], "tokens_per_s": 1.0 / step,
+        "batch": args.batch, "step_s": step, "step_hooked_s": hooked[middle], "tokens_per_s": args.batch / step,
         "breakdown_s": breakdown, "weight_bytes": nbytes, "bandwidth_bytes_per_s": bandwidth,
         "bandwidth_probe": probe, "weight_read_bound_s": bound_s, "kernels": C.kernels_in_use(),
     }  # fmt: skip
@@ -223,7 +231,8 @@ def render(r: dict[str, Any]) -> str:
         "",
         C.machine_markdown(r["meta"]),
         "",
-        f"Batch 1, {r['prompt_tokens']}-token prompt, median of {r['steps']} steps, {r['threads']} threads: "
+        f"Batch {r.get('batch', 1)}, {r['prompt_tokens']}-token prompt, median of {r['steps']} steps, "
+        f"{r['threads']} threads: "
         f"**{step * 1e3:.1f} ms/step = {r['tokens_per_s']:.2f} tok/s**. Breakdown of the median hooked step "
         f"({r['step_hooked_s'] * 1e3:.1f} ms; hooks cost the difference, in 'other'):",
         "",
@@ -240,7 +249,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         C.markdown_table(["weights", "MB", "ms at read bandwidth"], rows),
         "",
-        f"Bound: {1 / r['weight_read_bound_s']:.1f} tok/s; this step reaches "
+        f"Bound: {r.get('batch', 1) / r['weight_read_bound_s']:.1f} tok/s; this step reaches "
         f"{100 * r['weight_read_bound_s'] / step:.0f}% of it.",
     ]
     return "\n".join(lines)
@@ -253,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES))
     parser.add_argument("--quantize-lm-head", action="store_true", help="Int8Config(quantize_lm_head=True)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0)
@@ -260,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.prompt_tokens < 1:
+    if args.steps < 1 or args.warmup < 0 or args.prompt_tokens < 1 or args.batch < 1:
         raise ValueError(
-            f"need --steps >= 1, --warmup >= 0, --prompt-tokens >= 1, got {args.steps!r}, {args.warmup!r}, "
-            f"{args.prompt_tokens!r}"
+            f"need --steps >= 1, --warmup >= 0, --prompt-tokens >= 1, --batch >= 1, got {args.steps!r}, "
+            f"{args.warmup!r}, {args.prompt_tokens!r}, {args.batch!r}"
         )
     result = profile(args)
     if args.out:

@@ -710,6 +710,14 @@ def test_int8_head_method_asks_for_an_int8_lm_head():
     assert not plain.quantize_lm_head and not bnb.quantize_lm_head
     assert C._quantization_config(head).quantize_lm_head is True
     assert C._quantization_config(plain).quantize_lm_head is False
+    assert not head.compiled_decode and not plain.compiled_decode
+
+
+def test_compiled_method_is_the_int8_head_decoding_under_torch_compile():
+    (compiled,) = C.parse_methods("llmint8-t6-int8head-compiled", "bf16")
+    assert (compiled.key, compiled.threshold) == ("llmint8-t6-int8head-compiled@bf16", 6.0)
+    assert compiled.quantize_lm_head and compiled.compiled_decode
+    assert C._quantization_config(compiled).quantize_lm_head is True
 
 
 def test_bench_static_compile_eager_and_static_cache(tiny, tmp_path, capsys, restore_threads):
@@ -774,3 +782,12 @@ def test_profile_decode_splits_a_step_into_parts(tiny, tmp_path, capsys, restore
     assert all(v >= 0 for v in parts.values()) and sum(parts.values()) > 0
     assert data["weight_bytes"]["linear layers"] > 0 and data["weight_read_bound_s"] > 0
     assert "Bound:" in capsys.readouterr().out
+    assert data["batch"] == 1
+
+    batched = tmp_path / "profile_b2.json"
+    assert profile_decode.main([*argv[:-1], str(batched), "--batch", "2"]) == 0
+    data = json.loads(batched.read_text())
+    assert data["batch"] == 2 and data["tokens_per_s"] == pytest.approx(2 / data["step_s"])
+    assert "Batch 2," in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--batch"):
+        profile_decode.main([*argv, "--batch", "0"])
