@@ -467,7 +467,7 @@ def test_results_do_not_depend_on_thread_count(cpu_native, isa):
                 torch.set_num_threads(threads)
                 results[threads] = [
                     ops.int8_linear(_activations(m, 1000, dtype, case), weight, scale, bias, 6.0)
-                    for m in (1, 7, 100, 2048)
+                    for m in (1, 2, 7, 100, 2048)
                     for case in ("outliers", "many-outliers", "most-outliers")
                     for dtype in (torch.float32, torch.bfloat16)  # bf16: the VDPBF16PS outlier product on avx512-bf16
                 ] + [ops.quantize_activation(_activations(300, 1000, torch.bfloat16, "outliers"), 6.0)[0]]
