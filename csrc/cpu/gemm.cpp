@@ -57,8 +57,8 @@ constexpr int64_t kCompactFromShare = 2;  // outlier columns >= K / this
 constexpr int64_t kPieceMinCols = 9;
 constexpr int64_t kPieceMaxTokens = avx512::kSmallMaxM / 3;
 constexpr int64_t kPieceMaxCols = 1024;
-constexpr int kPieceBits =
-    14;  // |x / unit| < 2^14: hi = round(q / 256) in [-64, 64], lo = q - 256 * hi in [-128, 127]
+// q = x / unit with |q| < 2^kPieceBits: hi = floor((q + 128) / 256) in [-64, 64], lo = q - 256 * hi in [-128, 127].
+constexpr int kPieceBits = 14;
 
 // Token rows, then each token's hi and lo rows; their row sums; the units. False (nothing to use) when a value is not
 // finite or not a multiple of its token's unit: the kernel then sums the product from the weights in floating point.

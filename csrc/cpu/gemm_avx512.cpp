@@ -248,14 +248,13 @@ HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&firs
     // unit * (256 * hi + lo) times the row's weight scale. hi and lo are exact in fp32 (gemm.cpp, kPieceMaxCols),
     // 256 * hi + lo is rounded once, as is the product with the scale.
     const int64_t T = ep.piece_tokens;
-    const __m512 col_scale_mask = _mm512_set1_ps(0.0f);
     for (int64_t i = 0; i < T; ++i) {
       for (int j = 0; j < NR; ++j) {
         const __m512 hi = _mm512_cvtepi32_ps(exact(j, static_cast<int>(T + 2 * i)));
         const __m512 lo = _mm512_cvtepi32_ps(exact(j, static_cast<int>(T + 2 * i + 1)));
         const __m512 sum =
             _mm512_mul_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo), _mm512_set1_ps(ep.piece_unit[i]));
-        const __m512 scale = _mm512_mask_loadu_ps(col_scale_mask, valid, ep.col_scale + first[j]);
+        const __m512 scale = _mm512_maskz_loadu_ps(valid, ep.col_scale + first[j]);
         alignas(64) float product[16];
         _mm512_store_ps(product, _mm512_mul_ps(sum, scale));
         finish16(p, i, first[j], count, exact(j, static_cast<int>(i)), product);
