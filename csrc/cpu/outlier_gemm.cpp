@@ -351,10 +351,7 @@ HF_INT8_TARGET_AVX512 void gather_pairs(const int8_t* codes, int64_t ld, int64_t
   }
   for (int64_t b = 0; b < padded; b += 16) {
     for (int64_t c0 = 0; c0 < kStripRows; c0 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(scratch + (c0 + i) * kPairChunk + b);
-      avx512::transpose16(r);
-      for (int k = 0; k < 16; ++k) _mm512_storeu_si512(table + (b + k) * kStripRows + c0, r[k]);
+      avx512::transpose16_block(scratch + c0 * kPairChunk + b, kPairChunk, table + b * kStripRows + c0, kStripRows);
     }
   }
 }
@@ -462,11 +459,8 @@ bool product_bf16(const Problem& g) {
 // Re-lays row-major pieces [n_pieces][mp][jp] as B tiles: for each piece, 16-token panel and step of 32 columns, a
 // 16 x 16 transpose of 32-bit pairs gives [16 column pairs][16 tokens][2] bf16.
 HF_INT8_TARGET_AVX512 void to_b_tiles_panel(const uint16_t* src, int64_t jp, uint16_t* dst) {
-  for (int64_t st = 0; st < jp / kAmxJStep; ++st) {
-    __m512i r[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * jp + st * kAmxJStep);
-    avx512::transpose16(r);
-    for (int k = 0; k < 16; ++k) _mm512_storeu_si512(dst + st * 512 + k * 32, r[k]);
+  for (int64_t st = 0; st < jp / kAmxJStep; ++st) {  // rows of jp bf16 = jp / 2 dwords; 32 bf16 = 16 dwords
+    avx512::transpose16_block(src + st * kAmxJStep, jp / 2, dst + st * 512, 16);
   }
 }
 
@@ -599,10 +593,7 @@ HF_INT8_TARGET_AMX_BF16 void outlier_block(const GemmProblem& p, const AmxOutlie
   }
   for (int64_t nh = 0; nh < kStripRows; nh += 16) {
     for (int64_t mh = 0; mh < kAmxRows; mh += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(ct + (nh + i) * kAmxRows + mh);
-      avx512::transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_store_si512(block + (mh + i) * kStripRows + nh, r[i]);
+      avx512::transpose16_block(ct + nh * kAmxRows + mh, kAmxRows, block + mh * kStripRows + nh, kStripRows);
     }
   }
 }

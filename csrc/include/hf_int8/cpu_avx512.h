@@ -67,6 +67,17 @@ HF_INT8_TARGET_AVX512 inline void transpose16(__m512i r[16]) {
   }
 }
 
+// A 16 x 16 block of dwords, transposed from memory to memory: row i of src (src_ld dwords apart) becomes column i of
+// dst (rows dst_ld dwords apart).
+HF_INT8_TARGET_AVX512 inline void transpose16_block(const void* src, int64_t src_ld, void* dst, int64_t dst_ld) {
+  const auto* from = static_cast<const int32_t*>(src);
+  auto* to = static_cast<int32_t*>(dst);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(from + i * src_ld);
+  transpose16(r);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(to + i * dst_ld, r[i]);
+}
+
 HF_INT8_TARGET_AVX512 inline __mmask8 mask8(int64_t n_valid) {
   return n_valid >= 8 ? __mmask8(0xFF) : __mmask8((1u << n_valid) - 1u);
 }
