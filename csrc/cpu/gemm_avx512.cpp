@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace hf_int8::cpu::avx512 {
@@ -377,18 +378,14 @@ HF_INT8_TARGET_AVX512 void pack_panel(const int8_t* b, int64_t ldb, int64_t n_ro
   }
 }
 
+template <int... Ms>
+HF_INT8_TARGET_AVX512 void small_m_for(const GemmProblem& p, int64_t n_begin, int64_t n_end,
+                                       std::integer_sequence<int, Ms...>) {
+  ((p.M == Ms + 1 ? small_m_rows<Ms + 1>(p, n_begin, n_end) : void()), ...);
+}
+
 HF_INT8_TARGET_AVX512 void small_m(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  switch (p.M) {
-    case 1: small_m_rows<1>(p, n_begin, n_end); break;
-    case 2: small_m_rows<2>(p, n_begin, n_end); break;
-    case 3: small_m_rows<3>(p, n_begin, n_end); break;
-    case 4: small_m_rows<4>(p, n_begin, n_end); break;
-    case 5: small_m_rows<5>(p, n_begin, n_end); break;
-    case 6: small_m_rows<6>(p, n_begin, n_end); break;
-    case 7: small_m_rows<7>(p, n_begin, n_end); break;
-    case 8: small_m_rows<8>(p, n_begin, n_end); break;
-    default: break;
-  }
+  small_m_for(p, n_begin, n_end, std::make_integer_sequence<int, kSmallMaxM>{});
 }
 
 void pack_rows(const GemmProblem& p, int64_t m_begin, int64_t m_end, int8_t* x_panels) {

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "hf_int8/cpu_avx512.h"
@@ -296,6 +297,7 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
 // ---------------------------------------------------------------------------------------------------------------
 // AVX512-BF16 path.
 // ---------------------------------------------------------------------------------------------------------------
+constexpr int kBf16TileRows = 12;    // tokens per register tile (2 x 12 accumulators)
 constexpr int64_t kPairChunk = 256;  // outlier column pairs per pass over the tokens (table: 32 KiB, in L1)
 // Taken from this share of outlier columns on (J >= K / this): below it the work that does not shrink with J
 // (compressing whole weight rows, a pass over the product to scale it) outweighs the faster products. AMD EPYC Zen 5,
@@ -383,22 +385,15 @@ HF_INT8_TARGET_AVX512_BF16 void tile_bf16(const Problem& g, const uint32_t* x_pa
   }
 }
 
+template <int... Rs>
+void tile_bf16_for(const Problem& g, const uint32_t* x_pairs, int64_t pairs, int64_t m0, int64_t rows, int64_t n0,
+                   int64_t p0, int64_t p1, const uint32_t* table, std::integer_sequence<int, Rs...>) {
+  ((rows == Rs + 1 ? tile_bf16<Rs + 1>(g, x_pairs, pairs, m0, n0, p0, p1, table) : void()), ...);
+}
+
 void tile_bf16_rows(const Problem& g, const uint32_t* x_pairs, int64_t pairs, int64_t m0, int64_t rows, int64_t n0,
                     int64_t p0, int64_t p1, const uint32_t* table) {
-  switch (rows) {
-    case 12: tile_bf16<12>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 11: tile_bf16<11>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 10: tile_bf16<10>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 9: tile_bf16<9>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 8: tile_bf16<8>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 7: tile_bf16<7>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 6: tile_bf16<6>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 5: tile_bf16<5>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 4: tile_bf16<4>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 3: tile_bf16<3>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    case 2: tile_bf16<2>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-    default: tile_bf16<1>(g, x_pairs, pairs, m0, n0, p0, p1, table); break;
-  }
+  tile_bf16_for(g, x_pairs, pairs, m0, rows, n0, p0, p1, table, std::make_integer_sequence<int, kBf16TileRows>{});
 }
 
 // out[., n0 .. n0 + 32) *= col_scale (0 past N): the sums of int8 values become the sums of dequantized weights.
@@ -416,7 +411,7 @@ HF_INT8_TARGET_AVX512 void scale_strip(const Problem& g, int64_t n0) {
 
 // The product on AVX512-BF16; false (nothing written) when an activation is outside what the path computes exactly.
 bool product_bf16(const Problem& g) {
-  constexpr int64_t kRowsPerTile = 12;
+  constexpr int64_t kRowsPerTile = kBf16TileRows;
   const int64_t pairs = ceil_div(g.J, 2);
   // x as bf16 pairs [M][pairs]; uint32 storage, written as 16-bit lanes by bf16_row (intrinsic stores may alias)
   std::vector<uint32_t> x_pairs(static_cast<size_t>(g.M * pairs), 0u);
