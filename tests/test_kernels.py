@@ -26,6 +26,7 @@ from _tolerance import assert_within, fp32_sum_tolerance, int8_linear_tolerance
 import hf_int8
 from hf_int8 import ops
 from hf_int8._extension import cpu_module
+from hf_int8.ops import _health
 from hf_int8.ops import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -86,9 +87,20 @@ def target(request):
             got = cpu_module().cpu_isa()
             if got != isa:
                 pytest.skip(f"this CPU cannot run the {isa} kernels (best available: {got})")
+            _require_native(device)
             yield device, isa
     else:
+        _require_native(device)
         yield device, isa
+
+
+def _require_native(device: str) -> None:
+    """Fails when the first-use self-check sent ``device`` to the reference kernels: every comparison here would then
+    compare the reference with itself and pass."""
+    dev = torch.device(device)
+    if not _health.decide(dev):
+        verdict = _health.verdicts().get(str(dev if dev.type == "cpu" else torch.device("cuda", 0)))
+        pytest.fail(f"the reference kernels serve {device} instead of the native ones: {verdict}")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
@@ -113,9 +125,9 @@ def _activations(m: int, k: int, dtype: torch.dtype, case: str, seed: int = 0) -
     scaled by 20 (so some of their values cross the threshold and some stay below it). ``many-outliers`` scales 40%
     of the columns (as in Qwen2.5's down_proj): more than the CPU epilogue sums itself from a table, so with many
     tokens the outlier product is a GEMM of its own (gemm.cpp, kFusedOutliersMax: fused into the AMX kernel with
-    AMX-BF16, else outlier_gemm.cpp's kernels: VDPBF16PS for bf16-exact activations on avx512-bf16, fp32 FMAs
-    otherwise). ``most-outliers`` scales 60%: with 128 tokens or more, avx512-bf16's int8 GEMM then skips the outlier
-    columns (gemm.cpp, kCompactMinRows)."""
+    AMX-BF16 or into the packed VNNI kernel on avx512-bf16, one to three bf16 pieces per value by dtype, else
+    outlier_gemm.cpp's fp32 FMAs); with enough tokens (83 here, not 24) avx512-bf16's int8 GEMM then skips the
+    outlier columns (gemm.cpp, kCompactMinWork). ``most-outliers`` scales 60%."""
     x = torch.randn(m, k, generator=_gen(seed)).clamp_(-5.5, 5.5)
     if m > 5:
         x[5] = 0.0
@@ -270,14 +282,15 @@ def test_int8_linear_decode_with_many_outlier_columns(target, m, k, n_outliers, 
         assert_within(got, want, int8_linear_tolerance(x, weight, scale, bias, 6.0), str(dtype))
 
 
-# >= 128 tokens (kCompactMinRows): K not a multiple of 64 (the compressed rows' tail), one K past 4096.
+# Enough tokens for avx512-bf16 to skip the outlier columns in the int8 GEMM (kCompactMinWork): K not a multiple of 64
+# (the picked rows' tail), one K past 4096.
 MOST_OUTLIER_SHAPES = [(128, 200, 75), (200, 1000, 130), (130, 4500, 70)]
 
 
 @pytest.mark.parametrize("m,k,n", MOST_OUTLIER_SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in MOST_OUTLIER_SHAPES])
 def test_int8_linear_with_most_columns_outliers(target, m, k, n):
-    """60% outlier columns and >= 128 tokens: on avx512-bf16 the int8 GEMM runs over the other 40% only (A and B
-    compressed): the same int32 sums, so the same bound; other paths take the usual route."""
+    """60% outlier columns and >= 128 tokens: on avx512-bf16 the int8 GEMM runs over the other 40% only (the kept
+    columns picked out of A and B): the same int32 sums, so the same bound; other paths take the usual route."""
     device, _ = target
     weight, scale = _weight(n, k)
     for dtype in DTYPES:

@@ -16,8 +16,8 @@ Isa detect() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    // kAvx512Bf16 also uses VPCOMPRESSB (AVX512-VBMI2), which every CPU with AVX512-BF16 but Cooper Lake has
-    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vbmi2")) return Isa::kAvx512Vnni;
+    // kAvx512Bf16 also uses VPERMB (AVX512-VBMI), which every CPU with AVX512-BF16 but Cooper Lake has
+    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vbmi")) return Isa::kAvx512Vnni;
     return amx::available() ? Isa::kAmx : Isa::kAvx512Bf16;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {

@@ -33,21 +33,21 @@ constexpr int64_t kPackedBlockBytes = 1 << 20;  // packed B per work item: about
 constexpr int64_t kSmallMGrain = 64;            // B rows per thread at least, small-M path
 constexpr int64_t kAmxKBlockedMaxK = 4096;      // AMX: K-blocked up to this K (bytes, padded), full-K above
 // Large M: up to this many outlier columns the epilogue sums their product itself (a few FMAs per output, from a
-// dequantized table); above it the product is a GEMM of its own: fused into the AMX kernel block by block (AMX-BF16),
-// else computed first (outlier_gemm.cpp) and added by the epilogue. Summing thousands of columns element by element
+// dequantized table); above it the product is a GEMM of its own: fused into the AMX kernel block by block (AMX-BF16)
+// or into the packed VNNI kernel tile by tile (AVX512-BF16), else computed first (outlier_gemm.cpp, fp32 FMAs) and
+// added by the epilogue. Summing thousands of columns element by element
 // in the epilogue was 12x slower than the reference path (Qwen2.5's down_proj: 6361 of 8960 columns). The small-M
 // (decode) kernel always sums the product itself: it gathers each weight row's outlier weights once, from the row it
 // has just streamed, and dots them with every token.
 constexpr int64_t kFusedOutliersMax = 8;
-// Packed VNNI path, Isa::kAvx512Bf16 and up: with at least kCompactMinRows tokens and half the columns outliers, the
-// int8 GEMM skips the outlier columns (zero in A; GemmProblem::b_keep): the GEMM time saved grows with M x share, the
-// cost of compressing the rows (VPCOMPRESSB, ~N * K / 64 of them) does not. Measured on an AMD EPYC Zen 5, 2 threads,
-// bf16 activations, 4096x4096 and 11008x4096, against the same call without it, call by call in one process (a
-// temporary build switch, not kept: scripts/ab_cpu_isa.py compares ISA levels, and both levels' differences show
-// there together): 1.06-1.30x faster at 128-512 tokens with 50-70% outlier columns; 0.94-0.98x at 25% with 128-256
-// tokens, 0.64-0.81x at 16 tokens (not taken there).
-constexpr int64_t kCompactMinRows = 128;
-constexpr int64_t kCompactFromShare = 2;  // outlier columns >= K / this
+// Packed VNNI path, Isa::kAvx512Bf16 and up: with outlier columns x tokens >= kCompactMinWork x K, the int8 GEMM
+// skips the outlier columns (zero in A; GemmProblem::b_keep): the GEMM time saved grows with tokens x outlier share,
+// the cost of picking the kept columns out of every weight row (one VPERMB per 64 columns) does not. Measured on an
+// AMD EPYC Zen 5, 2 threads, bf16 activations, 1536x8960 and 8960x1536, with the outlier product fused, against the
+// same call without it, call by call in one process (a temporary switch, not kept): 1.1-1.4x faster from 64 tokens at
+// 25% outlier columns and from 512 tokens at 10-37%, even at 512 tokens with 3-6.5%, slower at 16-32 tokens with
+// 5-25% and at 64 tokens with 5-10% (up to 1.3x). 16 tokens' worth of outlier columns separates the two.
+constexpr int64_t kCompactMinWork = 16;
 
 // Small-M path: the outlier product as two more int8 rows per token (Epilogue::piece_unit). Taken above the columns
 // the kernel sums with scalar FMAs, where gathering each weight row's outlier codes cost more than streaming the row
@@ -147,6 +147,27 @@ at::Tensor outlier_product_of(Isa isa, const GemmProblem& p) {
   return out;
 }
 
+}  // namespace
+
+ColumnPicker make_column_picker(const std::vector<uint64_t>& bits, int64_t K) {
+  ColumnPicker c;
+  c.K = K;
+  for (int64_t w = 0; w < static_cast<int64_t>(bits.size()); ++w) {
+    uint64_t word = bits[static_cast<size_t>(w)];
+    if (word == 0) continue;
+    c.words.push_back(w);
+    c.taken.push_back(static_cast<uint8_t>(__builtin_popcountll(word)));
+    c.count += __builtin_popcountll(word);
+    const size_t start = c.index.size();
+    c.index.resize(start + 64, 0);
+    for (size_t lane = start; word != 0; word &= word - 1)
+      c.index[lane++] = static_cast<uint8_t>(__builtin_ctzll(word));
+  }
+  return c;
+}
+
+namespace {
+
 void finish_all(const GemmProblem& p, const int32_t* acc, int64_t ld_acc) {
   at::parallel_for(0, p.M, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -180,20 +201,26 @@ int64_t block_columns(const GemmProblem& p, int64_t kp) {
 
 void run_packed_vnni(const GemmProblem& p) {
   const int64_t kp = round_up(p.K, 4);
+  const PackedOutliers* po = p.ep.packed_outliers;
+  const int64_t outlier_words = po != nullptr ? avx512::outlier_panel_words(po->pairs) : 0;  // per 16 columns
   at::Tensor x_panels = at::empty({p.M * kp}, at::kChar);
   int8_t* xp = x_panels.data_ptr<int8_t>();
   const int64_t row_panels = ceil_div(p.M, avx512::kPackedRows);
   at::parallel_for(0, row_panels, std::max<int64_t>(1, 16384 / kp), [&](int64_t q0, int64_t q1) {
     avx512::pack_rows(p, q0 * avx512::kPackedRows, std::min(p.M, q1 * avx512::kPackedRows), xp);
   });
-  const int64_t block = block_columns(p, kp);
+  // A column's packed bytes: its int8 quads and, with fused outliers, its dword of each outlier pair.
+  const int64_t block = block_columns(p, kp + outlier_words / kPanelCols * 4);
   const int64_t n_blocks = ceil_div(p.N, block);
   const size_t panel_bytes = static_cast<size_t>(ceil_div(block, kPanelCols) * kp * 16);
+  const size_t outlier_panel_words = static_cast<size_t>(ceil_div(block, kPanelCols) * outlier_words);
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     static thread_local std::vector<uint8_t> panels;
+    static thread_local std::vector<uint32_t> outlier_panels;
     if (panels.size() < panel_bytes) panels.resize(panel_bytes);
+    if (outlier_panels.size() < outlier_panel_words) outlier_panels.resize(outlier_panel_words);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      avx512::packed(p, xp, blk * block, std::min(p.N, (blk + 1) * block), panels.data());
+      avx512::packed(p, xp, blk * block, std::min(p.N, (blk + 1) * block), panels.data(), outlier_panels.data());
     }
   });
 }
@@ -261,10 +288,16 @@ void gemm(Isa isa, const GemmProblem& p) {
   at::Tensor w_outlier, product;
   std::vector<uint16_t> amx_pieces;
   AmxOutliers amx_outliers;
+  std::vector<uint32_t> packed_pairs;
+  ColumnPicker packed_cols;
+  PackedOutliers packed_outliers;
   const bool many_outliers = q.ep.n_outliers > kFusedOutliersMax;
   if (q.ep.kind != OutKind::kInt32 && q.ep.n_outliers > 0) {
     if (path == Path::kAmx && many_outliers && prepare_amx_outliers(isa, q, amx_pieces, amx_outliers)) {
       q.ep.amx_outliers = &amx_outliers;
+    } else if (path == Path::kPackedVnni && many_outliers &&
+               prepare_packed_outliers(isa, q, packed_pairs, packed_cols, packed_outliers)) {
+      q.ep.packed_outliers = &packed_outliers;
     } else if (path != Path::kSmallM && many_outliers) {
       product = outlier_product_of(isa, q);
       q.ep.outlier_product = product.data_ptr<float>();
@@ -290,28 +323,26 @@ void gemm(Isa isa, const GemmProblem& p) {
     q.M = 3 * q.M;
   }
 
-  // Many outlier columns: the int8 GEMM runs over the other columns only, A compressed here, B as it is packed.
-  std::vector<uint64_t> keep;
+  // Many outlier columns: the int8 GEMM runs over the other columns only, A's picked here, B's as it is packed.
+  ColumnPicker keep;
   at::Tensor a_kept;
-  if (path == Path::kPackedVnni && isa >= Isa::kAvx512Bf16 && q.M >= kCompactMinRows &&
-      q.ep.n_outliers > kFusedOutliersMax && q.ep.n_outliers * kCompactFromShare >= q.K) {
-    keep = outlier_column_bits(q.ep.outlier_cols, q.ep.n_outliers, q.K);
-    for (uint64_t& word : keep) word = ~word;  // the other columns
-    if (!keep.empty() && q.K % 64 != 0) keep.back() &= ~uint64_t{0} >> (64 - q.K % 64);
-    int64_t k_kept = 0;
-    for (const uint64_t word : keep) k_kept += __builtin_popcountll(word);
-    if (k_kept > 0) {
-      const int64_t ld = round_up(k_kept + 64, 64);
+  if (path == Path::kPackedVnni && isa >= Isa::kAvx512Bf16 && q.ep.n_outliers > kFusedOutliersMax &&
+      q.ep.n_outliers * q.M >= kCompactMinWork * q.K) {
+    std::vector<uint64_t> bits = outlier_column_bits(q.ep.outlier_cols, q.ep.n_outliers, q.K);
+    for (uint64_t& word : bits) word = ~word;  // the other columns
+    if (!bits.empty() && q.K % 64 != 0) bits.back() &= ~uint64_t{0} >> (64 - q.K % 64);
+    keep = make_column_picker(bits, q.K);
+    if (keep.count > 0) {
+      const int64_t ld = round_up(keep.count + 64, 64);
       a_kept = at::empty({q.M, ld}, at::kChar);
       int8_t* dst = a_kept.data_ptr<int8_t>();
       at::parallel_for(0, q.M, std::max<int64_t>(1, 16384 / q.K), [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; ++m) avx512::compress_columns(q.a + m * q.lda, q.K, keep.data(), dst + m * ld);
+        for (int64_t m = m0; m < m1; ++m) avx512::pick_columns(q.a + m * q.lda, keep, dst + m * ld);
       });
-      q.b_keep = keep.data();
-      q.b_keep_k = q.K;
+      q.b_keep = &keep;
       q.a = dst;
       q.lda = ld;
-      q.K = k_kept;
+      q.K = keep.count;
     }
   }
 

@@ -289,21 +289,77 @@ HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, i
 // loop walks three pointers and keeps 2 * MR accumulators, two B vectors and one broadcast in the 32 registers.
 // ---------------------------------------------------------------------------------------------------------------
 // Epilogue of an MR x 32 tile from its stored accumulators (kept out of line: inlined into the microkernel, its
-// register demand made GCC spill accumulators inside the K loop).
+// register demand made GCC spill accumulators inside the K loop). `o`, when given, holds the tile's outlier sums
+// (unscaled, MR x 32): col_scale multiplies each finished sum, as on the AMX path (outlier_block).
 __attribute__((noinline)) HF_INT8_TARGET_AVX512 void finish_tile32(const GemmProblem& p, int64_t m0, int mr,
-                                                                   const int32_t* c, int64_t n0, int64_t n_valid) {
+                                                                   const int32_t* c, const float* o, int64_t n0,
+                                                                   int64_t n_valid) {
+  alignas(64) float scaled[32];
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  if (o != nullptr) {  // (int32 outputs have no scales)
+    s0 = _mm512_maskz_loadu_ps(mask16(n_valid), p.ep.col_scale + n0);
+    if (n_valid > 16) s1 = _mm512_maskz_loadu_ps(mask16(n_valid - 16), p.ep.col_scale + n0 + 16);
+  }
   for (int i = 0; i < mr; ++i) {
     const __m512i corr = _mm512_set1_epi32(kU8Shift * p.a_rowsum[m0 + i]);
-    finish16(p, m0 + i, n0, n_valid, _mm512_sub_epi32(_mm512_load_si512(c + i * 32), corr));
+    if (o != nullptr) {
+      _mm512_store_ps(scaled, _mm512_mul_ps(_mm512_load_ps(o + i * 32), s0));
+      _mm512_store_ps(scaled + 16, _mm512_mul_ps(_mm512_load_ps(o + i * 32 + 16), s1));
+    }
+    finish16(p, m0 + i, n0, n_valid, _mm512_sub_epi32(_mm512_load_si512(c + i * 32), corr),
+             o != nullptr ? scaled : nullptr);
     if (n_valid > 16) {
-      finish16(p, m0 + i, n0 + 16, n_valid - 16, _mm512_sub_epi32(_mm512_load_si512(c + i * 32 + 16), corr));
+      finish16(p, m0 + i, n0 + 16, n_valid - 16, _mm512_sub_epi32(_mm512_load_si512(c + i * 32 + 16), corr),
+               o != nullptr ? scaled + 16 : nullptr);
     }
   }
 }
 
+// The outlier sums of an MR x 32 tile, o[i * 32 + c] = sum over pairs of VDPBF16PS(x pieces of token i, outlier codes
+// of weight row c), unscaled: the register tile of micro_packed, on bf16 pairs instead of int8 quads (see
+// PackedOutliers). Out of line: it needs the AVX512-BF16 target, which the int8 loop does not.
+template <int MR, int NP>
+__attribute__((noinline)) HF_INT8_TARGET_AVX512_BF16 void outlier_tile(const uint32_t* xo, const uint32_t* pa,
+                                                                       const uint32_t* pb, int64_t pairs, float* o) {
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    acc0[i] = _mm512_setzero_ps();
+    acc1[i] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < pairs; ++q) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(pa + q * kPanelCols);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(pb + q * kPanelCols);
+#pragma GCC unroll 3
+    for (int t = 0; t < NP; ++t) {
+      const uint32_t* xq = xo + (q * NP + t) * kPackedRows;
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(xq[i]));
+        acc0[i] = _mm512_dpbf16_ps(acc0[i], w0, x);
+        acc1[i] = _mm512_dpbf16_ps(acc1[i], w1, x);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    _mm512_store_ps(o + i * 32, acc0[i]);
+    _mm512_store_ps(o + i * 32 + 16, acc1[i]);
+  }
+}
+
+// Where a tile's outlier operands are: the token panel's pieces and the block's outlier panels (nullptr: none).
+struct TileOutliers {
+  const uint32_t* x = nullptr;  // x_pairs of the tile's token panel
+  const uint32_t* panels = nullptr;
+  int64_t pairs = 0;
+  int n_pieces = 0;
+};
+
 template <int MR>
 HF_INT8_TARGET_AVX512 void micro_packed(const GemmProblem& p, int64_t m0, const int8_t* xa, const uint8_t* pa,
-                                        const uint8_t* pb, int64_t kq, int64_t n0, int64_t n_valid) {
+                                        const uint8_t* pb, int64_t kq, int64_t n0, int64_t n_valid,
+                                        const TileOutliers& to, int64_t q) {
   __m512i acc0[MR], acc1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
@@ -329,26 +385,70 @@ HF_INT8_TARGET_AVX512 void micro_packed(const GemmProblem& p, int64_t m0, const 
     _mm512_store_si512(c + i * 32, acc0[i]);
     _mm512_store_si512(c + i * 32 + 16, acc1[i]);
   }
-  finish_tile32(p, m0, MR, c, n0, n_valid);
+  alignas(64) float o[MR * 32];
+  if (to.panels != nullptr) {
+    const int64_t words = outlier_panel_words(to.pairs);
+    const uint32_t* oa = to.panels + q * words;
+    const uint32_t* ob = n_valid > kPanelCols ? oa + words : oa;  // an odd last panel: its pair is not stored
+    switch (to.n_pieces) {
+      case 1: outlier_tile<MR, 1>(to.x, oa, ob, to.pairs, o); break;
+      case 2: outlier_tile<MR, 2>(to.x, oa, ob, to.pairs, o); break;
+      default: outlier_tile<MR, 3>(to.x, oa, ob, to.pairs, o); break;
+    }
+  }
+  finish_tile32(p, m0, MR, c, to.panels != nullptr ? o : nullptr, n0, n_valid);
 }
 
 template <int MR>
 HF_INT8_TARGET_AVX512 void packed_rows(const GemmProblem& p, int64_t m0, const int8_t* xa, const uint8_t* panels,
-                                       int64_t n_panels, int64_t kq, int64_t n_begin, int64_t n_end) {
+                                       int64_t n_panels, int64_t kq, int64_t n_begin, int64_t n_end,
+                                       const TileOutliers& to) {
   const int64_t panel_bytes = kq * 64;
   for (int64_t q = 0; q < n_panels; q += 2) {
     const uint8_t* pa = panels + q * panel_bytes;
     const uint8_t* pb = q + 1 < n_panels ? pa + panel_bytes : pa;  // odd count: the second half is not stored
     const int64_t n0 = n_begin + q * kPanelCols;
-    micro_packed<MR>(p, m0, xa, pa, pb, kq, n0, std::min<int64_t>(2 * kPanelCols, n_end - n0));
+    micro_packed<MR>(p, m0, xa, pa, pb, kq, n0, std::min<int64_t>(2 * kPanelCols, n_end - n0), to, q);
   }
 }
 
 template <int... MRs>
 HF_INT8_TARGET_AVX512 void packed_tail(int mr, const GemmProblem& p, int64_t m0, const int8_t* xa,
                                        const uint8_t* panels, int64_t n_panels, int64_t kq, int64_t n_begin,
-                                       int64_t n_end, std::integer_sequence<int, MRs...>) {
-  ((mr == MRs + 1 ? packed_rows<MRs + 1>(p, m0, xa, panels, n_panels, kq, n_begin, n_end) : void()), ...);
+                                       int64_t n_end, const TileOutliers& to, std::integer_sequence<int, MRs...>) {
+  ((mr == MRs + 1 ? packed_rows<MRs + 1>(p, m0, xa, panels, n_panels, kq, n_begin, n_end, to) : void()), ...);
+}
+
+// The outlier codes of weight rows [0, n_rows) (n_rows <= 16) as one outlier panel: panel[q][r] = bf16(code of
+// outlier column 2q) | bf16(code of column 2q + 1) << 16 for row r, 0 past the outlier columns and past n_rows. Each
+// row's codes are picked into `codes` (16 rows of ld_codes bytes), widened to bf16 pairs row by row into `rows` (16
+// rows of round_up(pairs, 16) dwords), then transposed 16 x 16.
+HF_INT8_TARGET_AVX512_VBMI void pack_outlier_panel(const int8_t* b, int64_t ldb, int64_t n_rows,
+                                                   const PackedOutliers& o, int8_t* codes, int64_t ld_codes,
+                                                   uint32_t* rows, uint32_t* panel) {
+  const int64_t padded = round_up(o.pairs, 16);
+  for (int64_t r = 0; r < kPanelCols; ++r) {
+    uint32_t* dst = rows + r * padded;
+    if (r >= n_rows) {
+      std::memset(dst, 0, static_cast<size_t>(padded) * sizeof(uint32_t));
+      continue;
+    }
+    int8_t* row_codes = codes + r * ld_codes;
+    pick_columns(b + r * ldb, *o.cols, row_codes);
+    const int64_t n_codes = o.cols->count;
+    for (int64_t q = 0; q < padded; q += 8) {  // 8 pairs: 16 codes
+      const int64_t j = 2 * q;
+      const __m128i c8 = _mm_maskz_loadu_epi8(mask16(std::max<int64_t>(0, n_codes - j)), row_codes + j);
+      const __m512i bf16 = _mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c8))), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + q), _mm512_cvtepi32_epi16(bf16));
+    }
+  }
+  alignas(64) uint32_t block[16 * 16];
+  for (int64_t q = 0; q < padded; q += 16) {
+    transpose16_block(rows + q, padded, block, 16);
+    const int64_t n = std::min<int64_t>(16, o.pairs - q);
+    std::memcpy(panel + q * kPanelCols, block, static_cast<size_t>(n * kPanelCols) * sizeof(uint32_t));
+  }
 }
 
 }  // namespace
@@ -404,46 +504,62 @@ void pack_rows(const GemmProblem& p, int64_t m_begin, int64_t m_end, int8_t* x_p
   }
 }
 
-HF_INT8_TARGET_AVX512_VBMI2 int64_t compress_columns(const int8_t* src, int64_t K, const uint64_t* keep, int8_t* dst) {
+HF_INT8_TARGET_AVX512_VBMI void pick_columns(const int8_t* src, const ColumnPicker& c, int8_t* dst) {
   int64_t written = 0;
-  for (int64_t w = 0; w * 64 < K; ++w) {
-    const __mmask64 take = keep[w];
-    if (take == 0) continue;
-    const int64_t valid = std::min<int64_t>(64, K - w * 64);
-    const __mmask64 in_row = valid == 64 ? ~__mmask64(0) : ~__mmask64(0) >> (64 - valid);
-    const __m512i v = _mm512_maskz_loadu_epi8(in_row, src + w * 64);
-    _mm512_storeu_si512(dst + written, _mm512_maskz_compress_epi8(take, v));  // zeros after the taken bytes
-    written += __builtin_popcountll(take);
+  for (size_t i = 0; i < c.words.size(); ++i) {
+    const int64_t at = c.words[i] * 64, valid = std::min<int64_t>(64, c.K - at);
+    // (a masked load only for a partial last word: it must not read past the row)
+    const __m512i v =
+        valid == 64 ? _mm512_loadu_si512(src + at) : _mm512_maskz_loadu_epi8(low_mask64(valid), src + at);
+    const __m512i index = _mm512_loadu_si512(c.index.data() + i * 64);
+    _mm512_storeu_si512(dst + written, _mm512_maskz_permutexvar_epi8(low_mask64(c.taken[i]), index, v));
+    written += c.taken[i];
   }
-  return written;
 }
 
 HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, const int8_t* x_panels, int64_t n_begin, int64_t n_end,
-                                  uint8_t* panels) {
+                                  uint8_t* panels, uint32_t* outlier_panels) {
   const int64_t kq = ceil_div(p.K, 4);
   const int64_t n_panels = ceil_div(n_end - n_begin, kPanelCols);
-  // b_keep: each panel's rows are compressed to their K kept columns first, then packed from there.
+  // b_keep: each panel's rows are reduced to their K kept columns first, then packed from there.
   const int64_t ld_kept = round_up(p.K + 64, 64);
   std::vector<int8_t> kept(p.b_keep != nullptr ? static_cast<size_t>(kPanelCols * ld_kept) : 0);
+  const PackedOutliers* po = p.ep.packed_outliers;
+  const int64_t ld_codes = po != nullptr ? round_up(2 * po->pairs + 64, 64) : 0;
+  std::vector<int8_t> codes(static_cast<size_t>(kPanelCols * ld_codes));
+  std::vector<uint32_t> code_rows(po != nullptr ? static_cast<size_t>(kPanelCols * round_up(po->pairs, 16)) : 0);
   for (int64_t q = 0; q < n_panels; ++q) {
     const int64_t n0 = n_begin + q * kPanelCols, rows = std::min<int64_t>(kPanelCols, n_end - n0);
     const int8_t* b = p.b + n0 * p.ldb;
     int64_t ldb = p.ldb;
+    if (po != nullptr) {
+      pack_outlier_panel(b, ldb, rows, *po, codes.data(), ld_codes, code_rows.data(),
+                         outlier_panels + q * outlier_panel_words(po->pairs));
+    }
     if (p.b_keep != nullptr) {
       for (int64_t r = 0; r < rows; ++r) {
-        compress_columns(b + r * p.ldb, p.b_keep_k, p.b_keep, kept.data() + r * ld_kept);
+        pick_columns(b + r * p.ldb, *p.b_keep, kept.data() + r * ld_kept);
       }
       b = kept.data();
       ldb = ld_kept;
     }
     pack_panel(b, ldb, rows, p.K, kq, /*flip=*/true, panels + q * kq * 64);
   }
+  TileOutliers to;
+  if (po != nullptr) {
+    to.panels = outlier_panels;
+    to.pairs = po->pairs;
+    to.n_pieces = po->n_pieces;
+  }
+  const int64_t x_panel_words = po != nullptr ? po->pairs * po->n_pieces * kPackedRows : 0;
   int64_t m0 = 0;
   for (; m0 + kPackedRows <= p.M; m0 += kPackedRows) {
-    packed_rows<kPackedRows>(p, m0, x_panels + m0 * kq * 4, panels, n_panels, kq, n_begin, n_end);
+    if (po != nullptr) to.x = po->x_pairs + m0 / kPackedRows * x_panel_words;
+    packed_rows<kPackedRows>(p, m0, x_panels + m0 * kq * 4, panels, n_panels, kq, n_begin, n_end, to);
   }
   if (m0 < p.M) {
-    packed_tail(static_cast<int>(p.M - m0), p, m0, x_panels + m0 * kq * 4, panels, n_panels, kq, n_begin, n_end,
+    if (po != nullptr) to.x = po->x_pairs + m0 / kPackedRows * x_panel_words;
+    packed_tail(static_cast<int>(p.M - m0), p, m0, x_panels + m0 * kq * 4, panels, n_panels, kq, n_begin, n_end, to,
                 std::make_integer_sequence<int, kPackedRows - 1>{});
   }
 }
@@ -456,8 +572,8 @@ namespace hf_int8::cpu::avx512 {
 void pack_panel(const int8_t*, int64_t, int64_t, int64_t, int64_t, bool, uint8_t*) {}
 void small_m(const GemmProblem&, int64_t, int64_t) {}
 void pack_rows(const GemmProblem&, int64_t, int64_t, int8_t*) {}
-void packed(const GemmProblem&, const int8_t*, int64_t, int64_t, uint8_t*) {}
-int64_t compress_columns(const int8_t*, int64_t, const uint64_t*, int8_t*) { return 0; }
+void packed(const GemmProblem&, const int8_t*, int64_t, int64_t, uint8_t*, uint32_t*) {}
+void pick_columns(const int8_t*, const ColumnPicker&, int8_t*) {}
 }  // namespace hf_int8::cpu::avx512
 
 #endif  // HF_INT8_X86

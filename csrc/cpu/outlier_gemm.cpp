@@ -12,16 +12,12 @@
 //   A tiles. col_scale[n] is applied to the finished sum (the bf16 operands must stay exact), which moves the result
 //   by an fp32 rounding at most. Activations so large that |x| * 127 * J could overflow fp32 (above kBf16MaxAbs), or
 //   so small that a bf16 piece would be subnormal (which AMX flushes to zero), make prepare_amx_outliers decline.
-// - Otherwise outlier_product computes it up front for the epilogue to add:
-//   - AVX512-BF16 + VBMI2 (Zen 4/5; Sapphire Rapids and later when the AMX GEMM does not run) when every outlier
-//     activation is a bf16 number in the range above, as a bf16 model's activations are: VDPBF16PS multiplies pairs
-//     of bf16 numbers exactly and accumulates in fp32, 32 multiply-adds per instruction against 16 for an fp32 FMA.
-//     Register tiles of 12 tokens x 32 rows over column pairs; each strip's outlier codes are picked out of its rows
-//     once with VPCOMPRESSB (per-code gathers cost half as much as the products). Like the AMX path, the int8 values
-//     enter as they are and col_scale multiplies the finished sums. Other activations (fp32, fp16: two or three
-//     pieces would cost as much as FMAs or more) take the FMA path.
-//   - fp32 FMA register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over dequantized weights.
-//   Both walk the outlier columns in chunks whose gathered weights fit in L1.
+// - AVX512-BF16 (AMD Zen 4/5; Intel Sapphire Rapids and later when the AMX GEMM does not run), fused into the packed
+//   VNNI GEMM the same way (PackedOutliers, prepared here): VDPBF16PS multiplies pairs of bf16 numbers exactly and
+//   accumulates in fp32, 32 multiply-adds per instruction against 16 for an fp32 FMA; the same pieces and range.
+// - Otherwise (AVX-512 without BF16, AVX2, values out of range) outlier_product computes it up front with fp32 FMA
+//   register tiles (AVX-512: 8 tokens x 32 rows; AVX2: 4 x 16) over dequantized weights, walking the outlier columns
+//   in chunks whose gathered weights fit in L1, for the epilogue to add.
 // Not BLAS: a BLAS splits its work, and its fp32 sums, by the number of threads.
 #include <ATen/Parallel.h>
 
@@ -294,163 +290,6 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
   return std::max(used, needs3 != 0 ? 3 : (needs2 != 0 ? 2 : 1));
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// AVX512-BF16 path.
-// ---------------------------------------------------------------------------------------------------------------
-constexpr int kBf16TileRows = 12;    // tokens per register tile (2 x 12 accumulators)
-constexpr int64_t kPairChunk = 256;  // outlier column pairs per pass over the tokens (table: 32 KiB, in L1)
-// Taken from this share of outlier columns on (J >= K / this): below it the work that does not shrink with J
-// (compressing whole weight rows, a pass over the product to scale it) outweighs the faster products. AMD EPYC Zen 5,
-// 2 threads, bf16 activations, 16/128/512 tokens, 4096x4096, 4096x11008, 1536x8960, against the FMA path call by call
-// in one process: with the path taken at every share (a throw-away A/B before this bound existed) it was 0.65-1.12x
-// at 1-6.5% outlier columns; with the bound, `scripts/ab_cpu_isa.py --fractions 0.01,0.065,0.1,0.125,0.2 --tokens
-// 16,128,512` printed 0.96-1.02x at 1-6.5% (same path), 1.02-1.32x at 10-12.5% and 1.20-1.57x at 20%
-// (docs/results/ab_cpu_isa_zen5.json).
-constexpr int64_t kBf16FromShare = 10;
-
-// x[0 .. J) as bf16 at dst[0 .. J) (dst[J], the pad of an odd J, is left as it is: zero). False, with dst partly
-// written, when a value is not exactly a bf16 number or lies outside [kBf16MinAbs, kBf16MaxAbs] (0, Inf and NaN pass:
-// they propagate as in an fp32 FMA).
-HF_INT8_TARGET_AVX512 bool bf16_row(const float* x, int64_t J, uint16_t* dst) {
-  const __m512i low = _mm512_set1_epi32(0xFFFF);
-  const __m512 max_abs = _mm512_set1_ps(kBf16MaxAbs), min_abs = _mm512_set1_ps(kBf16MinAbs);
-  const __m512 inf = _mm512_set1_ps(INFINITY);
-  for (int64_t j = 0; j < J; j += 16) {
-    const __mmask16 k = avx512::mask16(J - j);
-    const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512 a = _mm512_abs_ps(v);
-    const __mmask16 bad =
-        _mm512_test_epi32_mask(bits, low) |
-        (_mm512_cmp_ps_mask(a, max_abs, _CMP_GT_OQ) & _mm512_cmp_ps_mask(a, inf, _CMP_NEQ_OQ)) |
-        (_mm512_cmp_ps_mask(a, min_abs, _CMP_LT_OQ) & _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ));
-    if (bad != 0) return false;
-    _mm256_mask_storeu_epi16(dst + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-  }
-  return true;
-}
-
-// table[p - p0][c] = bf16(codes_c[2p]) | bf16(codes_c[2p + 1]) << 16 for p in [p0, p1), rounded up to 16 pairs (0
-// past J; int8 values are exact in bf16), where codes_c = the compressed outlier codes of row n0 + c (`codes`, rows of
-// `ld` bytes; `rows` of them are valid, the rest are 0): for each weight row, the VDPBF16PS lane of a pair of outlier
-// columns. Built row by row in `scratch` ([32 rows][kPairChunk]), then turned to [pair][row] by 16 x 16 transposes.
-HF_INT8_TARGET_AVX512 void gather_pairs(const int8_t* codes, int64_t ld, int64_t rows, int64_t J, int64_t p0,
-                                        int64_t p1, uint32_t* scratch, uint32_t* table) {
-  const int64_t padded = round_up(p1 - p0, 16);
-  for (int64_t c = 0; c < kStripRows; ++c) {
-    uint32_t* dst = scratch + c * kPairChunk;
-    if (c >= rows) {
-      std::memset(dst, 0, static_cast<size_t>(padded) * sizeof(uint32_t));
-      continue;
-    }
-    const int8_t* row = codes + c * ld;
-    for (int64_t q = 0; q < padded; q += 8) {  // 8 pairs: 16 codes
-      const int64_t j = 2 * (p0 + q);
-      const __m128i c8 = _mm_maskz_loadu_epi8(avx512::mask16(std::max<int64_t>(0, J - j)), row + j);
-      const __m512i bf16 = _mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c8))), 16);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + q), _mm512_cvtepi32_epi16(bf16));
-    }
-  }
-  for (int64_t b = 0; b < padded; b += 16) {
-    for (int64_t c0 = 0; c0 < kStripRows; c0 += 16) {
-      avx512::transpose16_block(scratch + c0 * kPairChunk + b, kPairChunk, table + b * kStripRows + c0, kStripRows);
-    }
-  }
-}
-
-// out[m0 .. m0 + R, n0 .. n0 + 32) (+)= sum over pairs [p0, p1) of x pair . table pair (unscaled sums).
-template <int R>
-HF_INT8_TARGET_AVX512_BF16 void tile_bf16(const Problem& g, const uint32_t* x_pairs, int64_t pairs, int64_t m0,
-                                          int64_t n0, int64_t p0, int64_t p1, const uint32_t* table) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    float* o = g.out + (m0 + r) * g.ldo + n0;
-    acc[r][0] = p0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o);
-    acc[r][1] = p0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o + 16);
-  }
-  const uint32_t* x = x_pairs + m0 * pairs;
-  for (int64_t p = p0; p < p1; ++p) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(table + (p - p0) * kStripRows);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(table + (p - p0) * kStripRows + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * pairs + p]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float* o = g.out + (m0 + r) * g.ldo + n0;
-    _mm512_storeu_ps(o, acc[r][0]);
-    _mm512_storeu_ps(o + 16, acc[r][1]);
-  }
-}
-
-template <int... Rs>
-void tile_bf16_for(const Problem& g, const uint32_t* x_pairs, int64_t pairs, int64_t m0, int64_t rows, int64_t n0,
-                   int64_t p0, int64_t p1, const uint32_t* table, std::integer_sequence<int, Rs...>) {
-  ((rows == Rs + 1 ? tile_bf16<Rs + 1>(g, x_pairs, pairs, m0, n0, p0, p1, table) : void()), ...);
-}
-
-void tile_bf16_rows(const Problem& g, const uint32_t* x_pairs, int64_t pairs, int64_t m0, int64_t rows, int64_t n0,
-                    int64_t p0, int64_t p1, const uint32_t* table) {
-  tile_bf16_for(g, x_pairs, pairs, m0, rows, n0, p0, p1, table, std::make_integer_sequence<int, kBf16TileRows>{});
-}
-
-// out[., n0 .. n0 + 32) *= col_scale (0 past N): the sums of int8 values become the sums of dequantized weights.
-HF_INT8_TARGET_AVX512 void scale_strip(const Problem& g, int64_t n0) {
-  const int64_t valid = g.N - n0;  // >= 1
-  const __m512 s0 = _mm512_maskz_loadu_ps(avx512::mask16(valid), g.scale + n0);
-  const __m512 s1 =
-      valid > 16 ? _mm512_maskz_loadu_ps(avx512::mask16(valid - 16), g.scale + n0 + 16) : _mm512_setzero_ps();
-  for (int64_t m = 0; m < g.M; ++m) {
-    float* o = g.out + m * g.ldo + n0;
-    _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), s0));
-    _mm512_storeu_ps(o + 16, _mm512_mul_ps(_mm512_loadu_ps(o + 16), s1));
-  }
-}
-
-// The product on AVX512-BF16; false (nothing written) when an activation is outside what the path computes exactly.
-bool product_bf16(const Problem& g) {
-  constexpr int64_t kRowsPerTile = kBf16TileRows;
-  const int64_t pairs = ceil_div(g.J, 2);
-  // x as bf16 pairs [M][pairs]; uint32 storage, written as 16-bit lanes by bf16_row (intrinsic stores may alias)
-  std::vector<uint32_t> x_pairs(static_cast<size_t>(g.M * pairs), 0u);
-  std::vector<uint8_t> row_ok(static_cast<size_t>(g.M), 0);
-  at::parallel_for(0, g.M, std::max<int64_t>(1, 16384 / std::max<int64_t>(g.J, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      row_ok[static_cast<size_t>(m)] =
-          bf16_row(g.x + m * g.J, g.J, reinterpret_cast<uint16_t*>(x_pairs.data() + m * pairs)) ? 1 : 0;
-    }
-  });
-  for (const uint8_t ok : row_ok) {
-    if (ok == 0) return false;
-  }
-  // compress_columns keeps K's order: the codes line up with x's outlier columns only if cols ascend
-  const std::vector<uint64_t> bits = outlier_column_bits(g.cols, g.J, g.K);
-  if (bits.empty()) return false;
-  const int64_t strips = ceil_div(g.N, kStripRows);
-  const int64_t ld_codes = round_up(g.J + 64, 64);
-  at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<int8_t> codes(static_cast<size_t>(kStripRows * ld_codes));  // the strip's outlier codes
-    std::vector<uint32_t> scratch(static_cast<size_t>(kStripRows * kPairChunk));
-    std::vector<uint32_t> table(static_cast<size_t>(kPairChunk * kStripRows));
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t n0 = s * kStripRows, rows = std::min(kStripRows, g.N - n0);
-      for (int64_t c = 0; c < rows; ++c)
-        avx512::compress_columns(g.b + (n0 + c) * g.ldb, g.K, bits.data(), codes.data() + c * ld_codes);
-      for (int64_t p0 = 0; p0 < pairs; p0 += kPairChunk) {
-        const int64_t p1 = std::min(pairs, p0 + kPairChunk);
-        gather_pairs(codes.data(), ld_codes, rows, g.J, p0, p1, scratch.data(), table.data());
-        for (int64_t m0 = 0; m0 < g.M; m0 += kRowsPerTile) {
-          tile_bf16_rows(g, x_pairs.data(), pairs, m0, std::min(kRowsPerTile, g.M - m0), n0, p0, p1, table.data());
-        }
-      }
-      scale_strip(g, n0);
-    }
-  });
-  return true;
-}
-
 // Re-lays row-major pieces [n_pieces][mp][jp] as B tiles: for each piece, 16-token panel and step of 32 columns, a
 // 16 x 16 transpose of 32-bit pairs gives [16 column pairs][16 tokens][2] bf16.
 HF_INT8_TARGET_AVX512 void to_b_tiles_panel(const uint16_t* src, int64_t jp, uint16_t* dst) {
@@ -513,6 +352,79 @@ bool prepare_amx_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& 
   return true;
 #else
   (void)isa, (void)p, (void)storage, (void)out;
+  return false;
+#endif
+}
+
+#if HF_INT8_X86
+namespace {
+// One token panel of PackedOutliers::x_pairs, pieces [0, n_pieces), from `rows` (split rows as dwords, [16
+// rows][stride pieces][padded], rows past the panel's tokens zero): for each piece and block of 16 pairs, a 16 x 16
+// transpose whose first kPackedRows lanes are the panel's tokens.
+HF_INT8_TARGET_AVX512 void store_x_panel(const uint32_t* rows, int64_t pairs, int64_t padded, int stride, int n_pieces,
+                                         uint32_t* panel) {
+  constexpr int64_t kRows = avx512::kPackedRows;
+  const __mmask16 tokens = avx512::mask16(kRows);
+  for (int t = 0; t < n_pieces; ++t) {
+    for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows + (i * stride + t) * padded + q0);
+      avx512::transpose16(r);
+      for (int64_t q = q0; q < std::min(pairs, q0 + 16); ++q) {
+        _mm512_mask_storeu_epi32(panel + (q * n_pieces + t) * kRows, tokens, r[q - q0]);
+      }
+    }
+  }
+}
+}  // namespace
+#endif
+
+bool prepare_packed_outliers(Isa isa, const GemmProblem& p, std::vector<uint32_t>& x_pairs, ColumnPicker& cols,
+                             PackedOutliers& out) {
+#if HF_INT8_X86
+  if (isa < Isa::kAvx512Bf16) return false;
+  const int64_t M = p.M, J = p.ep.n_outliers, K = p.b_keep != nullptr ? p.b_keep->K : p.K;
+  const std::vector<uint64_t> bits = outlier_column_bits(p.ep.outlier_cols, J, K);
+  if (bits.empty()) return false;
+  cols = make_column_picker(bits, K);
+  // Pieces an activation of the output dtype (= the input dtype of int8_linear) needs at most: its significant bits
+  // in 8-bit slices.
+  const int n_pieces = p.ep.kind == OutKind::kBF16 ? 1 : (p.ep.kind == OutKind::kF16 ? 2 : kMaxPieces);
+  const int64_t pairs = ceil_div(J, 2), padded = round_up(pairs, 16);
+  constexpr int64_t kRows = avx512::kPackedRows;
+  const int64_t panels = ceil_div(M, kRows), panel_words = pairs * n_pieces * kRows;
+  x_pairs.resize(static_cast<size_t>(panels * panel_words));
+  std::vector<uint8_t> panel_ok(static_cast<size_t>(panels), 0);
+  const float* x = p.ep.x_outlier;
+  at::parallel_for(0, panels, std::max<int64_t>(1, 4096 / std::max<int64_t>(J, 1)), [&](int64_t q0, int64_t q1) {
+    // [16 rows][kMaxPieces][padded] dwords: the panel's split rows (zero past its tokens and past J)
+    std::vector<uint32_t> rows(static_cast<size_t>(16 * kMaxPieces * padded), 0u);
+    for (int64_t q = q0; q < q1; ++q) {
+      bool ok = true;
+      for (int64_t i = 0; i < kRows; ++i) {
+        const int64_t m = q * kRows + i;
+        auto* dst = reinterpret_cast<uint16_t*>(rows.data() + i * kMaxPieces * padded);
+        if (m >= M) {
+          std::memset(dst, 0, static_cast<size_t>(kMaxPieces * padded) * sizeof(uint32_t));
+          continue;
+        }
+        const int used = split_row_avx512(x + m * J, J, dst, dst + 2 * padded, dst + 4 * padded);
+        ok = ok && used != 0 && used <= n_pieces;
+      }
+      panel_ok[static_cast<size_t>(q)] = ok ? 1 : 0;
+      if (ok) store_x_panel(rows.data(), pairs, padded, kMaxPieces, n_pieces, x_pairs.data() + q * panel_words);
+    }
+  });
+  for (const uint8_t ok : panel_ok) {
+    if (ok == 0) return false;
+  }
+  out.x_pairs = x_pairs.data();
+  out.pairs = pairs;
+  out.n_pieces = n_pieces;
+  out.cols = &cols;
+  return true;
+#else
+  (void)isa, (void)p, (void)x_pairs, (void)cols, (void)out;
   return false;
 #endif
 }
@@ -602,9 +514,6 @@ void outlier_block(const GemmProblem&, const AmxOutliers&, const uint16_t*, int6
 void outlier_product(Isa isa, const GemmProblem& p, float* out, int64_t ldo) {
   const Problem g{
       p.ep.x_outlier, p.M, p.ep.n_outliers, p.b, p.N, p.ldb, p.K, p.ep.outlier_cols, p.ep.col_scale, out, ldo};
-#if HF_INT8_X86
-  if (isa >= Isa::kAvx512Bf16 && g.J * kBf16FromShare >= g.K && product_bf16(g)) return;
-#endif
   product_fma(isa, g);
 }
 

@@ -26,6 +26,10 @@ HF_INT8_TARGET_AVX512 inline __mmask16 mask16(int64_t n_valid) {
   return n_valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n_valid) - 1u);
 }
 
+HF_INT8_TARGET_AVX512 inline __mmask64 low_mask64(int64_t n_valid) {
+  return n_valid >= 64 ? ~__mmask64(0) : (__mmask64(1) << n_valid) - 1;
+}
+
 // Keeps GCC from contracting the dequantizing multiply with a following add (see rounded() in cpu_kernels.h).
 HF_INT8_TARGET_AVX512 inline __m512 rounded16(__m512 v) {
   asm("" : "+v"(v));

@@ -5,9 +5,9 @@
 
 namespace hf_int8::cpu {
 
-// Ordered: each level implies the ones below it. kAvx512Bf16 adds VDPBF16PS and VPCOMPRESSB (AVX512-BF16 and
-// AVX512-VBMI2: the outlier product of bf16 activations, outlier_gemm.cpp) to kAvx512Vnni; kAmx adds AMX-INT8 tiles
-// (for the large-M GEMM) to kAvx512Bf16 (every CPU with AMX has AVX512-BF16; one without it is treated as
+// Ordered: each level implies the ones below it. kAvx512Bf16 adds VDPBF16PS and VPERMB (AVX512-BF16 and AVX512-VBMI:
+// the outlier product fused into the packed GEMM, picking columns out of rows) to kAvx512Vnni; kAmx adds AMX-INT8
+// tiles (for the large-M GEMM) to kAvx512Bf16 (every CPU with AMX has AVX512-BF16; one without it is treated as
 // kAvx512Vnni).
 enum class Isa { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
