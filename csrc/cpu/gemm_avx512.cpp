@@ -532,10 +532,6 @@ HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, const int8_t* x_panels, 
     const int64_t n0 = n_begin + q * kPanelCols, rows = std::min<int64_t>(kPanelCols, n_end - n0);
     const int8_t* b = p.b + n0 * p.ldb;
     int64_t ldb = p.ldb;
-    if (po != nullptr) {
-      pack_outlier_panel(b, ldb, rows, *po, codes.data(), ld_codes, code_rows.data(),
-                         outlier_panels + q * outlier_panel_words(po->pairs));
-    }
     if (p.b_keep != nullptr) {
       for (int64_t r = 0; r < rows; ++r) {
         pick_columns(b + r * p.ldb, *p.b_keep, kept.data() + r * ld_kept);
@@ -544,6 +540,12 @@ HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, const int8_t* x_panels, 
       ldb = ld_kept;
     }
     pack_panel(b, ldb, rows, p.K, kq, /*flip=*/true, panels + q * kq * 64);
+    // After the rows were read in order (and are in cache): picking a few outlier columns first made its scattered
+    // loads the rows' first touch, which the hardware prefetcher does not cover.
+    if (po != nullptr) {
+      pack_outlier_panel(p.b + n0 * p.ldb, p.ldb, rows, *po, codes.data(), ld_codes, code_rows.data(),
+                         outlier_panels + q * outlier_panel_words(po->pairs));
+    }
   }
   TileOutliers to;
   if (po != nullptr) {
