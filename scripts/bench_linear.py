@@ -398,6 +398,37 @@ def markdown(rows: list[dict], method_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+# The layer target: at any outlier fraction, an llmint8 layer is no slower than bf16 nn.Linear on the same input.
+TARGET_PEER = "bf16 Linear"
+TARGET_MIN_RATIO = 1.0
+
+
+def layer_targets(rows: list[dict]) -> list[dict]:
+    """``native no slower than bf16 Linear`` for every row where both were timed: ratio = bf16 time / native time."""
+    out = []
+    for r in rows:
+        peer, native = r["ms"].get(TARGET_PEER), r["ms"].get("hf_int8 native")
+        if peer and native:
+            ratio = peer / native
+            out.append(
+                {"k": r["k"], "n": r["n"], "tokens": r["tokens"], "ratio": ratio, "pass": ratio >= TARGET_MIN_RATIO}
+            )
+    return out
+
+
+def targets_markdown(targets: list[dict]) -> str:
+    lines = [
+        f"Target: hf_int8 native no slower than {TARGET_PEER} on the same input (ratio = {TARGET_PEER} time / native "
+        f"time >= {TARGET_MIN_RATIO:g}); {sum(t['pass'] for t in targets)} of {len(targets)} rows pass.",
+        "",
+        "| layer (in x out) | tokens | ratio | result |",
+        "|---|---|---|---|",
+    ]
+    for t in targets:
+        lines.append(f"| {t['k']}x{t['n']} | {t['tokens']} | {t['ratio']:.2f} | {'PASS' if t['pass'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
 def breakdown_markdown(rows: list[dict]) -> str:
     """The native path split into its stages, and the GEMM's throughput next to bf16 nn.Linear's (--breakdown)."""
     head = [
@@ -548,6 +579,9 @@ def main(argv=None) -> int:
     table = markdown(rows, names)
     notes = sorted({note for r in rows for note in r["notes"].values() if note})
     print("\n".join(header) + "\n\n" + table + ("\n\n" + "\n".join(f"- {x}" for x in notes) if notes else ""))
+    targets = layer_targets(rows)
+    if targets:
+        print("\n" + targets_markdown(targets))
     if args.breakdown:
         print(
             '\nWhere the native time goes (stages timed separately in the same run; "outliers + rest" = '
@@ -569,6 +603,7 @@ def main(argv=None) -> int:
             "bandwidth_probe": probe,
             "cold_bytes": cold,
             "rows": rows,
+            "targets": targets,
             "env": {k: v for k, v in os.environ.items() if k.startswith("HF_INT8")},
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))

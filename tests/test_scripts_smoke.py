@@ -332,6 +332,14 @@ def test_bench_linear_breakdown_table(tmp_path, capsys):
     assert main_header[-2:] == ["% of BW bound", "% of weight read"]
     assert "| quantize x | GEMM int32 | dequant epilogue | outliers + rest |" in printed
     assert "| 83x100 | 7 |" in printed.split("Where the native time goes")[1]
+    # the layer target: one PASS/FAIL row per timed row, its ratio bf16 time / native time
+    targets = json.loads(out.read_text())["targets"]
+    assert [(t["k"], t["n"], t["tokens"]) for t in targets] == [(83, 100, 1), (83, 100, 7)]
+    for t, r in zip(targets, rows, strict=True):
+        assert t["ratio"] == pytest.approx(r["ms"]["bf16 Linear"] / r["ms"]["hf_int8 native"])
+        assert t["pass"] == (t["ratio"] >= 1.0)
+        assert f"| 83x100 | {t['tokens']} | {t['ratio']:.2f} | {'PASS' if t['pass'] else 'FAIL'} |" in printed
+    assert f"{sum(t['pass'] for t in targets)} of 2 rows pass" in printed
 
 
 @pytest.mark.parametrize("isa", [None, "none"])
