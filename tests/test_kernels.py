@@ -340,7 +340,8 @@ def test_many_outlier_columns_with_extreme_values(target, m, special):
     VDPBF16PS) take exactly (|x| > 1e30, or below 2^-100: the product falls back to fp32 FMAs), Inf and NaN (kept
     whole, not split into bf16 pieces whose remainder would be NaN), and fp32 values that need all three bf16 pieces.
     The ``-bf16`` cases round every activation to a bf16 number first, as a bf16 model's are: the VDPBF16PS path
-    takes those (or declines them for the out-of-range values)."""
+    takes those (or declines them for the out-of-range values), and they run again as bf16 tensors, which the packed
+    path on avx512-bf16 reads without an fp32 copy of the outlier columns."""
     device, _ = target
     k, n = 150, 70
     weight, scale = _weight(n, k)
@@ -357,6 +358,11 @@ def test_many_outlier_columns_with_extreme_values(target, m, special):
     want = ref.int8_linear(x, weight, scale, None, 6.0)
     # NaN and Inf outputs must sit at the same places (assert_within checks that), the finite ones within the bound.
     assert_within(got, want, int8_linear_tolerance(x, weight, scale, None, 6.0), special)
+    if special.endswith("-bf16"):
+        xb = x.bfloat16()
+        got = ops.int8_linear(xb.to(device), weight.to(device), scale.to(device), None, 6.0).cpu()
+        want = ref.int8_linear(xb, weight, scale, None, 6.0)
+        assert_within(got, want, int8_linear_tolerance(xb, weight, scale, None, 6.0), f"{special} as bf16")
     if kind == "huge":  # finite, and far above anything the inlier columns contribute
         assert torch.isfinite(want).all() and want.abs().max() > 1e30
 

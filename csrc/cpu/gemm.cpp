@@ -140,6 +140,47 @@ at::Tensor outlier_weights(const GemmProblem& p) {
   return w;
 }
 
+// x_outlier[m, j] = float(x[m, cols[j]]): the outlier columns of x [M, ldx] (row-major), threaded over rows.
+// (Tensor.index_select along dim 1 took ~4% of a Qwen2.5 prefill.) From one outlier column per kPickFromColumns on,
+// 16-bit activations are picked by vector permutes instead (gather_columns16).
+constexpr int64_t kPickFromColumns = 32;
+template <typename T>
+void gather_columns(const T* x, int64_t M, int64_t ldx, const int64_t* cols, int64_t J, float* out) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(J, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* row = x + m * ldx;
+      float* dst = out + m * J;
+      for (int64_t j = 0; j < J; ++j) dst[j] = static_cast<float>(row[cols[j]]);
+    }
+  });
+}
+
+at::Tensor gather_x_outlier(Isa isa, const GemmProblem& p) {
+  const Epilogue& ep = p.ep;
+  const int64_t M = p.M, J = ep.n_outliers, K = p.K;
+  at::Tensor out = at::empty({M, J}, at::kFloat);
+  float* xo = out.data_ptr<float>();
+  if (ep.x_kind != InKind::kF32 && isa >= Isa::kAvx512Vnni && J * kPickFromColumns >= K) {
+    const std::vector<uint64_t> bits = outlier_column_bits(ep.outlier_cols, J, K);
+    if (!bits.empty()) {
+      const ColumnPicker picker = make_column_picker(bits, K, /*lane_bytes=*/2);
+      const auto* x16 = static_cast<const uint16_t*>(ep.x);
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+        avx512::gather_columns16(x16, ep.x_ld, m0, m1, picker, ep.x_kind == InKind::kBF16, xo);
+      });
+      return out;
+    }
+  }
+  switch (ep.x_kind) {
+    case InKind::kBF16:
+      gather_columns(static_cast<const at::BFloat16*>(ep.x), M, ep.x_ld, ep.outlier_cols, J, xo);
+      break;
+    case InKind::kF16: gather_columns(static_cast<const at::Half*>(ep.x), M, ep.x_ld, ep.outlier_cols, J, xo); break;
+    default: gather_columns(static_cast<const float*>(ep.x), M, ep.x_ld, ep.outlier_cols, J, xo); break;
+  }
+  return out;
+}
+
 // The whole outlier product x_outlier [M, J] @ w_outlier^T as fp32 (outlier_gemm.cpp), for the epilogue to add.
 at::Tensor outlier_product_of(Isa isa, const GemmProblem& p) {
   at::Tensor out = at::empty({p.M, outlier_product_cols(p.N)}, at::kFloat);
@@ -149,17 +190,22 @@ at::Tensor outlier_product_of(Isa isa, const GemmProblem& p) {
 
 }  // namespace
 
-ColumnPicker make_column_picker(const std::vector<uint64_t>& bits, int64_t K) {
+ColumnPicker make_column_picker(const std::vector<uint64_t>& bits, int64_t K, int lane_bytes) {
+  TORCH_CHECK(lane_bytes == 1 || lane_bytes == 2, "make_column_picker: lane_bytes must be 1 or 2, got ", lane_bytes);
   ColumnPicker c;
   c.K = K;
-  for (int64_t w = 0; w < static_cast<int64_t>(bits.size()); ++w) {
-    uint64_t word = bits[static_cast<size_t>(w)];
+  c.lanes = 64 / lane_bytes;
+  const int64_t groups = static_cast<int64_t>(bits.size()) * (64 / c.lanes);
+  const uint64_t group_mask = c.lanes == 64 ? ~uint64_t{0} : (uint64_t{1} << c.lanes) - 1;
+  for (int64_t w = 0; w < groups; ++w) {
+    const int64_t first = w * c.lanes;
+    uint64_t word = (bits[static_cast<size_t>(first / 64)] >> (first % 64)) & group_mask;
     if (word == 0) continue;
     c.words.push_back(w);
     c.taken.push_back(static_cast<uint8_t>(__builtin_popcountll(word)));
     c.count += __builtin_popcountll(word);
     const size_t start = c.index.size();
-    c.index.resize(start + 64, 0);
+    c.index.resize(start + static_cast<size_t>(c.lanes), 0);
     for (size_t lane = start; word != 0; word &= word - 1)
       c.index[lane++] = static_cast<uint8_t>(__builtin_ctzll(word));
   }
@@ -292,19 +338,30 @@ void gemm(Isa isa, const GemmProblem& p) {
   ColumnPicker packed_cols;
   PackedOutliers packed_outliers;
   const bool many_outliers = q.ep.n_outliers > kFusedOutliersMax;
+  at::Tensor x_outlier;
   if (q.ep.kind != OutKind::kInt32 && q.ep.n_outliers > 0) {
-    if (path == Path::kAmx && many_outliers && prepare_amx_outliers(isa, q, amx_pieces, amx_outliers)) {
-      q.ep.amx_outliers = &amx_outliers;
-    } else if (path == Path::kPackedVnni && many_outliers &&
-               prepare_packed_outliers(isa, q, packed_pairs, packed_cols, packed_outliers)) {
+    const bool fused_packed = path == Path::kPackedVnni && many_outliers;
+    // The packed path on AVX512-BF16 splits bf16 activations straight from x; every other route reads x_outlier.
+    if (fused_packed && q.ep.x_outlier == nullptr && q.ep.x_kind == InKind::kBF16 &&
+        prepare_packed_outliers(isa, q, packed_pairs, packed_cols, packed_outliers)) {
       q.ep.packed_outliers = &packed_outliers;
-    } else if (path != Path::kSmallM && many_outliers) {
-      product = outlier_product_of(isa, q);
-      q.ep.outlier_product = product.data_ptr<float>();
-      q.ep.outlier_product_ld = product.size(1);
-    } else if (q.ep.w_outlier_t == nullptr && path != Path::kSmallM) {
-      w_outlier = outlier_weights(q);
-      q.ep.w_outlier_t = w_outlier.data_ptr<float>();
+    } else {
+      if (q.ep.x_outlier == nullptr) {
+        x_outlier = gather_x_outlier(isa, q);
+        q.ep.x_outlier = x_outlier.data_ptr<float>();
+      }
+      if (path == Path::kAmx && many_outliers && prepare_amx_outliers(isa, q, amx_pieces, amx_outliers)) {
+        q.ep.amx_outliers = &amx_outliers;
+      } else if (fused_packed && prepare_packed_outliers(isa, q, packed_pairs, packed_cols, packed_outliers)) {
+        q.ep.packed_outliers = &packed_outliers;
+      } else if (path != Path::kSmallM && many_outliers) {
+        product = outlier_product_of(isa, q);
+        q.ep.outlier_product = product.data_ptr<float>();
+        q.ep.outlier_product_ld = product.size(1);
+      } else if (q.ep.w_outlier_t == nullptr && path != Path::kSmallM) {
+        w_outlier = outlier_weights(q);
+        q.ep.w_outlier_t = w_outlier.data_ptr<float>();
+      }
     }
   }
 

@@ -517,6 +517,37 @@ HF_INT8_TARGET_AVX512_VBMI void pick_columns(const int8_t* src, const ColumnPick
   }
 }
 
+HF_INT8_TARGET_AVX512 void pick_columns16(const uint16_t* row, const ColumnPicker& c, uint16_t* dst) {
+  int64_t written = 0;
+  for (size_t i = 0; i < c.words.size(); ++i) {
+    const int64_t at = c.words[i] * 32, valid = std::min<int64_t>(32, c.K - at);
+    const __mmask32 in_row = valid == 32 ? ~__mmask32(0) : (__mmask32(1) << valid) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi16(in_row, row + at);
+    const __m512i index = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(&c.index[i * 32])));
+    const __mmask32 taken = c.taken[i] == 32 ? ~__mmask32(0) : (__mmask32(1) << c.taken[i]) - 1;
+    _mm512_storeu_si512(dst + written, _mm512_maskz_permutexvar_epi16(taken, index, v));
+    written += c.taken[i];
+  }
+  // zeros up to the next multiple of 32 (the last store covers part of it)
+  for (int64_t j = written; j < round_up(written, 32); ++j) dst[j] = 0;
+}
+
+HF_INT8_TARGET_AVX512 void gather_columns16(const uint16_t* x, int64_t ldx, int64_t m_begin, int64_t m_end,
+                                            const ColumnPicker& c, bool bf16, float* out) {
+  std::vector<uint16_t> picked(static_cast<size_t>(c.count + 32));
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    pick_columns16(x + m * ldx, c, picked.data());
+    float* dst = out + m * c.count;
+    for (int64_t j = 0; j < c.count; j += 16) {
+      const __mmask16 k = mask16(c.count - j);
+      const __m256i h = _mm256_maskz_loadu_epi16(k, picked.data() + j);
+      const __m512 f =
+          bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+      _mm512_mask_storeu_ps(dst + j, k, f);
+    }
+  }
+}
+
 HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, const int8_t* x_panels, int64_t n_begin, int64_t n_end,
                                   uint8_t* panels, uint32_t* outlier_panels) {
   const int64_t kq = ceil_div(p.K, 4);
@@ -576,6 +607,8 @@ void small_m(const GemmProblem&, int64_t, int64_t) {}
 void pack_rows(const GemmProblem&, int64_t, int64_t, int8_t*) {}
 void packed(const GemmProblem&, const int8_t*, int64_t, int64_t, uint8_t*, uint32_t*) {}
 void pick_columns(const int8_t*, const ColumnPicker&, int8_t*) {}
+void gather_columns16(const uint16_t*, int64_t, int64_t, int64_t, const ColumnPicker&, bool, float*) {}
+void pick_columns16(const uint16_t*, const ColumnPicker&, uint16_t*) {}
 }  // namespace hf_int8::cpu::avx512
 
 #endif  // HF_INT8_X86

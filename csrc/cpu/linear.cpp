@@ -1,8 +1,8 @@
 // op int8_linear on CPU: LLM.int8() linear layer in three steps, with nothing materialised but the int8 codes.
 //   1. quantize x (quantize.cpp; one pass per row once the outlier columns are known): codes, row scales, row sums of
 //      the codes (for the VNNI +128 shift) and the outlier columns;
-//   2. gather the few outlier columns of x (fp32);
-//   3. int8 GEMM whose epilogue dequantizes, adds the outlier product and the bias in fp32 and writes x.dtype once.
+//   2. int8 GEMM whose epilogue dequantizes, adds the outlier product (from x's outlier columns, gathered by gemm() in
+//      the form its path needs) and the bias in fp32 and writes x.dtype once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,19 +15,6 @@
 namespace hf_int8::cpu {
 
 namespace {
-
-// x_outlier[m, j] = float(x[m, cols[j]]): the outlier columns of x [M, K] (row-major), threaded over rows.
-// (Tensor.index_select along dim 1 took ~4% of a Qwen2.5 prefill.)
-template <typename T>
-void gather_columns(const T* x, int64_t M, int64_t K, const int64_t* cols, int64_t J, float* out) {
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(J, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* row = x + m * K;
-      float* dst = out + m * J;
-      for (int64_t j = 0; j < J; ++j) dst[j] = static_cast<float>(row[cols[j]]);
-    }
-  });
-}
 
 OutKind out_kind_of(InKind in) {
   switch (in) {
@@ -83,19 +70,12 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const int64_t n_outliers =
       quantize_activation_into(isa, in, x2d.data_ptr(), M, K, K, static_cast<float>(threshold), q);
 
-  at::Tensor cols, x_outlier;
+  at::Tensor cols;
   if (n_outliers > 0) {
     cols = at::empty({n_outliers}, at::kLong);
     int64_t* c = cols.data_ptr<int64_t>();
     for (int64_t k = 0, j = 0; k < K; ++k) {
       if (col_mask[static_cast<size_t>(k)]) c[j++] = k;
-    }
-    x_outlier = at::empty({M, n_outliers}, x.options().dtype(at::kFloat));
-    float* xo = x_outlier.data_ptr<float>();
-    switch (in) {
-      case InKind::kBF16: gather_columns(x2d.data_ptr<at::BFloat16>(), M, K, c, n_outliers, xo); break;
-      case InKind::kF16: gather_columns(x2d.data_ptr<at::Half>(), M, K, c, n_outliers, xo); break;
-      default: gather_columns(x2d.data_ptr<float>(), M, K, c, n_outliers, xo); break;
     }
   }
   const at::Tensor w = weight.contiguous();
@@ -108,7 +88,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   p.ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   p.ep.n_outliers = n_outliers;
   p.ep.outlier_cols = n_outliers > 0 ? cols.data_ptr<int64_t>() : nullptr;
-  p.ep.x_outlier = n_outliers > 0 ? x_outlier.data_ptr<float>() : nullptr;
+  p.ep.x = x2d.data_ptr();  // gemm() gathers the outlier columns from it as its path needs them
+  p.ep.x_kind = in;
+  p.ep.x_ld = K;
   gemm(isa, p);
   return out.view(out_shape);
 }

@@ -254,7 +254,8 @@ int split_row(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p
   return used;
 }
 
-// split_row, 16 values at a time (a block holding Inf or NaN goes through split_row).
+// split_row, 16 values at a time (a block holding Inf or NaN goes through split_row); p1 and p2 may be nullptr when
+// the caller keeps fewer pieces.
 HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* p0, uint16_t* p1, uint16_t* p2) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m512 max_abs = _mm512_set1_ps(kBf16MaxAbs), min_abs = _mm512_set1_ps(kBf16MinAbs);
@@ -265,7 +266,9 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
     const __mmask16 k = avx512::mask16(J - j);
     const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
     if (_mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exponent), exponent) != 0) {
-      const int u = split_row(x + j, std::min<int64_t>(16, J - j), p0 + j, p1 + j, p2 + j);
+      uint16_t spare[2][16];  // the pieces the caller does not keep
+      const int u = split_row(x + j, std::min<int64_t>(16, J - j), p0 + j, p1 != nullptr ? p1 + j : spare[0],
+                              p2 != nullptr ? p2 + j : spare[1]);
       if (u == 0) return 0;
       used = std::max(used, u);
       continue;
@@ -284,8 +287,8 @@ HF_INT8_TARGET_AVX512 int split_row_avx512(const float* x, int64_t J, uint16_t* 
     needs2 |= _mm512_test_epi32_mask(h1, h1);
     needs3 |= _mm512_test_epi32_mask(h2, h2);
     _mm256_mask_storeu_epi16(p0 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h0, 16)));
-    _mm256_mask_storeu_epi16(p1 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h1, 16)));
-    _mm256_mask_storeu_epi16(p2 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h2, 16)));
+    if (p1 != nullptr) _mm256_mask_storeu_epi16(p1 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h1, 16)));
+    if (p2 != nullptr) _mm256_mask_storeu_epi16(p2 + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(h2, 16)));
   }
   return std::max(used, needs3 != 0 ? 3 : (needs2 != 0 ? 2 : 1));
 }
@@ -376,6 +379,22 @@ HF_INT8_TARGET_AVX512 void store_x_panel(const uint32_t* rows, int64_t pairs, in
     }
   }
 }
+
+// Whether the bf16 numbers v[0 .. n) are all in the range the bf16 paths take exactly (split_row's rule: 0, Inf, NaN
+// or a magnitude in [kBf16MinAbs, kBf16MaxAbs]).
+HF_INT8_TARGET_AVX512 bool bf16_in_range(const uint16_t* v, int64_t n) {
+  const __m512 max_abs = _mm512_set1_ps(kBf16MaxAbs), min_abs = _mm512_set1_ps(kBf16MinAbs);
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(avx512::mask16(n - j), v + j);
+    const __m512 a = _mm512_abs_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    const __mmask16 bad =
+        (_mm512_cmp_ps_mask(a, max_abs, _CMP_GT_OQ) & _mm512_cmp_ps_mask(a, inf, _CMP_NEQ_OQ)) |
+        (_mm512_cmp_ps_mask(a, min_abs, _CMP_LT_OQ) & _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ));
+    if (bad != 0) return false;
+  }
+  return true;
+}
 }  // namespace
 #endif
 
@@ -396,6 +415,13 @@ bool prepare_packed_outliers(Isa isa, const GemmProblem& p, std::vector<uint32_t
   x_pairs.resize(static_cast<size_t>(panels * panel_words));
   std::vector<uint8_t> panel_ok(static_cast<size_t>(panels), 0);
   const float* x = p.ep.x_outlier;
+  // No x_outlier: bf16 activations, whose outlier values are their own single pieces, picked straight from x.
+  ColumnPicker x_cols;
+  if (x == nullptr) {
+    if (p.ep.x_kind != InKind::kBF16 || n_pieces != 1) return false;
+    x_cols = make_column_picker(bits, K, /*lane_bytes=*/2);
+  }
+  const auto* x16 = static_cast<const uint16_t*>(p.ep.x);
   at::parallel_for(0, panels, std::max<int64_t>(1, 4096 / std::max<int64_t>(J, 1)), [&](int64_t q0, int64_t q1) {
     // [16 rows][kMaxPieces][padded] dwords: the panel's split rows (zero past its tokens and past J)
     std::vector<uint32_t> rows(static_cast<size_t>(16 * kMaxPieces * padded), 0u);
@@ -408,7 +434,14 @@ bool prepare_packed_outliers(Isa isa, const GemmProblem& p, std::vector<uint32_t
           std::memset(dst, 0, static_cast<size_t>(kMaxPieces * padded) * sizeof(uint32_t));
           continue;
         }
-        const int used = split_row_avx512(x + m * J, J, dst, dst + 2 * padded, dst + 4 * padded);
+        if (x == nullptr) {  // (the picked row may spill into the unused second piece's place: J + 32 values fit)
+          avx512::pick_columns16(x16 + m * p.ep.x_ld, x_cols, dst);
+          ok = ok && bf16_in_range(dst, J);
+          continue;
+        }
+        // Pieces past n_pieces are not stored (a value that needs them fails the row: `used` says so).
+        const int used = split_row_avx512(x + m * J, J, dst, n_pieces > 1 ? dst + 2 * padded : nullptr,
+                                          n_pieces > 2 ? dst + 4 * padded : nullptr);
         ok = ok && used != 0 && used <= n_pieces;
       }
       panel_ok[static_cast<size_t>(q)] = ok ? 1 : 0;

@@ -56,18 +56,22 @@ enum class OutKind : int { kInt32 = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
 struct AmxOutliers;
 struct PackedOutliers;
 
-// Columns to pick out of rows of K bytes (pick_columns), from a bitset over K (64 per word): for each word with any
-// bit set, a VPERMB index that moves its set columns, in order, to the front of the word. Built once per call
+enum class InKind : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Columns to pick out of rows of K elements of lane_bytes bytes (pick_columns for bytes, gather_columns16 for 16-bit
+// values), from a bitset over K (64 per word): for each group of 64 / lane_bytes columns with any bit set, a VPERMB /
+// VPERMW index that moves its set columns, in order, to the front of the group's 64 bytes. Built once per call
 // (make_column_picker), used on every row. VPCOMPRESSB does the same from the bits alone but took ~10 cycles per 64
 // bytes on an AMD EPYC Zen 5 (4-6% of a 512-token Qwen2.5 down_proj with 70% outlier columns, perf), VPERMB ~1.
 struct ColumnPicker {
   int64_t K = 0;               // columns of a row
   int64_t count = 0;           // columns picked
-  std::vector<int64_t> words;  // words with any bit set, ascending
+  int lanes = 64;              // columns per group: 64 / lane_bytes
+  std::vector<int64_t> words;  // groups with any bit set, ascending
   std::vector<uint8_t> taken;  // how many bits each of them has
-  std::vector<uint8_t> index;  // [words.size()][64]: lane i takes byte index[i] of the word
+  std::vector<uint8_t> index;  // [words.size()][lanes]: lane i takes element index[i] of the group
 };
-ColumnPicker make_column_picker(const std::vector<uint64_t>& bits, int64_t K);
+ColumnPicker make_column_picker(const std::vector<uint64_t>& bits, int64_t K, int lane_bytes = 1);
 
 struct Epilogue {
   OutKind kind = OutKind::kInt32;
@@ -79,7 +83,12 @@ struct Epilogue {
   int64_t n_outliers = 0;
   const int64_t* outlier_cols = nullptr;  // [n_outliers], indices into K
   const float* x_outlier = nullptr;       // [M, n_outliers] row-major: the activations of the outlier columns
-  const float* w_outlier_t = nullptr;     // [n_outliers, N] precomputed w_outlier, or nullptr (gathered from b)
+  // Instead of x_outlier: the activations themselves, [M, x_ld] of x_kind (int8_linear). gemm() gathers x_outlier
+  // from them when its path needs it; the packed path on AVX512-BF16 reads bf16 ones directly.
+  const void* x = nullptr;
+  InKind x_kind = InKind::kF32;
+  int64_t x_ld = 0;
+  const float* w_outlier_t = nullptr;  // [n_outliers, N] precomputed w_outlier, or nullptr (gathered from b)
   // [M, outlier_product_ld] row-major: the whole outlier product x_outlier @ w_outlier^T, computed beforehand by
   // outlier_gemm.cpp when there are many outlier columns (gemm.cpp, kFusedOutliersMax). When set, the epilogue adds
   // it instead of summing over the outlier columns itself.
@@ -177,8 +186,6 @@ struct ActQuantOut {
   uint8_t* col_mask = nullptr;  // [K]  1 where the column holds an outlier (|x| >= threshold in any row)
 };
 
-enum class InKind : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
 // Argument checks shared by the ops: the InKind of a float tensor (ValueError naming `name` and the dtype
 // otherwise), and that a tensor lives on the CPU.
 InKind in_kind(const at::Tensor& x, const char* name);
@@ -224,6 +231,13 @@ void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t
 // Isa::kAvx512Bf16 and up). dst must hold c.count + 64 bytes; the bytes after the picked ones, up to the end of the
 // last 64-byte store, are 0.
 void pick_columns(const int8_t* src, const ColumnPicker& c, int8_t* dst);
+// out[m * c.count + j] = float(x[m * ldx + j-th picked column]) for rows [m_begin, m_end) of bf16 (else fp16) x, with
+// a picker of 2-byte lanes (VPERMW, AVX512-BW).
+void gather_columns16(const uint16_t* x, int64_t ldx, int64_t m_begin, int64_t m_end, const ColumnPicker& c, bool bf16,
+                      float* out);
+// dst[0 .. c.count) = the 16-bit values row[picked columns] (VPERMW), zero from there to round_up(c.count, 32); dst
+// must hold c.count + 32 values.
+void pick_columns16(const uint16_t* row, const ColumnPicker& c, uint16_t* dst);
 }  // namespace avx512
 
 namespace amx {
@@ -277,9 +291,9 @@ struct PackedOutliers {
   // The outlier columns of a weight row, in x_outlier's order.
   const ColumnPicker* cols = nullptr;
 };
-// Fills `out` (its arrays in x_pairs and cols) for p's outlier columns; false when the CPU has no AVX512-BF16, the
-// columns are not ascending, or an activation is outside the range the bf16 paths compute exactly (then
-// outlier_product() computes the product with fp32 FMAs).
+// Fills `out` (its arrays in x_pairs and cols) for p's outlier columns, from ep.x_outlier or, when that is not given,
+// from bf16 activations ep.x; false when the CPU has no AVX512-BF16, the columns are not ascending, or an activation
+// is outside the range the bf16 paths compute exactly (then outlier_product() computes the product with fp32 FMAs).
 bool prepare_packed_outliers(Isa isa, const GemmProblem& p, std::vector<uint32_t>& x_pairs, ColumnPicker& cols,
                              PackedOutliers& out);
 
