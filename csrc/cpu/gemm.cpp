@@ -40,13 +40,15 @@ constexpr int64_t kAmxKBlockedMaxK = 4096;      // AMX: K-blocked up to this K (
 // (decode) kernel always sums the product itself: it gathers each weight row's outlier weights once, from the row it
 // has just streamed, and dots them with every token.
 constexpr int64_t kFusedOutliersMax = 8;
-// Packed VNNI path, Isa::kAvx512Bf16 and up: with outlier columns x tokens >= kCompactMinWork x K, the int8 GEMM
-// skips the outlier columns (zero in A; GemmProblem::b_keep): the GEMM time saved grows with tokens x outlier share,
-// the cost of picking the kept columns out of every weight row (one VPERMB per 64 columns) does not. Measured on an
-// AMD EPYC Zen 5, 2 threads, bf16 activations, 1536x8960 and 8960x1536, with the outlier product fused, against the
-// same call without it, call by call in one process (a temporary switch, not kept): 1.1-1.4x faster from 64 tokens at
-// 25% outlier columns and from 512 tokens at 10-37%, even at 512 tokens with 3-6.5%, slower at 16-32 tokens with
-// 5-25% and at 64 tokens with 5-10% (up to 1.3x). 16 tokens' worth of outlier columns separates the two.
+// Packed VNNI path, Isa::kAvx512Bf16 and up: the int8 GEMM skips the outlier columns (zero in A; GemmProblem::b_keep)
+// when the multiply-adds that saves, tokens x outlier columns x weight rows, reach kCompactMinWork times the bytes
+// picked to do it, (tokens + weight rows) x K: one VPERMB per 64 columns of every activation and weight row, ~5 int8
+// multiply-adds' time per byte. Measured on an AMD EPYC Zen 5, 2 threads, bf16 activations, with the outlier product
+// fused, against the same call without it, call by call in one process (a temporary switch, not kept): on 1536x8960
+// and 8960x1536, 1.1-1.4x faster from 64 tokens at 25% outlier columns and from 512 tokens at 10-37% (ratio 16-140),
+// even at 512 tokens with 3-6.5% and at 128 tokens with 10% (ratio 13-24), slower at 16-64 tokens with 5-25% (ratio
+// 2-11, up to 1.3x); on 1536x256 with 512 tokens and 6% (ratio 2) picking the activation rows cost as much as the
+// whole outlier product.
 constexpr int64_t kCompactMinWork = 16;
 
 // Small-M path: the outlier product as two more int8 rows per token (Epilogue::piece_unit). Taken above the columns
@@ -384,7 +386,7 @@ void gemm(Isa isa, const GemmProblem& p) {
   ColumnPicker keep;
   at::Tensor a_kept;
   if (path == Path::kPackedVnni && isa >= Isa::kAvx512Bf16 && q.ep.n_outliers > kFusedOutliersMax &&
-      q.ep.n_outliers * q.M >= kCompactMinWork * q.K) {
+      q.ep.n_outliers * q.M * q.N >= kCompactMinWork * (q.M + q.N) * q.K) {
     std::vector<uint64_t> bits = outlier_column_bits(q.ep.outlier_cols, q.ep.n_outliers, q.K);
     for (uint64_t& word : bits) word = ~word;  // the other columns
     if (!bits.empty() && q.K % 64 != 0) bits.back() &= ~uint64_t{0} >> (64 - q.K % 64);
