@@ -126,8 +126,9 @@ def _activations(m: int, k: int, dtype: torch.dtype, case: str, seed: int = 0) -
     of the columns (as in Qwen2.5's down_proj): more than the CPU epilogue sums itself from a table, so with many
     tokens the outlier product is a GEMM of its own (gemm.cpp, kFusedOutliersMax: fused into the AMX kernel with
     AMX-BF16 or into the packed VNNI kernel on avx512-bf16, one to three bf16 pieces per value by dtype, else
-    outlier_gemm.cpp's fp32 FMAs); with enough tokens and weight rows (M83-K1000-N130 here, not M24-K4500-N70) avx512-bf16's
-    int8 GEMM then skips the outlier columns (gemm.cpp, kCompactMinWork). ``most-outliers`` scales 60%."""
+    outlier_gemm.cpp's fp32 FMAs); with enough tokens and weight rows (M83-K1000-N130 here, not M24-K4500-N70)
+    avx512-bf16's int8 GEMM then skips the outlier columns (gemm.cpp, kCompactMinWork). ``most-outliers`` scales
+    60%."""
     x = torch.randn(m, k, generator=_gen(seed)).clamp_(-5.5, 5.5)
     if m > 5:
         x[5] = 0.0
