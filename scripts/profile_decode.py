@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Where one decode step of an llmint8 model (batch 1, or --batch N) spends its time, and how far it is from the
-weight-read bound.
+weight-read bound; with --prefill, where one prefill forward of the prompt spends it.
 
 A decode step runs the model on one new token against a KV cache. This script loads the model with ``Int8Config``
 (bf16 by default, like ``bench_e2e``), prefills a ``--prompt-tokens`` prompt (``--batch`` of them, consecutive pieces
@@ -18,12 +18,17 @@ of the text), then times ``--steps`` decode forwards:
 3. the weight-read bound: bytes of every weight a step reads (int8 codes, scales, the floating-point head and
    embedding row) over the read bandwidth measured in the same run (``bench_linear.measure_bandwidth``).
 
+``--prefill`` times the prompt's forward instead (``logits_to_keep=1``, as ``generate``'s prefill and ``bench_e2e``'s
+prefill figure), the same way, and adds the linear layers' time by projection (``q_proj``, ``down_proj``, ...); no
+weight-read bound there (a prefill is bound by arithmetic, not by reading the weights).
+
 Hooks cost a few microseconds each (printed: the instrumented step minus the plain one); nested timings are taken
 by module, so a category never counts a child twice.
 
     python scripts/profile_decode.py                       # Qwen2.5-Coder-1.5B (prepared by scripts/assets.py)
     python scripts/profile_decode.py --model smollm2 --steps 20
     python scripts/profile_decode.py --quantize-lm-head    # the opt-in int8 output head
+    python scripts/profile_decode.py --prefill --prompt-tokens 512 --method bf16
 """
 
 from __future__ import annotations
@@ -108,6 +113,14 @@ class StepTimer:
     def reset(self) -> None:
         self.module_time.clear()
 
+    def by_projection(self) -> dict[str, float]:
+        """Time of the linear layers (not the head) summed by their name in the parent module (q_proj, ...)."""
+        sums: dict[str, float] = defaultdict(float)
+        for name, (category, _) in self.plan.items():
+            if category == "linear layers":
+                sums[name.rsplit(".", 1)[-1]] += self.module_time.get(name, 0.0)
+        return dict(sums)
+
     def categories(self) -> dict[str, float]:
         sums = dict.fromkeys(CATEGORIES, 0.0)
         for name, (category, children) in self.plan.items():
@@ -182,64 +195,85 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
     timer = StepTimer(model, categorize(model))
 
-    def decode(n: int) -> tuple[list[float], list[float], list[dict[str, float]]]:
+    def decode(n: int) -> tuple[list[float], list[float], list[dict[str, float]], list[dict[str, float]]]:
         """``n`` plain and ``n`` timed steps, alternating, so that both see the same machine load."""
         timer.enabled = False
-        out = model(input_ids=prompt, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        plain, hooked, cats = [], [], []
+        if not args.prefill:
+            out = model(input_ids=prompt, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        plain, hooked, cats, projs = [], [], [], []
         for step in range(2 * n):
             timer.enabled = step % 2 == 1
             timer.reset()
             t0 = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+            if args.prefill:
+                model(input_ids=prompt, use_cache=False, logits_to_keep=1)
+            else:
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
             (hooked if timer.enabled else plain).append(time.perf_counter() - t0)
             if timer.enabled:
                 cats.append(timer.categories())
-        return plain, hooked, cats
+                projs.append(timer.by_projection())
+        return plain, hooked, cats, projs
 
     with torch.inference_mode():
         decode(max(1, args.warmup // 2))
-        plain, hooked, per_step = decode(args.steps)
+        plain, hooked, per_step, per_step_projections = decode(args.steps)
         timer.remove()
     step = statistics.median(plain)
     order = sorted(range(len(hooked)), key=hooked.__getitem__)
     middle = order[len(order) // 2]  # the hooked step of median length: its parts add up to it
     breakdown = dict(per_step[middle])
     breakdown[OTHER] = hooked[middle] - sum(breakdown.values())
+    tokens_per_step = args.batch * (n if args.prefill else 1)
 
     import bench_linear
 
     nbytes = weight_bytes_per_step(model)
-    bandwidth, probe = bench_linear.measure_bandwidth("cpu", args.probe_mib << 20, lambda: None)
-    bound_s = sum(nbytes.values()) / bandwidth
+    bandwidth: float | None = None
+    probe, bound_s = "", None
+    if not args.prefill:
+        bandwidth, probe = bench_linear.measure_bandwidth("cpu", args.probe_mib << 20, lambda: None)
+        bound_s = sum(nbytes.values()) / bandwidth
     return {
         "meta": C.run_metadata(["scripts/profile_decode.py", *sys.argv[1:]]),
         "model": spec.label, "method": method.key, "quantize_lm_head": args.quantize_lm_head,
+        "mode": "prefill" if args.prefill else "decode",
         "threads": torch.get_num_threads(), "load_s": load_s, "prompt_tokens": len(ids), "steps": args.steps,
-        "batch": args.batch, "step_s": step, "step_hooked_s": hooked[middle], "tokens_per_s": args.batch / step,
-        "breakdown_s": breakdown, "weight_bytes": nbytes, "bandwidth_bytes_per_s": bandwidth,
-        "bandwidth_probe": probe, "weight_read_bound_s": bound_s, "kernels": C.kernels_in_use(),
+        "batch": args.batch, "step_s": step, "step_hooked_s": hooked[middle],
+        "tokens_per_s": tokens_per_step / step, "breakdown_s": breakdown,
+        "linear_by_projection_s": per_step_projections[middle], "weight_bytes": nbytes,
+        "bandwidth_bytes_per_s": bandwidth, "bandwidth_probe": probe, "weight_read_bound_s": bound_s,
+        "kernels": C.kernels_in_use(),
     }  # fmt: skip
 
 
 def render(r: dict[str, Any]) -> str:
     step = r["step_s"]
+    prefill = r.get("mode") == "prefill"
+    what = "One prefill forward" if prefill else "One decode step"
     lines = [
-        f"# One decode step: {r['model']}, {r['method']}" + (", int8 output head" if r["quantize_lm_head"] else ""),
+        f"# {what}: {r['model']}, {r['method']}" + (", int8 output head" if r["quantize_lm_head"] else ""),
         "",
         C.machine_markdown(r["meta"]),
         "",
-        f"Batch {r.get('batch', 1)}, {r['prompt_tokens']}-token prompt, median of {r['steps']} steps, "
-        f"{r['threads']} threads: "
-        f"**{step * 1e3:.1f} ms/step = {r['tokens_per_s']:.2f} tok/s**. Breakdown of the median hooked step "
-        f"({r['step_hooked_s'] * 1e3:.1f} ms; hooks cost the difference, in 'other'):",
+        f"Batch {r.get('batch', 1)}, {r['prompt_tokens']}-token prompt, median of {r['steps']} "
+        f"{'forwards' if prefill else 'steps'}, {r['threads']} threads: "
+        f"**{step * 1e3:.1f} ms/{'forward' if prefill else 'step'} = {r['tokens_per_s']:.2f} tok/s**. Breakdown of "
+        f"the median hooked one ({r['step_hooked_s'] * 1e3:.1f} ms; hooks cost the difference, in 'other'):",
         "",
     ]
     hooked = r["step_hooked_s"]
     rows = [[name, f"{sec * 1e3:.2f}", f"{100 * sec / hooked:.1f}%"] for name, sec in r["breakdown_s"].items()]
-    lines += [C.markdown_table(["part", "ms/step", "share"], rows), ""]
+    lines += [C.markdown_table(["part", "ms", "share"], rows), ""]
+    projections = r.get("linear_by_projection_s", {})
+    if projections:
+        rows = [[name, f"{sec * 1e3:.2f}"] for name, sec in projections.items()]
+        lines += ["Linear layers by projection (all layers summed):", "", C.markdown_table(["projection", "ms"], rows)]
+    if prefill:
+        return "\n".join(lines)
+    lines.append("")
     nb = r["weight_bytes"]
     bw = r["bandwidth_bytes_per_s"]
     rows = [[k, f"{v / 1e6:.1f}", f"{v / bw * 1e3:.2f}"] for k, v in nb.items()]
@@ -269,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-mib", type=int, default=512, help="bandwidth probe buffer (MiB)")
     parser.add_argument("--text", default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    parser.add_argument(
+        "--prefill",
+        action="store_true",
+        help="profile the prompt's forward (logits_to_keep=1) instead of decode steps",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.prompt_tokens < 1 or args.batch < 1:
         raise ValueError(

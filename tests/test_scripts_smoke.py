@@ -799,3 +799,13 @@ def test_profile_decode_splits_a_step_into_parts(tiny, tmp_path, capsys, restore
     assert "Batch 2," in capsys.readouterr().out
     with pytest.raises(ValueError, match="--batch"):
         profile_decode.main([*argv, "--batch", "0"])
+
+    prefill = tmp_path / "profile_prefill.json"
+    assert profile_decode.main([*argv[:-1], str(prefill), "--prefill"]) == 0
+    data = json.loads(prefill.read_text())
+    assert data["mode"] == "prefill" and data["tokens_per_s"] == pytest.approx(8 / data["step_s"])
+    parts, projections = data["breakdown_s"], data["linear_by_projection_s"]
+    assert parts["linear layers"] > 0 and sum(projections.values()) == pytest.approx(parts["linear layers"])
+    assert {"q_proj", "down_proj"} <= set(projections) and data["weight_read_bound_s"] is None
+    printed = capsys.readouterr().out
+    assert "One prefill forward" in printed and "by projection" in printed and "Bound:" not in printed
