@@ -343,9 +343,10 @@ void gemm(Isa isa, const GemmProblem& p) {
   at::Tensor x_outlier;
   if (q.ep.kind != OutKind::kInt32 && q.ep.n_outliers > 0) {
     const bool fused_packed = path == Path::kPackedVnni && many_outliers;
-    // The packed path on AVX512-BF16 splits bf16 activations straight from x; every other route reads x_outlier.
-    if (fused_packed && q.ep.x_outlier == nullptr && q.ep.x_kind == InKind::kBF16 &&
-        prepare_packed_outliers(isa, q, packed_pairs, packed_cols, packed_outliers)) {
+    // The packed path on AVX512-BF16 splits bf16 activations straight from x; every other route reads x_outlier. When
+    // that declines (a value outside the bf16 range), splitting the same values from x_outlier would decline too.
+    const bool raw = fused_packed && q.ep.x_outlier == nullptr && q.ep.x_kind == InKind::kBF16;
+    if (raw && prepare_packed_outliers(isa, q, packed_pairs, packed_cols, packed_outliers)) {
       q.ep.packed_outliers = &packed_outliers;
     } else {
       if (q.ep.x_outlier == nullptr) {
@@ -354,7 +355,7 @@ void gemm(Isa isa, const GemmProblem& p) {
       }
       if (path == Path::kAmx && many_outliers && prepare_amx_outliers(isa, q, amx_pieces, amx_outliers)) {
         q.ep.amx_outliers = &amx_outliers;
-      } else if (fused_packed && prepare_packed_outliers(isa, q, packed_pairs, packed_cols, packed_outliers)) {
+      } else if (fused_packed && !raw && prepare_packed_outliers(isa, q, packed_pairs, packed_cols, packed_outliers)) {
         q.ep.packed_outliers = &packed_outliers;
       } else if (path != Path::kSmallM && many_outliers) {
         product = outlier_product_of(isa, q);
