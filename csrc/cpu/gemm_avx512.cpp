@@ -194,6 +194,40 @@ HF_INT8_TARGET_AVX512 void tile_outliers(const GemmProblem& p, const int64_t (&r
   reduce_rows_ps(partial, MR * NR, o);
 }
 
+// The outlier product of a tile on AVX512-BF16 (see SmallOutliers): o[i * NR + j] = col_scale(row j) * sum over the
+// outlier columns of x_outlier[i, c] * code(row j, c), the codes picked into `codes` (jp + 64 bytes) and converted to
+// bf16 (exact), 32 columns per VDPBF16PS per token and piece. Out of line: it needs the AVX512-BF16 target, which the
+// int8 loop does not.
+template <int MR, int NR>
+__attribute__((noinline)) HF_INT8_TARGET_AVX512_BF16 void tile_outliers_bf16(const GemmProblem& p,
+                                                                             const int64_t (&rows)[NR], int8_t* codes,
+                                                                             float* o) {
+  const SmallOutliers& so = *p.ep.small_outliers;
+  alignas(64) float partial[MR * NR * 16];
+  for (int j = 0; j < NR; ++j) {
+    pick_columns(p.b + rows[j] * p.ldb, *so.cols, codes);
+    __m512 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < so.jp; c += 32) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+      const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // columns c .. c + 15 from lo, c + 16 .. c + 31 from hi
+      for (int t = 0; t < so.n_pieces; ++t) {
+        const uint16_t* x = so.x_pieces + t * p.M * so.jp + c;
+        for (int i = 0; i < MR; ++i) {
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(x + i * so.jp), w);
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i) _mm512_store_ps(partial + (i * NR + j) * 16, acc[i]);
+  }
+  reduce_rows_ps(partial, MR * NR, o);
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) o[i * NR + j] *= p.ep.col_scale[rows[j]];
+  }
+}
+
 // The streams' results of up to kRun consecutive tiles, finished 16 adjacent outputs at a time (a tile's own NR
 // outputs are far apart: one finish16 per output cost ~18% of an 8-token call).
 constexpr int64_t kRun = 16;
@@ -208,7 +242,7 @@ struct StreamRun {
 // Tile t of a run: rows[j] = first[j] + t. Its exact int32 sums and outlier products go to the run's lane t.
 template <int MR, int NR>
 HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&first)[NR], int64_t t, bool outliers,
-                                       StreamRun<MR, NR>& run) {
+                                       StreamRun<MR, NR>& run, int8_t* codes) {
   int64_t rows[NR];
   const int8_t* b[NR];
   for (int j = 0; j < NR; ++j) {
@@ -218,7 +252,11 @@ HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&fir
   int32_t acc[MR * NR];
   dot_tile<MR, NR>(p.a, p.lda, b, p.K, acc);
   float o[MR * NR];
-  if (outliers) tile_outliers<MR, NR>(p, rows, run.x_by_column, o);
+  if (outliers && p.ep.small_outliers != nullptr) {
+    tile_outliers_bf16<MR, NR>(p, rows, codes, o);
+  } else if (outliers) {
+    tile_outliers<MR, NR>(p, rows, run.x_by_column, o);
+  }
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
       run.acc[j][i][t] = acc[i * NR + j];
@@ -229,7 +267,7 @@ HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&fir
 
 // Rows first[j] .. first[j] + count of every stream j, count <= kRun.
 template <int MR, int NR>
-HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&first)[NR], int64_t count) {
+HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&first)[NR], int64_t count, int8_t* codes) {
   StreamRun<MR, NR> run;
   const bool outliers = p.ep.kind != OutKind::kInt32 && p.ep.n_outliers > 0;
   if (outliers && p.ep.n_outliers <= kScalarOutliersMax) {
@@ -237,7 +275,7 @@ HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&firs
       for (int i = 0; i < 16; ++i) run.x_by_column[c][i] = i < MR ? p.ep.x_outlier[i * p.ep.n_outliers + c] : 0.0f;
     }
   }
-  for (int64_t t = 0; t < count; ++t) stream_tile<MR, NR>(p, first, t, outliers, run);
+  for (int64_t t = 0; t < count; ++t) stream_tile<MR, NR>(p, first, t, outliers, run, codes);
   const __mmask16 valid = mask16(count);
   const auto exact = [&](int j, int row) HF_INT8_TARGET_AVX512 {
     return _mm512_sub_epi32(_mm512_maskz_load_epi32(valid, run.acc[j][row]),
@@ -272,13 +310,16 @@ template <int MR>
 HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   constexpr int NR = nr_for(MR);
   const int64_t slice = (n_end - n_begin) / NR;  // rows per stream (kStreamPrefetchBytes)
+  // A weight row's picked outlier codes (tile_outliers_bf16); zero-filled, so that the bytes past the picked ones are
+  // always initialized.
+  std::vector<int8_t> codes(p.ep.small_outliers != nullptr ? static_cast<size_t>(p.ep.small_outliers->jp + 64) : 0);
   for (int64_t t0 = 0; t0 < slice; t0 += kRun) {
     int64_t first[NR];
     for (int j = 0; j < NR; ++j) first[j] = n_begin + j * slice + t0;
-    stream_run<MR, NR>(p, first, std::min(kRun, slice - t0));
+    stream_run<MR, NR>(p, first, std::min(kRun, slice - t0), codes.data());
   }
   const int64_t rest = n_begin + NR * slice;  // fewer than NR rows: one stream
-  for (int64_t n = rest; n < n_end; n += kRun) stream_run<MR, 1>(p, {n}, std::min(kRun, n_end - n));
+  for (int64_t n = rest; n < n_end; n += kRun) stream_run<MR, 1>(p, {n}, std::min(kRun, n_end - n), codes.data());
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -398,6 +398,37 @@ HF_INT8_TARGET_AVX512 bool bf16_in_range(const uint16_t* v, int64_t n) {
 }  // namespace
 #endif
 
+bool prepare_small_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& x_pieces, ColumnPicker& cols,
+                            SmallOutliers& out) {
+#if HF_INT8_X86
+  if (isa < Isa::kAvx512Bf16 || p.ep.x_outlier == nullptr) return false;
+  const int64_t M = p.M, J = p.ep.n_outliers;
+  const std::vector<uint64_t> bits = outlier_column_bits(p.ep.outlier_cols, J, p.K);
+  if (bits.empty()) return false;
+  cols = make_column_picker(bits, p.K);
+  // At most the pieces an activation of the output dtype (= the input dtype of int8_linear) needs.
+  const int max_pieces = p.ep.kind == OutKind::kBF16 ? 1 : (p.ep.kind == OutKind::kF16 ? 2 : kMaxPieces);
+  const int64_t jp = round_up(J, 32);
+  x_pieces.assign(static_cast<size_t>(max_pieces * M * jp), 0);
+  int n_pieces = 1;
+  for (int64_t i = 0; i < M; ++i) {
+    uint16_t* p0 = x_pieces.data() + i * jp;
+    const int used = split_row_avx512(p.ep.x_outlier + i * J, J, p0, max_pieces > 1 ? p0 + M * jp : nullptr,
+                                      max_pieces > 2 ? p0 + 2 * M * jp : nullptr);
+    if (used == 0 || used > max_pieces) return false;
+    n_pieces = std::max(n_pieces, used);
+  }
+  out.x_pieces = x_pieces.data();
+  out.jp = jp;
+  out.n_pieces = n_pieces;
+  out.cols = &cols;
+  return true;
+#else
+  (void)isa, (void)p, (void)x_pieces, (void)cols, (void)out;
+  return false;
+#endif
+}
+
 bool prepare_packed_outliers(Isa isa, const GemmProblem& p, std::vector<uint32_t>& x_pairs, ColumnPicker& cols,
                              PackedOutliers& out) {
 #if HF_INT8_X86

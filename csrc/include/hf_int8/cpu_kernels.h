@@ -55,6 +55,7 @@ enum class OutKind : int { kInt32 = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
 // with w_outlier(n, j) = float(b[n, outlier_cols[j]]) * col_scale[n], the dequantized weight of outlier column j.
 struct AmxOutliers;
 struct PackedOutliers;
+struct SmallOutliers;
 
 enum class InKind : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
@@ -100,6 +101,9 @@ struct Epilogue {
   // Packed VNNI path on AVX512-BF16 only: the outlier activations as bf16 pieces (outlier_gemm.cpp), from which each
   // register tile of the packed GEMM computes its part of the outlier product right after its int8 sums.
   const PackedOutliers* packed_outliers = nullptr;
+  // Small-M path on AVX512-BF16 only: the outlier activations as bf16 pieces (outlier_gemm.cpp), from which the
+  // streaming kernel computes each tile's outlier product on the outlier codes it picks from the rows it just read.
+  const SmallOutliers* small_outliers = nullptr;
   // Small-M path only (gemm.cpp, OutlierPieces): A holds piece_tokens token rows followed by two rows per token, hi
   // and lo, with x_outlier[i, c] = piece_unit[i] * (256 * hi[c] + lo[c]) exactly at the outlier columns and 0
   // elsewhere. The int8 GEMM then sums the outlier product exactly along with the rest; only the token rows are
@@ -296,6 +300,24 @@ struct PackedOutliers {
 // is outside the range the bf16 paths compute exactly (then outlier_product() computes the product with fp32 FMAs).
 bool prepare_packed_outliers(Isa isa, const GemmProblem& p, std::vector<uint32_t>& x_pairs, ColumnPicker& cols,
                              PackedOutliers& out);
+
+// The same product in the small-M (decode) kernel on AVX512-BF16, for more outlier columns than it sums with scalar
+// FMAs: after each tile's int8 sums, the tile's weight rows (just streamed, in cache) have their outlier codes picked
+// (pick_columns, VPERMB) and dotted with every token's pieces by VDPBF16PS, 32 columns per instruction, then scaled
+// by the row's col_scale. Gathering the codes column by column instead (VPGATHERQD) cost more than streaming the
+// rows once the tokens' outlier columns numbered a few dozen.
+struct SmallOutliers {
+  // [n_pieces][M][jp]: piece t of x_outlier[i, c] as bf16 at column c of row (t, i), zero past n_outliers
+  const uint16_t* x_pieces = nullptr;
+  int64_t jp = 0;    // n_outliers rounded up to 32
+  int n_pieces = 0;  // pieces the tokens' values need: 1 for bf16 activations, up to 2 for fp16, 3 for fp32
+  const ColumnPicker* cols = nullptr;  // the outlier columns of a weight row, in x_outlier's order
+};
+// Fills `out` (its arrays in x_pieces and cols) for p's outlier columns from ep.x_outlier; false when the CPU has no
+// AVX512-BF16, the columns are not ascending, or an activation is outside the range the bf16 paths compute exactly
+// (then the kernel dequantizes the gathered codes and uses fp32 FMAs).
+bool prepare_small_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>& x_pieces, ColumnPicker& cols,
+                            SmallOutliers& out);
 
 // The same product in 32 x 32 blocks on AMX-BF16, fused into the AMX GEMM (see Epilogue::amx_outliers).
 struct AmxOutliers {
