@@ -6,7 +6,7 @@
 //
 // small_m (decode, M <= 8): each B row is streamed from memory exactly once; MR rows of A (in cache) are dotted with
 //   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally 16 accumulators at a time. Bandwidth-
-//   bound by design: a thread's rows are read as NR long contiguous streams (see kStreamPrefetchBytes).
+//   bound by design: a thread's rows are read as NR long contiguous streams (see stream_prefetch_bytes).
 // packed (M > 8): B is packed per 16 columns into the VNNI layout [K/4][16][4] (u8), then a 12 x 32 register tile
 //   (24 accumulators) walks K four bytes at a time with A broadcast from memory: no horizontal reductions, and the
 //   epilogue runs on the accumulators straight from registers.
@@ -32,8 +32,11 @@ namespace {
 // tiles of NR adjacent rows (NR short streams of K bytes, the next tile prefetched into L2, tuned on an Intel Xeon),
 // read at ~70-75% of the probe's rate on an AMD EPYC Zen 5 in a standalone loop (1536 x 8960, 1 token, 2 threads),
 // the slices at ~95-100%; bench_linear.py's "% of weight read" column shows the whole op. Not yet re-measured on
-// Intel.
-constexpr int64_t kStreamPrefetchBytes = 1024;
+// Intel. The prefetch runs 1 KiB ahead in each of the 4 streams of up to 6 activation rows, 2 KiB ahead in each of the
+// 3 streams of 7-8 rows: Qwen2.5-1.5B's greedy decode at batch 8 went from 91-93 to 98-99 tok/s (2 KiB for every row
+// count left batch 4 unchanged; 3 KiB at 7-8 rows gave 94-98 against 99-101; timed by hand, alternating builds, on an
+// AMD EPYC Zen 5, 2 threads).
+constexpr int64_t stream_prefetch_bytes(int mr) { return mr <= 6 ? 1024 : 2048; }
 constexpr int64_t kScalarOutliersMax = 8;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ __attribute__((noinline)) HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, i
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const int8_t* row = b[j] + k;
-      _mm_prefetch(reinterpret_cast<const char*>(row + kStreamPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + stream_prefetch_bytes(MR)), _MM_HINT_T0);
       w[j] = _mm512_xor_si512(full ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8(m, row), flip);
     }
 #pragma GCC unroll 8
@@ -127,7 +130,7 @@ __attribute__((noinline)) HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, i
   reduce_rows(stored, MR * NR, out);
 }
 
-constexpr int nr_for(int mr) { return mr <= 6 ? 4 : 3; }  // streams per thread (see kStreamPrefetchBytes)
+constexpr int nr_for(int mr) { return mr <= 6 ? 4 : 3; }  // streams per thread (see stream_prefetch_bytes)
 
 // Up to 16 dequantized outlier weights of one row, float(row[cols[c]]) * scale for c < J, in a register (lanes past J
 // zero).
@@ -309,7 +312,7 @@ HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&firs
 template <int MR>
 HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   constexpr int NR = nr_for(MR);
-  const int64_t slice = (n_end - n_begin) / NR;  // rows per stream (kStreamPrefetchBytes)
+  const int64_t slice = (n_end - n_begin) / NR;  // rows per stream (stream_prefetch_bytes)
   // A weight row's picked outlier codes (tile_outliers_bf16); zero-filled, so that the bytes past the picked ones are
   // always initialized.
   std::vector<int8_t> codes(p.ep.small_outliers != nullptr ? static_cast<size_t>(p.ep.small_outliers->jp + 64) : 0);
