@@ -42,6 +42,8 @@ SHAPES = [(1, 200, 75), (1, 1000, 130), (7, 200, 75), (7, 1000, 130), (83, 200, 
 SHAPES += [(1, 4096, 75), (8, 512, 130), (130, 1024, 136)]
 # K > 4096 with more than 8 tokens: the AMX path's full-K variant (K-blocked below that).
 SHAPES += [(24, 4500, 70)]
+# 9-16 tokens: the CPU streaming kernel's two passes per weight tile (8 rows, then the rest from cache).
+SHAPES += [(13, 1000, 130), (16, 200, 75)]
 SHAPE_IDS = [f"M{m}-K{k}-N{n}" for m, k, n in SHAPES]
 
 
@@ -520,11 +522,13 @@ def test_isa_is_chosen_at_run_time_and_reported(cpu_native):
         if CPU_ISAS.index(best) <= CPU_ISAS.index(capped):
             with _isa(capped):
                 assert cpu_native.cpu_isa() == capped
-                assert cpu_native.gemm_path(1) == cpu_native.gemm_path(8) == "avx512-vnni small-M"
-                assert cpu_native.gemm_path(9) == cpu_native.gemm_path(4096) == "avx512-vnni packed"
+                assert cpu_native.gemm_path(1) == cpu_native.gemm_path(16) == "avx512-vnni small-M"
+                assert cpu_native.gemm_path(17) == cpu_native.gemm_path(4096) == "avx512-vnni packed"
     if best == "amx":
         with _isa(None):
-            assert cpu_native.gemm_path(4096) == "amx"
+            # AMX takes over from 9 rows (the streaming kernel's 9-16 rows were measured without AMX only).
+            assert cpu_native.gemm_path(8) == "avx512-vnni small-M"
+            assert cpu_native.gemm_path(9) == cpu_native.gemm_path(4096) == "amx"
     assert cpu_native.cpu_isa() == outer  # the caller's setting is back
     with _isa("sse9"):
         with pytest.raises(ValueError, match="sse9"):

@@ -54,10 +54,11 @@ constexpr int64_t kCompactMinWork = 16;
 // Small-M path: the outlier product as two more int8 rows per token (Epilogue::piece_unit). Taken above the columns
 // the kernel sums with scalar FMAs, where gathering each weight row's outlier codes cost more than streaming the row
 // (Qwen2.5's int8 output head: 44-244 outlier columns a decoded token, 9.3 ms a call against 3.4 ms without
-// outliers), for up to kPieceMaxTokens tokens (3 rows each within the kernel's kSmallMaxM) and kPieceMaxCols columns
-// (so the hi and lo sums stay exact in fp32), when every outlier value is an exact multiple of its token's unit.
+// outliers), for up to kPieceMaxTokens tokens (3 rows each: one register tile of the kernel, as measured) and
+// kPieceMaxCols columns (so the hi and lo sums stay exact in fp32), when every outlier value is an exact multiple of
+// its token's unit.
 constexpr int64_t kPieceMinCols = 9;
-constexpr int64_t kPieceMaxTokens = avx512::kSmallMaxM / 3;
+constexpr int64_t kPieceMaxTokens = 2;
 constexpr int64_t kPieceMaxCols = 1024;
 // Small-M path on AVX512-BF16: from this many outlier columns the kernel picks each row's outlier codes and dots them
 // by VDPBF16PS (SmallOutliers) instead of gathering them (VPGATHERQD) into fp32 FMAs. Measured on an AMD EPYC Zen 5, 1
@@ -119,8 +120,21 @@ bool make_outlier_pieces(const GemmProblem& q, OutlierPieces& pieces) {
   return true;
 }
 
-Path choose(Isa isa, int64_t M) {
-  if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallMaxM) return Path::kSmallM;
+// The streaming (small-M) kernel for up to kSmallTileM rows; for up to kSmallMaxM rows too on CPUs without AMX, unless
+// many outlier columns make its per-row outlier product cost more than the packed path's fused one: it takes rows x
+// outlier columns up to kSmallRowsOutlierMax x K, and more than a few columns only with AVX512-BF16. Measured on an
+// AMD EPYC Zen 5, 2 threads, bf16 activations, 1536 x 8960 (times a call, small-M against packed): 16 tokens without
+// outliers 0.48 against 0.73 ms, 12 tokens 0.39 against 0.65; with 10% outlier columns 0.70 against 0.87 (16
+// tokens) and 0.54 against 0.77 (12); with 25% 1.0 against 1.0 (16) and 0.70 against 0.91 (12); with 70% 1.9-2.3
+// against 1.6-1.7 (16) and 1.5-1.7 against 1.4-1.5 (12).
+constexpr int64_t kSmallRowsOutlierMax = 4;
+
+Path choose(Isa isa, int64_t M, int64_t K = 0, int64_t n_outliers = 0) {
+  if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallTileM) return Path::kSmallM;
+  if (isa >= Isa::kAvx512Vnni && isa < Isa::kAmx && M <= avx512::kSmallMaxM &&
+      (n_outliers < kPieceMinCols || isa >= Isa::kAvx512Bf16) && n_outliers * M <= kSmallRowsOutlierMax * K) {
+    return Path::kSmallM;
+  }
   if (isa >= Isa::kAmx) return Path::kAmx;
   if (isa >= Isa::kAvx512Vnni) return Path::kPackedVnni;
   // oneDNN's int8 GEMM beats our AVX2 kernel past a few rows only where it runs on VNNI or AMX, i.e. on a CPU that
@@ -320,7 +334,7 @@ void gemm(Isa isa, const GemmProblem& p) {
     finish_all(p, nullptr, 0);
     return;
   }
-  const Path path = choose(isa, p.M);
+  const Path path = choose(isa, p.M, p.K, p.ep.kind != OutKind::kInt32 ? p.ep.n_outliers : 0);
   GemmProblem q = p;
 
   // Row sums of A for the +128 shift of the VNNI kernels.

@@ -93,7 +93,7 @@ HF_INT8_TARGET_AVX512 void reduce_rows_ps(const float* acc, int n, float* out) {
 // prefetches). The accumulators are stored and reduced out of line: with the reduction inlined GCC spilled
 // accumulators inside the loop. Not inlined either: inside its caller's loop GCC ran out of registers for the 8-token
 // tile and reloaded activations from the stack (0.31 -> 0.45 ms for 8 tokens on 1536 x 8960).
-template <int MR, int NR>
+template <int MR, int NR, bool Stream = true>
 __attribute__((noinline)) HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, int64_t lda,
                                                               const int8_t* const (&b)[NR], int64_t K, int32_t* out) {
   __m512i acc[MR][NR];
@@ -110,7 +110,7 @@ __attribute__((noinline)) HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, i
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const int8_t* row = b[j] + k;
-      _mm_prefetch(reinterpret_cast<const char*>(row + stream_prefetch_bytes(MR)), _MM_HINT_T0);
+      if (Stream) _mm_prefetch(reinterpret_cast<const char*>(row + stream_prefetch_bytes(MR)), _MM_HINT_T0);
       w[j] = _mm512_xor_si512(full ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8(m, row), flip);
     }
 #pragma GCC unroll 8
@@ -253,7 +253,13 @@ HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&fir
     b[j] = p.b + rows[j] * p.ldb;
   }
   int32_t acc[MR * NR];
-  dot_tile<MR, NR>(p.a, p.lda, b, p.K, acc);
+  if constexpr (MR > kSmallTileM) {
+    // Two passes over the tile's rows: the first streams them, the second reads them from L1.
+    dot_tile<kSmallTileM, NR>(p.a, p.lda, b, p.K, acc);
+    dot_tile<MR - kSmallTileM, NR, false>(p.a + kSmallTileM * p.lda, p.lda, b, p.K, acc + kSmallTileM * NR);
+  } else {
+    dot_tile<MR, NR>(p.a, p.lda, b, p.K, acc);
+  }
   float o[MR * NR];
   if (outliers && p.ep.small_outliers != nullptr) {
     tile_outliers_bf16<MR, NR>(p, rows, codes, o);

@@ -216,7 +216,10 @@ GemmProblem gemm_problem(const at::Tensor& a, const at::Tensor& b, const at::Ten
 constexpr int64_t kPanelCols = 16;  // columns of B per packed panel: [ceil(Kp / 4)][16][4] bytes (VNNI / AMX layout)
 
 namespace avx512 {
-constexpr int64_t kSmallMaxM = 8;  // the streaming kernel handles up to this many rows
+// The streaming kernel handles up to kSmallMaxM rows: kSmallTileM in registers at a time, so above that each tile of
+// weight rows is dotted twice, the second time from L1.
+constexpr int64_t kSmallTileM = 8;
+constexpr int64_t kSmallMaxM = 16;
 void small_m(const GemmProblem& p, int64_t n_begin, int64_t n_end);
 // Packed path. pack_rows packs A's rows [m_begin, m_end) (m_begin a multiple of kPackedRows) into row panels
 // [ceil(K/4)][rows][4] at x_panels + m * ceil(K/4) * 4. packed() then packs B rows [n_begin, n_end) into `panels`
