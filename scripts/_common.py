@@ -258,14 +258,17 @@ def _quantization_config(method: MethodSpec):
     return None
 
 
-def load_model(spec: ModelSpec, method: MethodSpec) -> nn.Module:
-    """Load ``spec`` with ``method`` on the CPU, in eval mode."""
+def load_model(spec: ModelSpec, method: MethodSpec, attn_implementation: str | None = None) -> nn.Module:
+    """Load ``spec`` with ``method`` on the CPU, in eval mode (``attn_implementation``: Transformers' choice when
+    ``None``, else e.g. ``"eager"`` or ``"sdpa"``)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     import hf_int8  # noqa: F401  (registers llmint8 before from_pretrained)
 
     auto = AutoModelForCausalLM if spec.kind == "causal" else AutoModel
     kwargs: dict[str, Any] = {"dtype": DTYPES[method.dtype]}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     qconfig = _quantization_config(method)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

@@ -155,7 +155,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         sampler = RssSampler()
         sampler.start()
         start = time.perf_counter()
-        model = C.load_model(spec, method)
+        model = C.load_model(spec, method, job.get("attn_implementation"))
         touch_weights(model)
         result["load_s"] = time.perf_counter() - start
         sampler.stop()
@@ -166,6 +166,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         result["footprint_bytes"] = int(model.get_memory_footprint())
         result["storage_bytes"] = C.storage_bytes(model)
         result["kernels"] = C.kernels_in_use()
+        result["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
         if job["no_speed"]:
             return result
 
@@ -512,7 +513,13 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"Prefill: one forward of a {s['prompt_tokens']}-token prompt{logits_note}, batch 1, median of "
         f"{s['repeats']}. Decode: "
         f"greedy generate of {s['new_tokens']} tokens after a {DECODE_PROMPT_TOKENS}-token prompt, batch "
-        f"{' and '.join(map(str, s['batches']))}, prefill time subtracted. Every cell: value (x fp32, x bf16) "
+        f"{' and '.join(map(str, s['batches']))}, prefill time subtracted"
+        + (
+            f", attention `{s['attn_implementation']}` in every Transformers model"
+            if s.get("attn_implementation")
+            else ""
+        )
+        + ". Every cell: value (x fp32, x bf16) "
         "from the same run. Peak RSS = ru_maxrss of a fresh process after loading (imports and mapped "
         "checkpoint pages included); anon = peak anonymous memory sampled while loading."
         + (" **--quick run: fewer tokens, noisier.**" if s.get("quick") else "")
@@ -643,6 +650,13 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints, the hub checkpoints of these models are bf16",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
+    parser.add_argument(
+        "--attn-implementation",
+        default=None,
+        choices=["sdpa", "eager"],
+        help="attention of every Transformers method (default: the model's own, sdpa); on CPUs without AMX torch's "
+        "bf16 sdpa is slower than eager at decode (docs/speed.md)",
+    )
     parser.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
     parser.add_argument("--prefix", default="bench", help="output file names: PREFIX.json, PREFIX.md, PREFIX_*.png")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per (model, method) job")
@@ -689,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "checkpoint_dtype": args.checkpoint_dtype,
         "llamacpp": args.llamacpp,
+        "attn_implementation": args.attn_implementation,
     }
     data: dict[str, Any] = {
         "kind": "bench",
@@ -738,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode_repeats": args.decode_repeats,
             "no_speed": args.no_speed,
             "threads": args.threads,
+            "attn_implementation": args.attn_implementation,
             "env": method.worker_env,
         }
         row = C.run_worker(SCRIPT, job, args.timeout, worker if args.in_process else None)

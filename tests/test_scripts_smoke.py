@@ -617,6 +617,21 @@ def test_decode_outliers_counts_prefill_and_decoded_tokens(tiny, tmp_path, capsy
 
 
 FAKE_LLAMA_BENCH = """#!{python}
+def test_bench_e2e_attn_implementation_reaches_every_transformers_model(tiny, tmp_path):
+    base = ["--models", f"tl={tiny['llama']}", "--methods", "bf16,llmint8-t6", "--text", str(tiny["text"])]
+    base += ["--no-speed", "--no-plots", "--in-process"]
+    for choice, expected in ((None, "sdpa"), ("eager", "eager")):
+        out = tmp_path / str(choice)
+        argv = base + ["--out-dir", str(out)] + (["--attn-implementation", choice] if choice else [])
+        assert bench_e2e.main(argv) == 0
+        data = json.loads((out / "bench.json").read_text())
+        assert data["settings"]["attn_implementation"] == choice
+        assert [r["attn_implementation"] for r in data["results"]] == [expected, expected]
+        assert (f"attention `{choice}`" in (out / "bench.md").read_text()) == (choice is not None)
+    with pytest.raises(SystemExit):
+        bench_e2e.main(base + ["--attn-implementation", "flash"])
+
+
 # A stand-in for llama.cpp's llama-bench: checks the arguments bench_e2e passes and prints -o json entries.
 import json, sys
 args = sys.argv[1:]
