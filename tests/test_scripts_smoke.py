@@ -616,7 +616,6 @@ def test_decode_outliers_counts_prefill_and_decoded_tokens(tiny, tmp_path, capsy
     assert "got 0" in capsys.readouterr().err
 
 
-FAKE_LLAMA_BENCH = """#!{python}
 def test_bench_e2e_attn_implementation_reaches_every_transformers_model(tiny, tmp_path):
     base = ["--models", f"tl={tiny['llama']}", "--methods", "bf16,llmint8-t6", "--text", str(tiny["text"])]
     base += ["--no-speed", "--no-plots", "--in-process"]
@@ -632,6 +631,7 @@ def test_bench_e2e_attn_implementation_reaches_every_transformers_model(tiny, tm
         bench_e2e.main(base + ["--attn-implementation", "flash"])
 
 
+FAKE_LLAMA_BENCH = """#!{python}
 # A stand-in for llama.cpp's llama-bench: checks the arguments bench_e2e passes and prints -o json entries.
 import json, sys
 args = sys.argv[1:]
