@@ -220,6 +220,12 @@ inline float bf16_to_float(uint16_t h) {
   return v;
 }
 
+// The bf16 pieces an activation of the output dtype (= the input dtype of int8_linear) needs at most: its significant
+// bits in 8-bit slices.
+inline int max_pieces_for(OutKind kind) {
+  return kind == OutKind::kBF16 ? 1 : (kind == OutKind::kF16 ? 2 : kMaxPieces);
+}
+
 // Splits v into bf16 pieces whose exact sum is v (pieces past the first are 0 when v has few significant bits).
 // Inf and NaN go whole into the first piece (a remainder Inf - Inf would be NaN).
 inline int split_bf16(float v, uint16_t* pieces) {
@@ -406,8 +412,7 @@ bool prepare_small_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>
   const std::vector<uint64_t> bits = outlier_column_bits(p.ep.outlier_cols, J, p.K);
   if (bits.empty()) return false;
   cols = make_column_picker(bits, p.K);
-  // At most the pieces an activation of the output dtype (= the input dtype of int8_linear) needs.
-  const int max_pieces = p.ep.kind == OutKind::kBF16 ? 1 : (p.ep.kind == OutKind::kF16 ? 2 : kMaxPieces);
+  const int max_pieces = max_pieces_for(p.ep.kind);
   const int64_t jp = round_up(J, 32);
   x_pieces.assign(static_cast<size_t>(max_pieces * M * jp), 0);
   int n_pieces = 1;
@@ -437,9 +442,7 @@ bool prepare_packed_outliers(Isa isa, const GemmProblem& p, std::vector<uint32_t
   const std::vector<uint64_t> bits = outlier_column_bits(p.ep.outlier_cols, J, K);
   if (bits.empty()) return false;
   cols = make_column_picker(bits, K);
-  // Pieces an activation of the output dtype (= the input dtype of int8_linear) needs at most: its significant bits
-  // in 8-bit slices.
-  const int n_pieces = p.ep.kind == OutKind::kBF16 ? 1 : (p.ep.kind == OutKind::kF16 ? 2 : kMaxPieces);
+  const int n_pieces = max_pieces_for(p.ep.kind);
   const int64_t pairs = ceil_div(J, 2), padded = round_up(pairs, 16);
   constexpr int64_t kRows = avx512::kPackedRows;
   const int64_t panels = ceil_div(M, kRows), panel_words = pairs * n_pieces * kRows;
