@@ -3,7 +3,7 @@
 // and int8_scaled_matmul.
 //
 // Paths (see gemm_path_name):
-//   avx512-vnni small-M   M <= 8, streams B once (decode)
+//   avx512-vnni small-M   M <= 8, streams B once (decode); also M <= 16 without AMX unless many outlier columns
 //   amx                   M > 8 on CPUs with AMX-INT8
 //   avx512-vnni packed    otherwise with AVX-512 VNNI
 //   avx2                  CPUs with AVX2 but no VNNI, any M (exact 16-bit products, B blocks stay in L2)

@@ -4,10 +4,12 @@
 // A (the activation codes) the signed side; acc - 128 * sum_k a[m, k] is then the exact s8 x s8 sum
 // (quant_math.h, unshift_u8_accumulator). Exact for every int8 value, -128 included.
 //
-// small_m (decode, M <= 8): each B row is streamed from memory exactly once; MR rows of A (in cache) are dotted with
-//   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally 16 accumulators at a time. Bandwidth-
-//   bound by design: a thread's rows are read as NR long contiguous streams (see stream_prefetch_bytes).
-// packed (M > 8): B is packed per 16 columns into the VNNI layout [K/4][16][4] (u8), then a 12 x 32 register tile
+// small_m (decode, M <= 16): each B row is streamed from memory exactly once; MR rows of A (in cache) are dotted with
+//   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally 16 accumulators at a time (above 8 rows
+//   in two passes, the second from L1). Bandwidth-bound by design at few rows: a thread's rows are read as NR long
+//   contiguous streams (see stream_prefetch_bytes).
+// packed (more rows, or 9-16 with many outlier columns; gemm.cpp, choose()): B is packed per 16 columns into the VNNI
+// layout [K/4][16][4] (u8), then a 12 x 32 register tile
 //   (24 accumulators) walks K four bytes at a time with A broadcast from memory: no horizontal reductions, and the
 //   epilogue runs on the accumulators straight from registers.
 #include "hf_int8/cpu_avx512.h"

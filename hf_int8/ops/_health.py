@@ -169,11 +169,15 @@ SELF_CHECK_N = 5
 # cross the threshold; 12 of them with M = 20 is more than the CPU epilogue sums itself, so the outlier product runs
 # as a GEMM of its own (AMX-BF16, VDPBF16PS or fp32 FMAs, by CPU and input dtype: csrc/cpu/outlier_gemm.cpp); with
 # M = 1 the CPU decode kernel carries them as exact int8 pieces through its int8 product (bf16: csrc/cpu/gemm.cpp).
+# M = 4 with ~30 outlier columns takes the decode kernel's own bf16 outlier dots (AVX512-BF16), M = 12 its two passes
+# per weight tile (CPUs without AMX).
 SELF_CHECK_CASES = (
     (1, 1, 0, True),
     (1, 83, 0, False),
     (1, 83, 12, True),
+    (4, 83, 30, False),
     (7, 83, 2, True),
+    (12, 83, 2, True),
     (17, 64, 2, False),
     (20, 83, 12, True),
 )
