@@ -167,5 +167,77 @@ __device__ __forceinline__ void mma_m8n8k16_s8(int& c0, int& c1, uint32_t a, uin
 #endif
 }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: c[16x8] += a[16x16] . b[16x8] with fp32
+// accumulation (sm_80+). Each 32-bit register holds two 16-bit elements, the lower-indexed one in the low half.
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if HF_INT8_SM >= 800 && defined(HF_INT8_CUDA_EMULATION)
+  ::hf_int8::emu::mma_m16n8k16_float(c, a, b, /*bf16=*/false);
+#elif HF_INT8_SM >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  (void)c;
+  (void)a;
+  (void)b;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if HF_INT8_SM >= 800 && defined(HF_INT8_CUDA_EMULATION)
+  ::hf_int8::emu::mma_m16n8k16_float(c, a, b, /*bf16=*/true);
+#elif HF_INT8_SM >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  (void)c;
+  (void)a;
+  (void)b;
+  __trap();
+#endif
+}
+
+// ---- global atomics and ordering between blocks (split-K) ----
+// *p += v at the L2 (red.global.add.s32: the old value is not returned). Integer addition is associative, so the
+// sum does not depend on the order in which blocks arrive.
+__device__ __forceinline__ void red_add(int* p, int v) {
+#if defined(HF_INT8_CUDA_EMULATION)
+  ::hf_int8::emu::atomic_add(p, v);
+#else
+  atomicAdd(p, v);
+#endif
+}
+
+// *p += v, returning the old value (atom.global.add.u32).
+__device__ __forceinline__ unsigned atomic_add(unsigned* p, unsigned v) {
+#if defined(HF_INT8_CUDA_EMULATION)
+  return ::hf_int8::emu::atomic_add(p, v);
+#else
+  return atomicAdd(p, v);
+#endif
+}
+
+// membar.gl: this thread's global writes (and atomics) are ordered before its later ones, device-wide.
+__device__ __forceinline__ void fence_device() {
+#if defined(HF_INT8_CUDA_EMULATION)
+  ::hf_int8::emu::fence_device();
+#else
+  __threadfence();
+#endif
+}
+
+// ld.global.cg: a 32-bit load served by the L2 (never from this SM's L1, which other SMs' atomics do not update).
+__device__ __forceinline__ int load_l2(const int* p) {
+#if defined(HF_INT8_CUDA_EMULATION)
+  return ::hf_int8::emu::load_l2(p);
+#else
+  return __ldcg(p);
+#endif
+}
+
 }  // namespace ptx
 }  // namespace hf_int8

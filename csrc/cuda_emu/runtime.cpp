@@ -10,13 +10,13 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include <xmmintrin.h>
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
-#include <xmmintrin.h>
 
 // The runtime itself is built without instrumentation; HF_INT8_EMU_ASAN_FIBERS keeps the fiber annotations that an
 // AddressSanitizer build of the kernels needs.
@@ -95,24 +95,18 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = size_t(256) << 10;  // ASan's redzones make kernel frames several times larger
 
 enum class Wait { kReady, kBarrier, kWarp, kDone };
-enum class Op { kNone, kShfl, kBallot, kAny, kLdmatrix, kMma16832, kMma8816 };
+enum class Op { kNone, kShfl, kBallot, kAny, kLdmatrix, kMma16832, kMma8816, kMma16816F };
 
 const char* op_name(Op op) {
   switch (op) {
-    case Op::kShfl:
-      return "shfl.xor";
-    case Op::kBallot:
-      return "vote.ballot";
-    case Op::kAny:
-      return "vote.any";
-    case Op::kLdmatrix:
-      return "ldmatrix.x4";
-    case Op::kMma16832:
-      return "mma.m16n8k32";
-    case Op::kMma8816:
-      return "mma.m8n8k16";
-    default:
-      return "none";
+    case Op::kShfl: return "shfl.xor";
+    case Op::kBallot: return "vote.ballot";
+    case Op::kAny: return "vote.any";
+    case Op::kLdmatrix: return "ldmatrix.x4";
+    case Op::kMma16832: return "mma.m16n8k32";
+    case Op::kMma8816: return "mma.m8n8k16";
+    case Op::kMma16816F: return "mma.m16n8k16.f32";
+    default: return "none";
   }
 }
 
@@ -219,14 +213,10 @@ void switch_to(int to, bool exiting) {
 
 bool runnable(const Fiber& f) {
   switch (f.wait) {
-    case Wait::kReady:
-      return true;
-    case Wait::kBarrier:
-      return g.barrier_gen != f.wait_gen;
-    case Wait::kWarp:
-      return g.warps[f.warp].gen != f.wait_gen;
-    default:
-      return false;
+    case Wait::kReady: return true;
+    case Wait::kBarrier: return g.barrier_gen != f.wait_gen;
+    case Wait::kWarp: return g.warps[f.warp].gen != f.wait_gen;
+    default: return false;
   }
 }
 
@@ -297,8 +287,7 @@ extern "C" [[noreturn]] void hf_int8_emu_fiber_main() {
   --g.live;
   WarpState& w = g.warps[f.warp];
   ++w.exited;
-  if (w.arrived > 0)
-    fail("lane %d exited while %d lane(s) of its warp wait in %s", f.lane, w.arrived, op_name(w.op));
+  if (w.arrived > 0) fail("lane %d exited while %d lane(s) of its warp wait in %s", f.lane, w.arrived, op_name(w.op));
   if (g.barrier_arrived > 0 && g.barrier_arrived == g.live) {  // exited threads count as arrived
     g.barrier_arrived = 0;
     ++g.barrier_gen;
@@ -355,7 +344,7 @@ void run_block(dim3 grid, dim3 block, dim3 block_idx) {
     init_stack(f);
   }
   g.current = -1;
-  const int first = g.schedule == Schedule::kReverse ? n - 1
+  const int first = g.schedule == Schedule::kReverse  ? n - 1
                     : g.schedule == Schedule::kRandom ? static_cast<int>(g.rng() % static_cast<uint64_t>(n))
                                                       : 0;
   tsan_release(&g.block_start_sync);
@@ -461,7 +450,8 @@ bool any(bool pred) {
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
   // Each lane reads the 16-byte row it addresses (so the sanitizers see the access in that lane's context).
-  if ((reinterpret_cast<uintptr_t>(smem_row) & 15u) != 0) fail("ldmatrix row address %p is not 16-byte aligned", smem_row);
+  if ((reinterpret_cast<uintptr_t>(smem_row) & 15u) != 0)
+    fail("ldmatrix row address %p is not 16-byte aligned", smem_row);
   uint32_t row[4];
   tsan_read(smem_row, 16);
   std::memcpy(row, smem_row, 16);
@@ -498,7 +488,8 @@ void mma_m16n8k32_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]
         const int row = tig * 4 + (i & 3) + (i >= 4 ? 16 : 0);
         B[row][gid] = byte_of(io[lane].in[4 + i / 4], i % 4);
       }
-      for (int i = 0; i < 4; ++i) C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)] = static_cast<int32_t>(io[lane].in[6 + i]);
+      for (int i = 0; i < 4; ++i)
+        C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)] = static_cast<int32_t>(io[lane].in[6 + i]);
     }
     for (int lane = 0; lane < kWarpSize; ++lane) {
       const int gid = lane >> 2, tig = lane & 3;
@@ -543,6 +534,85 @@ void mma_m8n8k16_s8(int& c0, int& c1, uint32_t a, uint32_t b) {
   c1 = static_cast<int>(out[1]);
 }
 
+// A 16-bit element of an f16 or bf16 mma operand register, as a float (exact).
+float half_element(uint32_t word, int i, bool bf16) {
+  const auto bits = static_cast<uint16_t>(word >> (16 * i));
+  if (bf16) {
+    const uint32_t f32 = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &f32, 4);
+    return f;
+  }
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+
+void mma_m16n8k16_float(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+  uint32_t in[10];
+  for (int i = 0; i < 4; ++i) in[i] = a[i];
+  for (int i = 0; i < 2; ++i) in[4 + i] = b[i];
+  for (int i = 0; i < 4; ++i) std::memcpy(&in[6 + i], &c[i], 4);
+  uint32_t out[4];
+  auto compute = [](LaneIO* io, bool is_bf16) {
+    // PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" (.f16/.bf16), groupID = lane >> 2,
+    // threadID_in_group = lane % 4: A element a_i (i = 0..7, half i % 2 of register i / 2): row groupID (+8 for
+    // i in {2, 3, 6, 7}), column threadID_in_group * 2 + (i & 1) (+8 for i >= 4); B element b_i (i = 0..3): row
+    // threadID_in_group * 2 + (i & 1) (+8 for i >= 2), column groupID; C/D as for mma.m16n8k32.
+    float A[16][16], B[16][8], C[16][8];
+    for (int lane = 0; lane < kWarpSize; ++lane) {
+      const int gid = lane >> 2, tig = lane & 3;
+      for (int i = 0; i < 8; ++i) {
+        const int row = gid + ((i & 2) != 0 ? 8 : 0);
+        const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+        A[row][col] = half_element(io[lane].in[i / 2], i % 2, is_bf16);
+      }
+      for (int i = 0; i < 4; ++i)
+        B[tig * 2 + (i & 1) + (i >= 2 ? 8 : 0)][gid] = half_element(io[lane].in[4 + i / 2], i % 2, is_bf16);
+      for (int i = 0; i < 4; ++i) std::memcpy(&C[gid + (i >= 2 ? 8 : 0)][tig * 2 + (i & 1)], &io[lane].in[6 + i], 4);
+    }
+    for (int lane = 0; lane < kWarpSize; ++lane) {
+      const int gid = lane >> 2, tig = lane & 3;
+      for (int i = 0; i < 4; ++i) {
+        const int row = gid + (i >= 2 ? 8 : 0), col = tig * 2 + (i & 1);
+        // Products of 16-bit floats are exact in double; the hardware's fp32 accumulation order and rounding are
+        // unspecified, so the emulator sums exactly (in double) and rounds once.
+        double acc = C[row][col];
+        for (int kk = 0; kk < 16; ++kk) acc += double(A[row][kk]) * double(B[kk][col]);
+        const auto v = static_cast<float>(acc);
+        std::memcpy(&io[lane].out[i], &v, 4);
+      }
+    }
+  };
+  if (bf16) {
+    collective(Op::kMma16816F, in, 10, out, 4, [&](LaneIO* io) { compute(io, true); });
+  } else {
+    collective(Op::kMma16816F, in, 10, out, 4, [&](LaneIO* io) { compute(io, false); });
+  }
+  for (int i = 0; i < 4; ++i) std::memcpy(&c[i], &out[i], 4);
+}
+
+// Blocks run one after another and the threads of a block are fibers of one OS thread, so plain read-modify-writes
+// are atomic here; the sanitizers see them as accesses of the issuing thread.
+void atomic_add(int* p, int v) {
+  tsan_write(p, 4);
+  *p = static_cast<int>(static_cast<uint32_t>(*p) + static_cast<uint32_t>(v));  // wraps like red.add.s32
+}
+
+unsigned atomic_add(unsigned* p, unsigned v) {
+  tsan_write(p, 4);
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+
+void fence_device() {}
+
+int load_l2(const int* p) {
+  tsan_read(p, 4);
+  return *p;
+}
+
 int dp4a(int a, int b, int c) {
   const auto ua = static_cast<uint32_t>(a), ub = static_cast<uint32_t>(b);
   int64_t acc = c;
@@ -551,7 +621,8 @@ int dp4a(int a, int b, int c) {
 }
 
 uint4 load16(const void* p) {
-  if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) fail("16-byte global load from %p, which is not 16-byte aligned", p);
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0)
+    fail("16-byte global load from %p, which is not 16-byte aligned", p);
   uint4 v;
   tsan_read(p, 16);
   std::memcpy(&v, p, 16);
@@ -560,7 +631,8 @@ uint4 load16(const void* p) {
 
 void cp_async16(void* smem_dst, const void* src, int src_bytes) {
   if (src_bytes != 0 && src_bytes != 16) fail("cp.async src-size %d (the kernels use 0 or 16)", src_bytes);
-  if ((reinterpret_cast<uintptr_t>(smem_dst) & 15u) != 0) fail("cp.async destination %p is not 16-byte aligned", smem_dst);
+  if ((reinterpret_cast<uintptr_t>(smem_dst) & 15u) != 0)
+    fail("cp.async destination %p is not 16-byte aligned", smem_dst);
   if (src_bytes > 0 && (reinterpret_cast<uintptr_t>(src) & 15u) != 0)
     fail("cp.async source %p is not 16-byte aligned", src);
   PendingCopy copy;
@@ -631,9 +703,16 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* closure) {
 #endif
   g.body = body;
   g.closure = closure;
+  // Blocks run in an order set by the schedule too (forward, reverse, shuffled), so a kernel whose blocks
+  // coordinate (split-K's last-arriving block) is tested with the last block being any of them.
+  std::vector<dim3> order;
+  order.reserve(size_t(grid.x) * grid.y * grid.z);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) run_block(grid, block, dim3(x, y, z));
+      for (unsigned x = 0; x < grid.x; ++x) order.emplace_back(x, y, z);
+  if (g.schedule == Schedule::kReverse) std::reverse(order.begin(), order.end());
+  if (g.schedule == Schedule::kRandom) std::shuffle(order.begin(), order.end(), g.rng);
+  for (const dim3& b : order) run_block(grid, block, b);
   g.current = -1;
 }
 

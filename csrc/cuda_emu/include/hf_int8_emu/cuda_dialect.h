@@ -81,3 +81,6 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   h.bits = static_cast<uint16_t>(bits >> 16);
   return h;
 }
+
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }

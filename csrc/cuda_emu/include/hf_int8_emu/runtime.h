@@ -7,6 +7,8 @@
 //  * warp collectives (shfl.xor, ballot, any, ldmatrix, mma): every lane of the warp deposits its operands and waits
 //    until all 32 have arrived; the last one computes the result for all. A collective reached by only part of a
 //    warp (a lane exited, or lanes at different collectives) is reported as an error, as is a deadlock.
+//  * global atomics (split-K): plain read-modify-writes, atomic because nothing else runs meanwhile; blocks run in
+//    an order set by the schedule (forward, reverse, shuffled).
 //  * cp.async: each copy is deferred to the latest moment the PTX memory model allows (the wait_group that retires
 //    its group), so a missing wait or barrier reads stale shared memory instead of passing by luck.
 //  * the order in which runnable threads resume is a run-time choice (forward, reverse, seeded random), so a result
@@ -78,6 +80,7 @@ bool any(bool pred);
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row);
 void mma_m16n8k32_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 void mma_m8n8k16_s8(int& c0, int& c1, uint32_t a, uint32_t b);
+void mma_m16n8k16_float(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16);
 
 // Per-thread operations.
 int dp4a(int a, int b, int c);
@@ -85,6 +88,10 @@ uint4 load16(const void* p);  // checks 16-byte alignment, like the hardware
 void cp_async16(void* smem_dst, const void* src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);
+void atomic_add(int* p, int v);
+unsigned atomic_add(unsigned* p, unsigned v);
+void fence_device();
+int load_l2(const int* p);
 
 [[noreturn]] void trap(const char* what);
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
