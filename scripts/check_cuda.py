@@ -8,7 +8,8 @@ From the cubins and PTX embedded in the extension's shared object:
 * ``cuobjdump -sass``: the tensor-core GEMM kernels (``hf_int8_gemm_imma_kernel``) contain integer tensor-core
   instructions (IMMA) for every architecture, ``IMMA.16832.S8.S8`` on sm_80 (which must be built); the decode kernel
   uses ``IDP.4A`` (dp4a); the sm_80+ GEMM stages tiles with ``LDGSTS`` (cp.async) and reads them with ``LDSM``
-  (ldmatrix); no kernel executes a local-memory load or store (``LDL``/``STL``: where spills would go);
+  (ldmatrix), and runs the outlier columns of fp16 / bf16 activations on tensor cores (``HMMA.16816.F32`` and
+  ``HMMA.16816.F32.BF16``); no kernel executes a local-memory load or store (``LDL``/``STL``: where spills would go);
 * ``cuobjdump -res-usage`` (the resource report ptxas embeds in each cubin: what ``ptxas -v`` prints at build
   time): every kernel has a zero-byte stack frame and no local memory, i.e. 0 spill bytes.
 
@@ -189,6 +190,8 @@ def check(so: Path, cuobjdump: str) -> tuple[list[Kernel], list[str]]:
                     failures.append(f"{label}: no IMMA.16832.S8.S8 (mma.sync m16n8k32 s8) on {arch}")
                 if int(arch[3:5]) >= 80 and (k.count("LDGSTS") == 0 or k.count("LDSM") == 0):
                     failures.append(f"{label}: expected cp.async (LDGSTS) and ldmatrix (LDSM) on {arch}")
+                if int(arch[3:5]) >= 80 and (k.count("HMMA.16816.F32.BF16") == 0 or k.count("HMMA.16816.F32") == 0):
+                    failures.append(f"{label}: the outlier product has no fp16/bf16 tensor-core MMA (HMMA) on {arch}")
             if k.family == "hf_int8_gemv_dp4a_kernel" and k.count("IDP.4A") == 0:
                 failures.append(f"{label}: decode kernel has no IDP.4A (dp4a)")
     return all_kernels, failures
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     gemm80 = [k for k in kernels if k.arch == REQUIRED_ARCH and k.family == GEMM_KERNEL]
     for k in gemm80:
-        kinds = sorted({i for i in k.instructions if i.startswith(("IMMA", "LDSM", "LDGSTS"))})
+        kinds = sorted({i for i in k.instructions if i.startswith(("IMMA", "HMMA", "LDSM", "LDGSTS"))})
         print(f"{REQUIRED_ARCH} {names[k.mangled]}: {k.count('IMMA')} IMMA; tensor-core/copy opcodes: {kinds}")
     if failures:
         print(f"\nFAILED ({len(failures)}):")
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"\nOK: {len(kernels)} kernels over {len({k.arch for k in kernels})} architectures; GEMM uses IMMA on every "
-        f"architecture (IMMA.16832.S8.S8 on {REQUIRED_ARCH}); 0 spill bytes (stack 0, local 0, no LDL/STL) everywhere;"
+        f"architecture (IMMA.16832.S8.S8 on {REQUIRED_ARCH}), outliers on HMMA from sm_80; 0 spill bytes (stack 0, "
+        f"local 0, no LDL/STL) everywhere;"
         f" PTX embedded for {', '.join(ptx_of(so, cuobjdump))}"
     )
     return 0

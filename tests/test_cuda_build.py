@@ -241,6 +241,7 @@ def test_check_cuda_proves_imma_and_no_spills():
     out = done.stdout
     assert re.search(r"sm_80 void hf_int8_gemm_imma_kernel<128, 128, 64, 32>: \d+ IMMA", out), out
     assert "IMMA.16832.S8.S8" in out and "0 spill bytes" in out, out
+    assert "HMMA.16816.F32.BF16" in out, out  # the outlier product of bf16 activations runs on tensor cores
     sass = re.search(r"^SASS \(cubin\) archs: (.*)$", out, re.M).group(1).split(", ")
     ptx = re.search(r"^embedded PTX: (\S+)", out, re.M).group(1).split(",")
     assert "sm_80" in sass and ptx and all(p.startswith("compute_") for p in ptx), out
@@ -268,6 +269,7 @@ def test_check_cuda_rejects_a_gemm_without_imma_and_with_spills(tmp_path):
     done = _run_check("--so", str(obj))
     assert done.returncode == 1, done.stdout
     assert "no IMMA (integer tensor-core) instruction" in done.stdout
+    assert "the outlier product has no fp16/bf16 tensor-core MMA (HMMA) on sm_80" in done.stdout, done.stdout
     assert "stack frame 256 bytes" in done.stdout, done.stdout
     assert "local-memory loads/stores (LDL/STL) in the SASS" in done.stdout, done.stdout
     assert "expected 1 hf_int8_gemv_dp4a_kernel instantiation(s), found 0" in done.stdout
@@ -286,3 +288,31 @@ def test_check_cuda_accepts_embedded_ptx(tmp_path):
     done = _run_check("--so", str(obj))
     assert "embedded PTX: compute_80" in done.stdout, done.stdout
     assert "no PTX embedded" not in done.stdout, done.stdout
+
+
+def test_split_k_fills_the_device_only_when_the_grid_is_small():
+    """The tensor-core GEMM splits K when its tiles cannot fill the device (9-64 tokens, narrow layers, short
+    prefills), never for the decode kernel, never below 4 K-tiles (256 bytes of K) per split, and each split of a
+    plan is non-empty; its workspace holds the int32 sums and one counter per tile."""
+    module = _extension.cuda_module()
+    sms = 132
+
+    def ceil_div(a: int, b: int) -> int:
+        return (a + b - 1) // b
+
+    # Qwen2.5-1.5B's projections at 16 tokens: 4 to 24 tiles of 64x64, which would leave most of 132 SMs idle.
+    for n, k in ((256, 1536), (1536, 1536), (1536, 8960)):
+        splits = module.gemm_splits(16, n, k, sms)
+        tiles = ceil_div(n, 64)
+        assert 2 <= splits <= 16 and tiles * splits <= 2 * sms, (n, k, splits)
+        ktiles = ceil_div(k, 64)
+        per_split = ceil_div(ktiles, splits)
+        assert per_split >= 4 and (splits - 1) * per_split < ktiles, (n, k, splits)  # no empty split
+        assert module.gemm_workspace_bytes(16, n, k, sms) == 16 * n * 4 + tiles * 4
+    assert module.gemm_splits(16, 8960, 1536, sms) == 1  # 140 tiles already fill the device
+    assert module.gemm_splits(4096, 4096, 4096, sms) == 1  # prefill: 1024 tiles of 128x128
+    assert module.gemm_splits(512, 1536, 1536, sms) == 2  # 48 tiles of 128x128 on 132 SMs
+    assert module.gemm_splits(8, 256, 1536, sms) == 1  # decode kernel (its own split of K across warps)
+    assert module.gemm_splits(16, 256, 128, sms) == 1  # 2 K-tiles: too short to split
+    assert module.gemm_workspace_bytes(16, 8960, 1536, sms) == 0
+    assert module.gemm_splits(16, 256, 1536, 1) == 1  # one SM: nothing to fill

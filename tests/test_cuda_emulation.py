@@ -19,6 +19,7 @@ import itertools
 import cuda_emu
 import pytest
 import torch
+from _tolerance import int8_linear_tolerance
 
 from hf_int8.ops import reference as ref
 
@@ -31,6 +32,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 N_ODD = 37
 THRESHOLD = 6.0
 U32 = 2.0**-24  # unit roundoff of fp32
+DECODE_MAX_M = 8  # launch.h kDecodeMaxM: more rows run on the tensor-core GEMM
 
 
 def _gen(*seed: int) -> torch.Generator:
@@ -121,7 +123,12 @@ def check_linear(p: cuda_emu.Problem) -> None:
     if not bool(mask.any()):
         assert torch.equal(got, expected), f"{p.name}: differs from the reference (bitwise expected without outliers)"
         return
-    tol = outlier_tolerance(x, w, ws, mask, expected, x.dtype)
+    if x.dtype != torch.float32 and p.params["m"] > DECODE_MAX_M:
+        # The tensor-core outlier product (fp16/bf16 activations, sm_80+) sums x * code and scales the sum once, so
+        # its products are not the reference's: the suite-wide bound for that structure (tests/_tolerance.py).
+        tol = int8_linear_tolerance(x, w, ws, p.inputs.get("bias"), threshold)
+    else:
+        tol = outlier_tolerance(x, w, ws, mask, expected, x.dtype)
     err = (got.float() - expected.float()).abs()
     assert torch.isfinite(got).all(), f"{p.name}: non-finite outputs"
     assert (err <= tol).all(), f"{p.name}: max error {float(err.max())} over the bound ({float((err - tol).max())})"
@@ -246,6 +253,9 @@ def linear_matrix() -> list[cuda_emu.Problem]:
         for dtype, outliers, bias in itertools.product(DTYPES, (False, True), (False, True)):
             problems.append(linear_problem(m, k, dtype, outliers, bias, offset=0, n=131))
     problems.append(linear_problem(7, 4096, torch.bfloat16, True, True, offset=0, n=37, sm_count=1))  # no split-K
+    # The tensor-core GEMM with one block per tile (the default 132 SMs split K for these small grids).
+    for m, k, dtype in ((17, 4097, torch.bfloat16), (64, 4096, torch.float16), (130, 5137, torch.float32)):
+        problems.append(linear_problem(m, k, dtype, True, True, offset=0, n=131, sm_count=1))
     problems.append(linear_problem(9, 83, torch.float16, True, False, offset=0, threshold=0.0))
     return problems
 
@@ -310,9 +320,20 @@ def test_gemm_kernels_match_the_reference(sanitized_sm80, tmp_path):
     run_and_check(sanitized_sm80, matmul_matrix(), tmp_path)
 
 
+def _splits(proc) -> list[int]:
+    """Blocks per tile of C of each GEMM the driver ran (its ``splits <dir> S`` lines), in problem order."""
+    return [int(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("splits ")]
+
+
 def test_int8_linear_matches_the_reference(sanitized_sm80, tmp_path):
-    proc = run_and_check(sanitized_sm80, linear_matrix(), tmp_path)
+    problems = linear_matrix()
+    proc = run_and_check(sanitized_sm80, problems, tmp_path)
     assert "problems=" in proc.stdout
+    splits = _splits(proc)
+    assert len(splits) == len(problems)
+    tensor_core = [s for p, s in zip(problems, splits, strict=True) if p.params["m"] > DECODE_MAX_M]
+    # Both ways of running the tensor-core GEMM were checked: split-K (up to its 16 splits) and one block per tile.
+    assert max(tensor_core) == 16 and tensor_core.count(1) >= 10, sorted(set(tensor_core))
 
 
 @pytest.mark.parametrize("schedule,seed", [("reverse", 0), ("random", 1)])
@@ -330,7 +351,9 @@ def test_results_do_not_depend_on_the_thread_schedule(sanitized_sm80, tmp_path, 
         quantize_activation_problem(130, 4097, torch.float16, THRESHOLD, True, 1),
         matmul_problem(17, 4096, offset=0, n=131),
     ]
-    run_and_check(sanitized_sm80, problems, tmp_path, schedule=schedule, seed=seed)
+    # Blocks run in the schedule's order too: under split-K the block that finishes each tile is a different one.
+    proc = run_and_check(sanitized_sm80, problems, tmp_path, schedule=schedule, seed=seed)
+    assert max(_splits(proc)) > 1
 
 
 def test_sm75_path_matches_the_reference(sanitized_sm75, tmp_path):
@@ -376,6 +399,31 @@ MUTATIONS = {
         "{ return 2 * kstep + ((lane >> 3) & 1); }",
         "{ return 2 * kstep + ((lane >> 4) & 1); }",
     ),
+    "split_k_wrong_block_finishes": (
+        "cuda/gemm_kernels.cu",
+        "== gridDim.z - 1 ? 1 : 0;",
+        "== 0 ? 1 : 0;",
+    ),
+    "split_k_wrong_k_range": (
+        "cuda/gemm_kernels.cu",
+        "if (s < ktiles) load_stage(p, smem, s, kt0 + s, t);",
+        "if (s < ktiles) load_stage(p, smem, s, s, t);",
+    ),
+    "outlier_mma_fragment_wrong": (
+        "cuda/gemm_kernels.cu",
+        "    af[mi][2] = row[4];\n",
+        "    af[mi][2] = row[0];\n",
+    ),
+    "outlier_codes_in_the_wrong_format": (
+        "cuda/gemm_kernels.cu",
+        "if (row < p.n && j < jn) lo = code_as_16bit(p.b[row * p.k + cols[j]], bf16);",
+        "if (row < p.n && j < jn) lo = code_as_16bit(p.b[row * p.k + cols[j]], !bf16);",
+    ),
+    "outlier_columns_carried_over_lost": (
+        "cuda/gemm_kernels.cu",
+        "      if (t.tid < left) col_list[t.tid] = col;\n",
+        "",
+    ),
     "warp_sum_skips_last_step": (
         "cuda/device_utils.cuh",
         "for (int offset = 16; offset > 0; offset >>= 1) v += ptx::shfl_xor(v, offset);",
@@ -386,8 +434,11 @@ MUTATIONS = {
 
 def mutation_problems() -> list[cuda_emu.Problem]:
     return [
-        linear_problem(17, 4096, torch.bfloat16, True, True, offset=0, n=131),  # 64x64 tiles, outliers, last stage 0
-        linear_problem(130, 4097, torch.float32, True, False, offset=1, n=131),  # 128x128 tiles, unaligned rows
+        # 64x64 tiles, one block per tile, tensor-core outliers, last stage 0
+        linear_problem(17, 4096, torch.bfloat16, True, True, offset=0, n=131, sm_count=1),
+        # 128x128 tiles, one block per tile, fp32 outliers, unaligned rows
+        linear_problem(130, 4097, torch.float32, True, False, offset=1, n=131, sm_count=1),
+        linear_problem(33, 4096, torch.float16, True, True, offset=0, n=131),  # split-K (16 splits), fp16 outliers
         linear_problem(1, 4096, torch.float16, True, True, offset=0, n=37),  # decode kernel, split K
         matmul_problem(9, 83, offset=0, n=37),
     ]

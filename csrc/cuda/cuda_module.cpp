@@ -75,4 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "name (cudaErrorNoKernelImageForDevice, cudaErrorInvalidDeviceFunction, ...)");
   m.def("gemm_kernel_for", &hf_int8::cuda::gemm_kernel_for, pybind11::arg("m"),
         "Name of the GEMM kernel used for m rows (gemv_dp4a, imma_64x64 or imma_128x128)");
+  m.def("gemm_splits", &hf_int8::cuda::int8_gemm_splits, pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
+        pybind11::arg("sm_count"),
+        "How many blocks share each tile of C (split-K) for an m x n x k GEMM on a device with sm_count "
+        "multiprocessors (1: K is not split)");
+  m.def("gemm_workspace_bytes", &hf_int8::cuda::int8_gemm_workspace_bytes, pybind11::arg("m"), pybind11::arg("n"),
+        pybind11::arg("k"), pybind11::arg("sm_count"), "Bytes of device scratch the split-K GEMM needs (0: none)");
 }

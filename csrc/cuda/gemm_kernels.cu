@@ -42,6 +42,10 @@ using tile::kTileK;
 constexpr int kStages = 3;
 constexpr int kOutlierChunk = 16;                  // outlier columns staged per round
 constexpr int kOutlierStride = kOutlierChunk + 1;  // padded row of the staging tiles (no bank conflicts)
+// Tensor-core outlier staging (fp16/bf16 activations, sm_80+): a row of kOutlierChunk 16-bit values is 8 words,
+// padded to 12 so that the 8 rows x 4 words of a fragment load fall in 32 different banks.
+constexpr int kOutlierPairs = kOutlierChunk / 2;
+constexpr int kOutlierRowWords = kOutlierPairs + 4;
 
 struct Params {
   const int8_t* a;
@@ -58,6 +62,11 @@ struct Params {
   DType x_dtype;
   bool vec16;  // A and B rows are 16-byte aligned (k % 16 == 0, aligned bases): cp.async 16-byte copies
   int ksplit;  // decode kernel: warps sharing one output row
+  // Tensor-core kernel, split-K (gridDim.z > 1 blocks per tile of C): K-tiles per split, the int32 sums [m, n]
+  // and one arrival counter per tile, both zeroed before the launch (workspace, see launch_int8_gemm).
+  int ktiles_per_split;
+  int* split_sums;
+  unsigned* split_counters;
 };
 
 // ------------------------------------------------------------------------------------------------------------
@@ -161,8 +170,18 @@ struct TileConfig {
   static_assert(kNi % 2 == 0, "B fragments are loaded in pairs");
   static_assert((BM * tile::kChunksPerRow) % kThreads == 0 && (BN * tile::kChunksPerRow) % kThreads == 0,
                 "tile copy divides evenly among threads");
-  static_assert(kThreads * 4 + 32 * 4 + (BM + BN) * kOutlierStride * 4 <= kSmemBytes, "outlier staging fits");
+  // Outlier staging in the drained pipeline's memory: the column list (a window of the mask plus the columns
+  // carried over from the previous window), the warps' counts, then the staged x and weight columns.
+  static constexpr int kColListInts = kThreads + kOutlierChunk;
+  static constexpr int kOutlierStagingBytes = (kColListInts + 32) * 4 + (BM + BN) * kOutlierStride * 4;
+  static_assert(kOutlierStagingBytes <= kSmemBytes, "outlier staging fits");
+  static_assert(kOutlierRowWords >= kOutlierPairs && (BM + BN) * kOutlierRowWords <= (BM + BN) * kOutlierStride,
+                "the 16-bit outlier staging fits where the fp32 staging does");
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  // Split-K's last-block flag: the last word of the drained pipeline's memory, past what the outlier staging uses
+  // (the 128x128 tiles already take the whole 48 KiB of static shared memory).
+  static constexpr int kLastBlockFlag = kSmemBytes - 4;
+  static_assert(kOutlierStagingBytes <= kLastBlockFlag, "flag clear of the outlier staging");
 };
 
 // Per-thread accumulators of a warp tile: fragment (mi, ni), element e (tile_layout.h).
@@ -368,35 +387,149 @@ __device__ __forceinline__ void accumulate_outlier_columns(const BlockThread<Cfg
   }
 }
 
-// o[i][j] += sum over the outlier columns c of x[i, c] * (B[j, c] * col_scale[j]) for the block's tile, the columns
-// taken kThreads of the mask at a time and staged kOutlierChunk at a time in shared memory (which the drained
-// pipeline no longer needs). Returns whether any column is an outlier.
+#if HF_INT8_SM >= 800
+// 16-bit bits of an int8 weight code as fp16 or bf16 (exact: |code| <= 128 has at most 8 significant bits).
+__device__ __forceinline__ uint32_t code_as_16bit(int code, bool bf16) {
+  const float v = static_cast<float>(code);
+  return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : __half_as_ushort(__float2half_rn(v));
+}
+
+// Tensor-core staging of outlier columns cols[0 .. jn) (fp16/bf16 activations): xs[r] holds x[m0 + r, cols[j]] as its
+// own 16 bits and ws[r] the weight codes B[n0 + r, cols[j]] in the same format (not yet scaled), two columns per
+// word, lower column in the low half; zero for j >= jn and past the last row of A or B.
 template <class Cfg>
-__device__ __forceinline__ bool outlier_product(const Params& p, int8_t* smem, const BlockThread<Cfg>& t,
-                                                Fragments<Cfg, float>& o) {
+__device__ __forceinline__ void stage_outlier_halves(const Params& p, const BlockThread<Cfg>& t, const int* cols,
+                                                     int jn, bool bf16, uint32_t* xs, uint32_t* ws) {
+  const auto* x = static_cast<const uint16_t*>(p.x);
+  for (int i = t.tid; i < Cfg::kBM * kOutlierPairs; i += Cfg::kThreads) {
+    const int r = i / kOutlierPairs;
+    const int j = 2 * (i % kOutlierPairs);
+    const int64_t row = t.m0 + r;
+    uint32_t lo = 0u, hi = 0u;
+    if (row < p.m && j < jn) lo = x[row * p.k + cols[j]];
+    if (row < p.m && j + 1 < jn) hi = x[row * p.k + cols[j + 1]];
+    xs[r * kOutlierRowWords + j / 2] = lo | (hi << 16);
+  }
+  for (int i = t.tid; i < Cfg::kBN * kOutlierPairs; i += Cfg::kThreads) {
+    const int r = i / kOutlierPairs;
+    const int j = 2 * (i % kOutlierPairs);
+    const int64_t row = t.n0 + r;
+    uint32_t lo = 0u, hi = 0u;
+    if (row < p.n && j < jn) lo = code_as_16bit(p.b[row * p.k + cols[j]], bf16);
+    if (row < p.n && j + 1 < jn) hi = code_as_16bit(p.b[row * p.k + cols[j + 1]], bf16);
+    ws[r * kOutlierRowWords + j / 2] = lo | (hi << 16);
+  }
+}
+
+// o += xs . ws^T over the kOutlierChunk staged columns, one mma.m16n8k16 (fp32 accumulation) per fragment pair. The
+// fragments are read straight from the padded staging rows (layout in ptx::mma_m16n8k16_f16); o's elements sit where
+// the int32 accumulators do (tile::acc_row / acc_col: the same C layout as mma.m16n8k32).
+template <class Cfg>
+__device__ __forceinline__ void mma_outlier_columns(const BlockThread<Cfg>& t, const uint32_t* xs, const uint32_t* ws,
+                                                    bool bf16, Fragments<Cfg, float>& o) {
+  constexpr int MI = Cfg::kMi;
+  constexpr int NI = Cfg::kNi;
+  const int group = t.lane >> 2;
+  const int pair = t.lane & 3;
+  uint32_t af[MI][4];
+  uint32_t bf[NI][2];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+    const uint32_t* row = xs + (t.warp_row() + mi * 16 + group) * kOutlierRowWords + pair;
+    af[mi][0] = row[0];
+    af[mi][1] = row[8 * kOutlierRowWords];
+    af[mi][2] = row[4];
+    af[mi][3] = row[8 * kOutlierRowWords + 4];
+  }
+#pragma unroll
+  for (int ni = 0; ni < NI; ++ni) {
+    const uint32_t* row = ws + (t.warp_col() + ni * 8 + group) * kOutlierRowWords + pair;
+    bf[ni][0] = row[0];
+    bf[ni][1] = row[4];
+  }
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      if (bf16) {
+        ptx::mma_m16n8k16_bf16(o[mi][ni], af[mi], bf[ni]);
+      } else {
+        ptx::mma_m16n8k16_f16(o[mi][ni], af[mi], bf[ni]);
+      }
+    }
+}
+#endif
+
+// What outlier_product left in o.
+enum class OutlierSum {
+  kNone,      // no column is an outlier (o is zero and is not added, as in the reference)
+  kScaled,    // sum over the outlier columns c of x[i, c] * (B[j, c] * col_scale[j])
+  kUnscaled,  // sum of x[i, c] * B[j, c]: the epilogue multiplies it by col_scale[j]
+};
+
+// The product of the outlier columns for the block's tile. The mask is compacted kThreads columns at a time and the
+// columns staged kOutlierChunk at a time in shared memory (which the drained pipeline no longer needs); a window's
+// last few columns are carried over to the next, so every round but the last stages a full chunk (at a few percent
+// of outlier columns a window holds only a handful):
+//  * fp16/bf16 activations on sm_80+: on tensor cores, x and the weight codes as 16-bit floats (both exact), fp32
+//    accumulation, the weight scale applied once in the epilogue (OutlierSum::kUnscaled);
+//  * fp32 activations, or sm_75: fp32 FMAs of x and the dequantized weights (OutlierSum::kScaled).
+template <class Cfg>
+__device__ __forceinline__ OutlierSum outlier_product(const Params& p, int8_t* smem, const BlockThread<Cfg>& t,
+                                                      Fragments<Cfg, float>& o) {
   int* col_list = reinterpret_cast<int*>(smem);
-  int* warp_counts = col_list + Cfg::kThreads;
+  int* warp_counts = col_list + Cfg::kColListInts;
   float* xs = reinterpret_cast<float*>(warp_counts + 32);
   float* ws = xs + Cfg::kBM * kOutlierStride;
+#if HF_INT8_SM >= 800
+  const bool tensor_cores = p.x_dtype != DType::kFloat32;
+  const bool bf16 = p.x_dtype == DType::kBFloat16;
+  uint32_t* xh = reinterpret_cast<uint32_t*>(xs);
+  uint32_t* wh = xh + Cfg::kBM * kOutlierRowWords;
+#else
+  constexpr bool tensor_cores = false;
+#endif
   bool any_outlier = false;
+  int pending = 0;  // columns listed but not yet staged, at the front of col_list (fewer than kOutlierChunk)
   for (int64_t kb = 0; kb < p.k; kb += Cfg::kThreads) {
-    const int total = compact_outlier_columns(p, kb, t, col_list, warp_counts);
-    any_outlier = any_outlier || total > 0;
-    for (int j0 = 0; j0 < total; j0 += kOutlierChunk) {
-      const int jn = total - j0 < kOutlierChunk ? total - j0 : kOutlierChunk;
-      stage_outlier_columns(p, t, col_list + j0, jn, xs, ws);
+    const int found = compact_outlier_columns(p, kb, t, col_list + pending, warp_counts);
+    any_outlier = any_outlier || found > 0;
+    pending += found;
+    const bool last_window = kb + Cfg::kThreads >= p.k;
+    int j0 = 0;
+    while (pending - j0 >= kOutlierChunk || (last_window && j0 < pending)) {
+      const int jn = pending - j0 < kOutlierChunk ? pending - j0 : kOutlierChunk;
+      if (tensor_cores) {
+#if HF_INT8_SM >= 800
+        stage_outlier_halves(p, t, col_list + j0, jn, bf16, xh, wh);
+        __syncthreads();
+        mma_outlier_columns(t, xh, wh, bf16, o);
+#endif
+      } else {
+        stage_outlier_columns(p, t, col_list + j0, jn, xs, ws);
+        __syncthreads();
+        accumulate_outlier_columns(t, xs, ws, o);
+      }
       __syncthreads();
-      accumulate_outlier_columns(t, xs, ws, o);
+      j0 += jn;
+    }
+    if (j0 > 0 && j0 < pending) {  // carry the unstaged tail (< kOutlierChunk columns) to the front of the list
+      const int left = pending - j0;
+      const int col = t.tid < left ? col_list[j0 + t.tid] : 0;
+      __syncthreads();
+      if (t.tid < left) col_list[t.tid] = col;
       __syncthreads();
     }
+    pending -= j0;
   }
-  return any_outlier;
+  if (!any_outlier) return OutlierSum::kNone;
+  return tensor_cores ? OutlierSum::kUnscaled : OutlierSum::kScaled;
 }
 
 // Finishes the warp tile: dequantize, add the outlier product and the bias, one rounding to the output dtype.
 template <class Cfg>
 __device__ __forceinline__ void store_tile(const Params& p, const BlockThread<Cfg>& t, const Fragments<Cfg, int>& acc,
-                                           const Fragments<Cfg, float>& o, bool any_outlier) {
+                                           const Fragments<Cfg, float>& o, OutlierSum outliers) {
   constexpr int MI = Cfg::kMi;
   constexpr int NI = Cfg::kNi;
   float rs[MI][2];
@@ -417,38 +550,71 @@ __device__ __forceinline__ void store_tile(const Params& p, const BlockThread<Cf
       cs[ni][h] = c < p.n ? p.col_scale[c] : 0.0f;
       bias[ni][h] = c < p.n ? bias_at(p, c) : 0.0f;
     }
+  const bool any_outlier = outliers != OutlierSum::kNone;
+  const bool unscaled = outliers == OutlierSum::kUnscaled;
   for_each_output(p, t, [&](int mi, int ni, int e, int64_t r, int64_t c) {
-    store_dequantized(p, r, c, acc[mi][ni][e], rs[mi][e >> 1], cs[ni][e & 1], any_outlier, o[mi][ni][e],
-                      bias[ni][e & 1]);
+    const float outlier = unscaled ? __fmul_rn(o[mi][ni][e], cs[ni][e & 1]) : o[mi][ni][e];
+    store_dequantized(p, r, c, acc[mi][ni][e], rs[mi][e >> 1], cs[ni][e & 1], any_outlier, outlier, bias[ni][e & 1]);
   });
 }
 
 // Block tile BM x BN of C: a kStages-deep pipeline of K-tiles (load_stage) feeding the warps' MMAs (mma_stage), then
 // the epilogue in registers, with the outlier product staged through the freed shared memory.
+// Split-K: adds the block's partial int32 sums into the workspace and counts the block in at its tile. Returns true
+// in the block that arrives last, whose acc then holds the full sums (integer addition: the same result whatever the
+// order of arrival), false in the others, which are done. The pattern of threadFenceReduction: each thread's adds are
+// fenced before the block's arrival is counted, and the last block reads the sums from L2 after its own fence.
+template <class Cfg>
+__device__ __forceinline__ bool gather_split_sums(const Params& p, const BlockThread<Cfg>& t, Fragments<Cfg, int>& acc,
+                                                  int* last_block) {
+  for_each_output(p, t, [&](int mi, int ni, int e, int64_t r, int64_t c) {
+    ptx::red_add(p.split_sums + r * p.n + c, acc[mi][ni][e]);
+  });
+  ptx::fence_device();
+  __syncthreads();  // every thread's adds are fenced before the arrival below
+  if (t.tid == 0) {
+    const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;
+    *last_block = ptx::atomic_add(p.split_counters + tile, 1u) == gridDim.z - 1 ? 1 : 0;
+  }
+  __syncthreads();
+  if (*last_block == 0) return false;
+  ptx::fence_device();
+  for_each_output(p, t, [&](int mi, int ni, int e, int64_t r, int64_t c) {
+    acc[mi][ni][e] = ptx::load_l2(p.split_sums + r * p.n + c);
+  });
+  return true;
+}
+
+// Block tile BM x BN of C (K-tiles [blockIdx.z * ktiles_per_split, +ktiles_per_split) of it under split-K): a
+// kStages-deep pipeline of K-tiles (load_stage) feeding the warps' MMAs (mma_stage), then the epilogue in registers,
+// with the outlier product staged through the freed shared memory (under split-K, by the last block of the tile).
 template <int BM, int BN, int WM, int WN>
 __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1) hf_int8_gemm_imma_kernel(const Params p) {
   using Cfg = TileConfig<BM, BN, WM, WN>;
   __shared__ __align__(128) int8_t smem[Cfg::kSmemBytes];
   const BlockThread<Cfg> t = BlockThread<Cfg>::here();
-  const int ktiles = static_cast<int>(ceil_div(p.k, kTileK));
+  const int ktiles_total = static_cast<int>(ceil_div(p.k, kTileK));
+  const int kt0 = static_cast<int>(blockIdx.z) * p.ktiles_per_split;
+  const int ktiles = ktiles_total - kt0 < p.ktiles_per_split ? ktiles_total - kt0 : p.ktiles_per_split;
 
   Fragments<Cfg, int> acc;
   fill<Cfg>(acc, 0);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ktiles) load_stage(p, smem, s, s, t);
+    if (s < ktiles) load_stage(p, smem, s, kt0 + s, t);
     ptx::cp_async_commit();
   }
   for (int kt = 0; kt < ktiles; ++kt) {
     ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below
     const int next = kt + kStages - 1;
-    if (next < ktiles) load_stage(p, smem, next % kStages, next, t);
+    if (next < ktiles) load_stage(p, smem, next % kStages, kt0 + next, t);
     ptx::cp_async_commit();
     mma_stage(smem + (kt % kStages) * Cfg::kStageBytes, t, acc);
   }
   ptx::cp_async_wait<0>();
   __syncthreads();  // shared memory is reused by the outlier staging below
+  if (gridDim.z > 1 && !gather_split_sums(p, t, acc, reinterpret_cast<int*>(smem + Cfg::kLastBlockFlag))) return;
 
   if (p.out_dtype == DType::kInt32) {
     store_tile_int32(p, t, acc);
@@ -456,8 +622,8 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1) hf_in
   }
   Fragments<Cfg, float> o;
   fill<Cfg>(o, 0.0f);
-  const bool any_outlier = p.mask != nullptr && outlier_product(p, smem, t, o);
-  store_tile(p, t, acc, o, any_outlier);
+  const OutlierSum outliers = p.mask != nullptr ? outlier_product(p, smem, t, o) : OutlierSum::kNone;
+  store_tile(p, t, acc, o, outliers);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -595,10 +761,56 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
 // ------------------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------------------
+// Split-K plan of the tensor-core GEMM: how many blocks share each tile of C, and how many K-tiles each takes.
+struct SplitPlan {
+  int64_t tiles_n = 0, tiles_m = 0;
+  int splits = 1;
+  int ktiles_per_split = 0;
+  size_t workspace_bytes = 0;  // int32 sums [m, n], then one counter per tile (0 when splits == 1)
+};
+
+// Blocks of each tile size one multiprocessor is meant to hold at once (registers and shared memory allow this
+// many; the 128x128 kernel is launch-bounded to one).
+constexpr int kBlocksPerSm64 = 2;
+constexpr int kBlocksPerSm128 = 1;
+// Split-K bounds: each split streams at least kMinSplitKTiles K-tiles (256 bytes of K), at most kMaxSplits splits.
+constexpr int kMinSplitKTiles = 4;
+constexpr int kMaxSplits = 16;
+
+// When a GEMM has fewer tiles than the device holds blocks (decode at 9-64 tokens, narrow layers, short prefills),
+// most multiprocessors would idle and the weight stream would run at a fraction of the DRAM bandwidth; K is then
+// split so the grid fills about one wave, each split at least kMinSplitKTiles long.
+SplitPlan plan_splits(int64_t m, int64_t n, int64_t k, int sm_count) {
+  const bool small_tiles = m <= kSmallTileMaxM;
+  const int64_t bm = small_tiles ? 64 : 128, bn = bm;
+  SplitPlan plan;
+  plan.tiles_n = ceil_div(n, bn);
+  plan.tiles_m = ceil_div(m, bm);
+  const int64_t ktiles = ceil_div(k, kTileK);
+  plan.ktiles_per_split = static_cast<int>(ktiles > 0 ? ktiles : 1);
+  const int64_t tiles = plan.tiles_n * plan.tiles_m;
+  const int64_t slots = int64_t(sm_count) * (small_tiles ? kBlocksPerSm64 : kBlocksPerSm128);
+  int64_t splits = tiles > 0 ? slots / tiles : 1;
+  splits = splits < kMaxSplits ? splits : kMaxSplits;
+  const int64_t by_k = ktiles / kMinSplitKTiles;
+  splits = splits < by_k ? splits : by_k;
+  if (splits <= 1) return plan;
+  plan.ktiles_per_split = static_cast<int>(ceil_div(ktiles, splits));
+  plan.splits = static_cast<int>(ceil_div(ktiles, plan.ktiles_per_split));  // no empty split
+  if (plan.splits <= 1) {
+    plan.splits = 1;
+    plan.ktiles_per_split = static_cast<int>(ktiles);
+    return plan;
+  }
+  plan.workspace_bytes = size_t(m * n) * sizeof(int32_t) + size_t(tiles) * sizeof(unsigned);
+  return plan;
+}
+
 template <int BM, int BN, int WM, int WN>
-void launch_imma(const Params& p, cudaStream_t stream) {
+void launch_imma(const Params& p, const SplitPlan& plan, cudaStream_t stream) {
   using Cfg = TileConfig<BM, BN, WM, WN>;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, BN)), static_cast<unsigned>(ceil_div(p.m, BM)));
+  const dim3 grid(static_cast<unsigned>(plan.tiles_n), static_cast<unsigned>(plan.tiles_m),
+                  static_cast<unsigned>(plan.splits));
   launch_kernel(hf_int8_gemm_imma_kernel<BM, BN, WM, WN>, grid, dim3(Cfg::kThreads), stream, p);
 }
 
@@ -611,6 +823,16 @@ int choose_ksplit(int64_t n, int64_t k, int sm_count) {
 }
 
 }  // namespace
+
+size_t int8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int sm_count) {
+  if (m <= kDecodeMaxM || m == 0 || n == 0) return 0;
+  return plan_splits(m, n, k, sm_count).workspace_bytes;
+}
+
+int int8_gemm_splits(int64_t m, int64_t n, int64_t k, int sm_count) {
+  if (m <= kDecodeMaxM || m == 0 || n == 0) return 1;
+  return plan_splits(m, n, k, sm_count).splits;
+}
 
 const char* gemm_kernel_for(int64_t m) {
   if (m <= kDecodeMaxM) return "gemv_dp4a";
@@ -642,10 +864,21 @@ cudaError_t launch_int8_gemm(const GemmArgs& args, cudaStream_t stream) {
     const int rows_per_block = kGemvWarps / p.ksplit;
     const unsigned grid = static_cast<unsigned>(ceil_div(args.n, rows_per_block));
     launch_kernel(hf_int8_gemv_dp4a_kernel, dim3(grid), dim3(32 * kGemvWarps), stream, p);
-  } else if (args.m <= kSmallTileMaxM) {
-    launch_imma<64, 64, 32, 32>(p, stream);
+    return cudaGetLastError();
+  }
+  const SplitPlan plan = plan_splits(args.m, args.n, args.k, args.sm_count);
+  p.ktiles_per_split = plan.ktiles_per_split;
+  if (plan.splits > 1) {
+    if (args.workspace == nullptr || args.workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
+    const cudaError_t err = cudaMemsetAsync(args.workspace, 0, plan.workspace_bytes, stream);
+    if (err != cudaSuccess) return err;
+    p.split_sums = static_cast<int*>(args.workspace);
+    p.split_counters = reinterpret_cast<unsigned*>(p.split_sums + args.m * args.n);
+  }
+  if (args.m <= kSmallTileMaxM) {
+    launch_imma<64, 64, 32, 32>(p, plan, stream);
   } else {
-    launch_imma<128, 128, 64, 32>(p, stream);
+    launch_imma<128, 128, 64, 32>(p, plan, stream);
   }
   return cudaGetLastError();
 }
@@ -675,6 +908,8 @@ cudaError_t launch_int8_linear(const LinearArgs& args, cudaStream_t stream) {
     gemm.x_dtype = args.x_dtype;
   }
   gemm.sm_count = args.sm_count;
+  gemm.workspace = args.workspace;
+  gemm.workspace_bytes = args.workspace_bytes;
   return launch_int8_gemm(gemm, stream);
 }
 

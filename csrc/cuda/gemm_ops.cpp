@@ -81,6 +81,18 @@ GemmArgs gemm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& o
   return args;
 }
 
+// Device scratch for split-K (launch.h), sized for these arguments; an undefined tensor when K is not split. The
+// caller keeps it alive until the launch is queued (the caching allocator orders its reuse on the stream).
+at::Tensor split_workspace(const GemmArgs& args, const at::Tensor& like, void** ptr, size_t* bytes) {
+  const size_t need = int8_gemm_workspace_bytes(args.m, args.n, args.k, args.sm_count);
+  *ptr = nullptr;
+  *bytes = need;
+  if (need == 0) return at::Tensor();
+  at::Tensor ws = at::empty({static_cast<int64_t>(need)}, like.options().dtype(at::kByte));
+  *ptr = ws.data_ptr();
+  return ws;
+}
+
 at::Tensor int8_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
   check_int8_shapes(a, b);
   check_int8_devices(a, b);
@@ -89,7 +101,8 @@ at::Tensor int8_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor ac = a.contiguous();
   const at::Tensor bc = b.contiguous();
   at::Tensor out = at::empty({ac.size(0), bc.size(0)}, ac.options().dtype(at::kInt));
-  const GemmArgs args = gemm_args(ac, bc, out, DType::kInt32, info);
+  GemmArgs args = gemm_args(ac, bc, out, DType::kInt32, info);
+  const at::Tensor workspace = split_workspace(args, ac, &args.workspace, &args.workspace_bytes);
   C10_CUDA_CHECK(launch_int8_gemm(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -123,6 +136,7 @@ at::Tensor int8_scaled_matmul_cuda(const at::Tensor& a, const at::Tensor& b, con
   args.row_scale = rs.data_ptr<float>();
   args.col_scale = cs.data_ptr<float>();
   set_bias(args, bias_c);
+  const at::Tensor workspace = split_workspace(args, ac, &args.workspace, &args.workspace_bytes);
   C10_CUDA_CHECK(launch_int8_gemm(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -184,6 +198,12 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   args.row_scale = row_scale.data_ptr<float>();
   args.mask = mask.data_ptr<bool>();
   args.sm_count = info.sm_count;
+  GemmArgs sizes;
+  sizes.m = m;
+  sizes.n = n;
+  sizes.k = k;
+  sizes.sm_count = info.sm_count;
+  const at::Tensor workspace = split_workspace(sizes, xc, &args.workspace, &args.workspace_bytes);
   C10_CUDA_CHECK(launch_int8_linear(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace hf_int8 {
@@ -41,8 +42,17 @@ struct GemmArgs {
   const bool* outlier_mask = nullptr;
   const void* x = nullptr;
   DType x_dtype = DType::kFloat32;
-  int sm_count = 1;  // multiprocessors of the device (sizes the split of K in the decode kernel)
+  int sm_count = 1;  // multiprocessors of the device (sizes the split of K)
+  // Scratch for split-K, at least int8_gemm_workspace_bytes(m, n, k, sm_count) bytes on the device (may be null
+  // when that is 0); the launch zeroes it on the stream before the GEMM.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
+
+// Bytes of device scratch launch_int8_gemm needs for these sizes (0 when K is not split), and the number of blocks
+// that share each tile of C (1: no split-K).
+size_t int8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int sm_count);
+int int8_gemm_splits(int64_t m, int64_t n, int64_t k, int sm_count);
 
 // Which kernel launch_int8_gemm uses for m rows: "gemv_dp4a" (m <= kDecodeMaxM), "imma_64x64" or "imma_128x128".
 constexpr int64_t kDecodeMaxM = 8;
@@ -68,6 +78,8 @@ struct LinearArgs {
   float* row_scale = nullptr;
   bool* mask = nullptr;
   int sm_count = 1;
+  void* workspace = nullptr;  // as GemmArgs::workspace
+  size_t workspace_bytes = 0;
 };
 
 cudaError_t launch_int8_linear(const LinearArgs& args, cudaStream_t stream);

@@ -95,6 +95,21 @@ void check(cudaError_t err, const Problem& p) {
   if (err != cudaSuccess) throw std::runtime_error("launch failed with error " + std::to_string(err) + " in " + p.dir);
 }
 
+// The split-K scratch launch_int8_gemm asks for (exact size, so a write past it is an AddressSanitizer report; it
+// starts as 0xCD bytes, so a launch that forgot to zero it gives wrong sums).
+Buffer split_workspace(int64_t m, int64_t n, int64_t k, int sm_count, void** ptr, size_t* bytes) {
+  const size_t need = hf_int8::cuda::int8_gemm_workspace_bytes(m, n, k, sm_count);
+  Buffer b(need, 0);
+  *ptr = need > 0 ? b.data : nullptr;
+  *bytes = need;
+  return b;
+}
+
+// One stdout line per GEMM: how many blocks shared each tile (split-K), so the test can check both paths ran.
+void report_splits(const Problem& p, int64_t m, int64_t n, int64_t k, int sm_count) {
+  std::printf("splits %s %d\n", p.dir.c_str(), hf_int8::cuda::int8_gemm_splits(m, n, k, sm_count));
+}
+
 void run(const Problem& p) {
   const auto offset_a = static_cast<size_t>(p.i64("offset_a", 0));
   const auto offset_x = static_cast<size_t>(p.i64("offset_x", 0));
@@ -113,10 +128,9 @@ void run(const Problem& p) {
       write_output(p, "scale", scale);
     } else {
       Buffer mask(size_t(k), 0);
-      check(hf_int8::cuda::launch_quantize_activation(x.data, t, rows, k, p.f32("threshold"),
-                                                      reinterpret_cast<int8_t*>(codes.data),
-                                                      reinterpret_cast<float*>(scale.data),
-                                                      reinterpret_cast<bool*>(mask.data), nullptr),
+      check(hf_int8::cuda::launch_quantize_activation(
+                x.data, t, rows, k, p.f32("threshold"), reinterpret_cast<int8_t*>(codes.data),
+                reinterpret_cast<float*>(scale.data), reinterpret_cast<bool*>(mask.data), nullptr),
             p);
       write_output(p, "row_scale", scale);
       write_output(p, "mask", mask);
@@ -152,6 +166,8 @@ void run(const Problem& p) {
     Buffer out(size_t(m * n) * dtype_size(out_t), 0);
     args.out = out.data;
     args.out_dtype = out_t;
+    Buffer workspace = split_workspace(m, n, k, sm_count, &args.workspace, &args.workspace_bytes);
+    report_splits(p, m, n, k, sm_count);
     check(hf_int8::cuda::launch_int8_gemm(args, nullptr), p);
     write_output(p, "out", out);
     return;
@@ -183,6 +199,8 @@ void run(const Problem& p) {
     args.row_scale = reinterpret_cast<float*>(row_scale.data);
     args.mask = reinterpret_cast<bool*>(mask.data);
     args.sm_count = sm_count;
+    Buffer workspace = split_workspace(m, n, k, sm_count, &args.workspace, &args.workspace_bytes);
+    report_splits(p, m, n, k, sm_count);
     check(hf_int8::cuda::launch_int8_linear(args, nullptr), p);
     write_output(p, "out", out);
     return;
