@@ -424,6 +424,11 @@ MUTATIONS = {
         "      if (t.tid < left) col_list[t.tid] = col;\n",
         "",
     ),
+    "decode_outlier_bits_misplaced": (
+        "cuda/gemm_kernels.cu",
+        "* 0x01020408u) >> 24) << (4 * i);",
+        "* 0x01020408u) >> 24) << (3 * i);",
+    ),
     "warp_sum_skips_last_step": (
         "cuda/device_utils.cuh",
         "for (int offset = 16; offset > 0; offset >>= 1) v += ptx::shfl_xor(v, offset);",

@@ -641,6 +641,22 @@ __device__ __forceinline__ void add_outlier_column(const Params& p, int m, int64
     if (i < m) o[i] = fmaf(outlier_activation(p, i, col), w, o[i]);
 }
 
+// Bit b set where byte b of 16 outlier-mask bytes is set (the mask's bool bytes are 0 or 1): per 32-bit word, the
+// multiply moves bytes 0..3's low bits to bits 24..27 without carries into them.
+__device__ __forceinline__ unsigned outlier_bits16(const uint4& mask16) {
+  const uint32_t words[4] = {mask16.x, mask16.y, mask16.z, mask16.w};
+  unsigned bits = 0u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) bits |= (((words[i] & 0x01010101u) * 0x01020408u) >> 24) << (4 * i);
+  return bits;
+}
+
+// Signed byte b (0..15) of 16 loaded weight bytes, by selects (a dynamic index into the registers would spill them).
+__device__ __forceinline__ int code_at16(const uint4& v, int b) {
+  const uint32_t word = b < 8 ? (b < 4 ? v.x : v.y) : (b < 12 ? v.z : v.w);
+  return static_cast<int8_t>(static_cast<uint8_t>(word >> (8 * (b & 3))));
+}
+
 __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(const Params p) {
   constexpr int MAXM = kGemvMaxM;
   __shared__ int part_acc[kGemvWarps][MAXM];
@@ -690,10 +706,11 @@ __global__ void __launch_bounds__(32 * kGemvWarps, 2) hf_int8_gemv_dp4a_kernel(c
               const uint4 mv = ptx::load_cached16(reinterpret_cast<const int8_t*>(p.mask) + kk);
               if ((mv.x | mv.y | mv.z | mv.w) != 0u) {
                 saw_outlier = true;
-                // Rare path, kept rolled (small code): re-read the 16 mask and weight bytes from L1.
-#pragma unroll 1
-                for (int b = 0; b < 16; ++b) {
-                  if (p.mask[kk + b]) add_outlier_column(p, M, kk + b, dequantized_weight(wrow[kk + b], cs), o);
+                // Only the outlier columns of the 16, in ascending order (the fp32 sum order is fixed); the weight
+                // codes come from the registers already loaded.
+                for (unsigned bits = outlier_bits16(mv); bits != 0u; bits &= bits - 1u) {
+                  const int b = __ffs(static_cast<int>(bits)) - 1;
+                  add_outlier_column(p, M, kk + b, dequantized_weight(code_at16(wv[u], b), cs), o);
                 }
               }
             }
