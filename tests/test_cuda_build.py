@@ -316,3 +316,18 @@ def test_split_k_fills_the_device_only_when_the_grid_is_small():
     assert module.gemm_splits(16, 256, 128, sms) == 1  # 2 K-tiles: too short to split
     assert module.gemm_workspace_bytes(16, 8960, 1536, sms) == 0
     assert module.gemm_splits(16, 256, 1536, 1) == 1  # one SM: nothing to fill
+
+
+def test_roofline_model_uses_the_kernels_split_plan():
+    """scripts/roofline_cuda.py estimates the kernel that is built: its split-K plan is the extension's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("roofline_cuda", ROOT / "scripts" / "roofline_cuda.py")
+    roofline = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = roofline  # dataclasses look their module up
+    spec.loader.exec_module(roofline)
+    module = _extension.cuda_module()
+    for sms in (1, 108, 132):
+        for m in (9, 16, 64, 65, 512, 4096):
+            for n, k in roofline.SHAPES.values():
+                assert roofline.splits_for(m, n, k, sms) == module.gemm_splits(m, n, k, sms), (m, n, k, sms)

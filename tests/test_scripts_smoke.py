@@ -824,3 +824,21 @@ def test_profile_decode_splits_a_step_into_parts(tiny, tmp_path, capsys, restore
     assert {"q_proj", "down_proj"} <= set(projections) and data["weight_read_bound_s"] is None
     printed = capsys.readouterr().out
     assert "One prefill forward" in printed and "by projection" in printed and "Bound:" not in printed
+
+
+def test_roofline_cuda_prints_old_and_new_estimates(capsys):
+    import roofline_cuda as roofline
+
+    assert roofline.main(["--gpu", "a100-80gb", "--outlier-fraction", "0.065"]) == 0
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| Qwen") or line.startswith("| 7B")
+    ]
+    assert len(rows) == len(roofline.SHAPES) * len(roofline.TOKENS)
+    # The fp16 tensor-core outlier product costs less than the CUDA-core one it replaced, on every row.
+    gpu = roofline.GPUS["a100-80gb"]
+    for n, k in roofline.SHAPES.values():
+        old = roofline.estimate_us(gpu, 512, n, k, 100, new_design=False)
+        new = roofline.estimate_us(gpu, 512, n, k, 100, new_design=True)
+        assert new["outlier_math"] < old["outlier_math"] and new["total"] <= old["total"], (n, k)
+    with pytest.raises(SystemExit):
+        roofline.main(["--outlier-fraction", "1.5"])
