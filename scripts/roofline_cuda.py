@@ -10,9 +10,12 @@ Model, per call of the tensor-core kernel (more than 8 tokens; the decode kernel
   the fp32 peak); new design (fp16/bf16 activations), fp16 MMAs (the same count at the fp16 tensor-core peak). Both
   stage the columns through shared memory with scattered loads, (BM + BN) x n_out per block, each a 32-byte L2
   sector;
+* mask scan: after its main loop, the block that finishes a tile compacts the outlier mask window by window (a
+  load, ballots, two barriers: SCAN_WINDOW_CYCLES each, an assumed latency, nothing to overlap it with), whether or
+  not any column is an outlier; old design one mask byte per thread, new design 16;
 * split-K (new design): (splits + 1) x M x N x 4 bytes of int32 partial sums through the L2.
-The time of a part is its work over its rate; the call's estimate is the largest part plus the outlier product and
-the split-K traffic (which do not overlap the main loop). Every figure of the tables is printed by this script:
+The time of a part is its work over its rate; the call's estimate is the largest part plus the mask scan, the outlier
+product and the split-K traffic (which do not overlap the main loop). Every figure of the tables is printed by:
 
     python scripts/roofline_cuda.py [--gpu h100-sxm|a100-80gb] [--outlier-fraction 0.065]
 """
@@ -34,11 +37,12 @@ class Gpu:
     fp16_tflops: float  # dense fp16/bf16 tensor-core peak (fp32 accumulation), TFLOPS
     fp32_tflops: float  # CUDA-core fp32 FMA peak, TFLOPS
     dram_latency_ns: float  # loaded DRAM latency, ns
+    clock_ghz: float  # SM boost clock
 
 
 GPUS = {
-    "h100-sxm": Gpu("H100 SXM", 132, 3350.0, 10000.0, 1979.0, 989.0, 67.0, 700.0),
-    "a100-80gb": Gpu("A100 80GB SXM", 108, 2039.0, 5000.0, 624.0, 312.0, 19.5, 600.0),
+    "h100-sxm": Gpu("H100 SXM", 132, 3350.0, 10000.0, 1979.0, 989.0, 67.0, 700.0, 1.98),
+    "a100-80gb": Gpu("A100 80GB SXM", 108, 2039.0, 5000.0, 624.0, 312.0, 19.5, 600.0, 1.41),
 }
 
 TILE_SMALL, TILE_LARGE = 64, 128  # launch.h: 64x64 tiles for 9..64 rows, 128x128 above
@@ -46,6 +50,8 @@ STAGES, KTILE = 3, 64  # pipeline depth and K bytes per stage (gemm_kernels.cu)
 DECODE_MAX_M, SMALL_TILE_MAX_M = 8, 64
 BLOCKS_PER_SM = {TILE_SMALL: 2, TILE_LARGE: 1}  # gemm_kernels.cu kBlocksPerSm64 / kBlocksPerSm128
 MIN_SPLIT_KTILES, MAX_SPLITS = 4, 16  # gemm_kernels.cu kMinSplitKTiles / kMaxSplits
+THREADS = {TILE_SMALL: 128, TILE_LARGE: 256}  # threads per block of each tile size
+SCAN_WINDOW_CYCLES = 500  # assumed: an L2 load, five ballots, two block barriers, the warps' counts
 
 
 def splits_for(m: int, n: int, k: int, sms: int) -> int:
@@ -83,9 +89,17 @@ def estimate_us(gpu: Gpu, m: int, n: int, k: int, n_out: int, new_design: bool) 
         parts["outlier_math"] = flops / (rate * outlier_busy) / 1e6
         parts["outlier_staging"] = tiles * (2 * tile) * n_out * 32 / gpu.l2_gbs / 1e3
         parts["outliers"] = parts["outlier_math"] + parts["outlier_staging"]
+    columns_per_thread = 16 if new_design else 1
+    windows = math.ceil(k / (THREADS[tile] * columns_per_thread))
+    parts["mask_scan"] = windows * SCAN_WINDOW_CYCLES / gpu.clock_ghz / 1e3
     if splits > 1:
         parts["split_k"] = (splits + 1) * m * n * 4 / gpu.l2_gbs / 1e3
-    parts["total"] = max(parts["weights"], parts["int8_mma"]) + parts.get("outliers", 0.0) + parts.get("split_k", 0.0)
+    parts["total"] = (
+        max(parts["weights"], parts["int8_mma"])
+        + parts["mask_scan"]
+        + parts.get("outliers", 0.0)
+        + parts.get("split_k", 0.0)
+    )
     parts["splits"] = splits
     parts["stream_gbs"] = stream_gbs
     return parts
@@ -115,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{gpu.fp16_tflops:.0f} TFLOPS, fp32 {gpu.fp32_tflops:.1f} TFLOPS; outlier fraction {args.outlier_fraction}"
     )
     header = (
-        "| layer (N x K) | tokens | old: blocks, weight GB/s, est. us (outlier math + staging us) | new: blocks, "
-        "weight GB/s, est. us (outlier math + staging us) | old / new |"
+        "| layer (N x K) | tokens | old: blocks, weight GB/s, est. us (mask scan + outlier math + staging) | new: "
+        "blocks, weight GB/s, est. us (mask scan + outlier math + staging) | old / new |"
     )
     print(header)
     print("|---|---|---|---|---|")
@@ -129,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             tiles = math.ceil(n / tile) * math.ceil(m / tile)
             print(
                 f"| {name} ({n} x {k}) | {m} | {tiles}, {old['stream_gbs']:.0f}, {old['total']:.1f} "
-                f"({old.get('outlier_math', 0.0):.1f} + {old.get('outlier_staging', 0.0):.1f}) | "
-                f"{tiles * int(new['splits'])}, {new['stream_gbs']:.0f}, {new['total']:.1f} "
-                f"({new.get('outlier_math', 0.0):.1f} + {new.get('outlier_staging', 0.0):.1f}) | "
+                f"({old['mask_scan']:.1f} + {old.get('outlier_math', 0.0):.1f} + "
+                f"{old.get('outlier_staging', 0.0):.1f}) | {tiles * int(new['splits'])}, {new['stream_gbs']:.0f}, "
+                f"{new['total']:.1f} ({new['mask_scan']:.1f} + {new.get('outlier_math', 0.0):.1f} + "
+                f"{new.get('outlier_staging', 0.0):.1f}) | "
                 f"{old['total'] / new['total']:.2f} |"
             )
     return 0

@@ -253,6 +253,9 @@ def linear_matrix() -> list[cuda_emu.Problem]:
         for dtype, outliers, bias in itertools.product(DTYPES, (False, True), (False, True)):
             problems.append(linear_problem(m, k, dtype, outliers, bias, offset=0, n=131))
     problems.append(linear_problem(7, 4096, torch.bfloat16, True, True, offset=0, n=37, sm_count=1))  # no split-K
+    # Most columns outliers (threshold 0.5): full 16-column mask chunks, many staged chunks per window.
+    for m, k, dtype in ((33, 4096, torch.bfloat16), (130, 4096, torch.float16), (9, 4097, torch.float32)):
+        problems.append(linear_problem(m, k, dtype, True, False, offset=0, n=131, threshold=0.5))
     # The tensor-core GEMM with one block per tile (the default 132 SMs split K for these small grids).
     for m, k, dtype in ((17, 4097, torch.bfloat16), (64, 4096, torch.float16), (130, 5137, torch.float32)):
         problems.append(linear_problem(m, k, dtype, True, True, offset=0, n=131, sm_count=1))
@@ -424,6 +427,16 @@ MUTATIONS = {
         "      if (t.tid < left) col_list[t.tid] = col;\n",
         "",
     ),
+    "mask_window_column_off_by_one": (
+        "cuda/gemm_kernels.cu",
+        "col_list[pos++] = static_cast<int>(kc) + __ffs(static_cast<int>(bits)) - 1;",
+        "col_list[pos++] = static_cast<int>(kc) + __ffs(static_cast<int>(bits));",
+    ),
+    "mask_window_lane_offsets_wrong": (
+        "cuda/gemm_kernels.cu",
+        "before += __popc(ballot & lanes_below) << b;",
+        "before += __popc(ballot & lanes_below) << (b / 2);",
+    ),
     "decode_outlier_bits_misplaced": (
         "cuda/gemm_kernels.cu",
         "* 0x01020408u) >> 24) << (4 * i);",
@@ -444,6 +457,7 @@ def mutation_problems() -> list[cuda_emu.Problem]:
         # 128x128 tiles, one block per tile, fp32 outliers, unaligned rows
         linear_problem(130, 4097, torch.float32, True, False, offset=1, n=131, sm_count=1),
         linear_problem(33, 4096, torch.float16, True, True, offset=0, n=131),  # split-K (16 splits), fp16 outliers
+        linear_problem(64, 4096, torch.bfloat16, True, False, offset=0, n=37, threshold=0.5),  # most columns outliers
         linear_problem(1, 4096, torch.float16, True, True, offset=0, n=37),  # decode kernel, split K
         matmul_problem(9, 83, offset=0, n=37),
     ]
