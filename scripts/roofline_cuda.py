@@ -7,13 +7,15 @@ Model, per call of the tensor-core kernel (more than 8 tokens; the decode kernel
   else at what their loads in flight allow (Little's law: bytes in flight per block / DRAM latency, per block);
 * int8 tensor-core work: 2 x M_pad x N_pad x K at the int8 MMA peak (M, N padded to the block tile);
 * outlier product, n_out columns: old design, fp32 FMAs on CUDA cores in every block (2 x M_pad x N_pad x n_out at
-  the fp32 peak); new design (fp16/bf16 activations), fp16 MMAs (the same count at the fp16 tensor-core peak). Both
-  stage the columns through shared memory with scattered loads, (BM + BN) x n_out per block, each a 32-byte L2
-  sector;
+  the fp32 peak); new design (fp16/bf16 activations), fp16 MMAs (the same count at the fp16 tensor-core peak). The
+  columns are staged through shared memory with scattered loads, each a 32-byte L2 sector: every tile its activation
+  rows' and weight rows' values of every outlier column, except that the new design's 64x64 tiles (9-64 tokens) take
+  the weight codes from the weight tile already in shared memory during the main loop (activations only);
 * mask scan: after its main loop, the block that finishes a tile compacts the outlier mask window by window (a
   load, ballots, two barriers: SCAN_WINDOW_CYCLES each, an assumed latency, nothing to overlap it with), whether or
-  not any column is an outlier; old design one mask byte per thread, new design 16;
-* split-K (new design): (splits + 1) x M x N x 4 bytes of int32 partial sums through the L2.
+  not any column is an outlier; old design one mask byte per thread, new design 16, none for the fused 64x64 tiles;
+* split-K (new design): (splits + 1) x M x N x 4 bytes of int32 partial sums through the L2, plus each split's fp32
+  outlier product written and read back on the fused tiles.
 The time of a part is its work over its rate; the call's estimate is the largest part plus the mask scan, the outlier
 product and the split-K traffic (which do not overlap the main loop). Every figure of the tables is printed by:
 
@@ -82,18 +84,26 @@ def estimate_us(gpu: Gpu, m: int, n: int, k: int, n_out: int, new_design: bool) 
         "weights": n * k / stream_gbs / 1e3,
         "int8_mma": 2 * m_pad * n_pad * k / (gpu.int8_tops * busy) / 1e6,
     }
+    # New design, 64x64 tiles: the outlier columns are taken inside the main loop, the weight codes from the B tile
+    # in shared memory, by every split for its own K range; no mask scan after the loop.
+    fused = new_design and tile == TILE_SMALL
+    tiles_n, tiles_m = math.ceil(n / tile), math.ceil(m / tile)
     if n_out:
         flops = 2 * m_pad * n_pad * n_out
         rate = gpu.fp16_tflops if new_design else gpu.fp32_tflops
-        outlier_busy = min(tiles, gpu.sms) / gpu.sms  # under split-K one block per tile runs the outlier product
+        # Unfused, under split-K, one block per tile (the last) runs the outlier product.
+        outlier_busy = min(blocks if fused else tiles, gpu.sms) / gpu.sms
         parts["outlier_math"] = flops / (rate * outlier_busy) / 1e6
-        parts["outlier_staging"] = tiles * (2 * tile) * n_out * 32 / gpu.l2_gbs / 1e3
+        # Scattered loads: each tile column gathers the m activation rows, each tile row the n weight rows.
+        gathered = tiles_n * m + (0 if fused else tiles_m * n)
+        parts["outlier_staging"] = gathered * n_out * 32 / gpu.l2_gbs / 1e3
         parts["outliers"] = parts["outlier_math"] + parts["outlier_staging"]
     columns_per_thread = 16 if new_design else 1
-    windows = math.ceil(k / (THREADS[tile] * columns_per_thread))
+    windows = 0 if fused else math.ceil(k / (THREADS[tile] * columns_per_thread))
     parts["mask_scan"] = windows * SCAN_WINDOW_CYCLES / gpu.clock_ghz / 1e3
     if splits > 1:
-        parts["split_k"] = (splits + 1) * m * n * 4 / gpu.l2_gbs / 1e3
+        partials = 2 * splits * m * n * 4 if fused and n_out else 0  # each split's fp32 outlier product
+        parts["split_k"] = ((splits + 1) * m * n * 4 + partials) / gpu.l2_gbs / 1e3
     parts["total"] = (
         max(parts["weights"], parts["int8_mma"])
         + parts["mask_scan"]

@@ -309,12 +309,16 @@ def test_split_k_fills_the_device_only_when_the_grid_is_small():
         per_split = ceil_div(ktiles, splits)
         assert per_split >= 4 and (splits - 1) * per_split < ktiles, (n, k, splits)  # no empty split
         assert module.gemm_workspace_bytes(16, n, k, sms) == 16 * n * 4 + tiles * 4
+        # fp16/bf16 activations with outliers: each split's fp32 outlier product too (the 64x64 tiles fuse it)
+        fused = module.gemm_workspace_bytes(16, n, k, sms, fp16_outliers=True)
+        assert fused == 16 * n * 4 + tiles * 4 + splits * 16 * n * 4
     assert module.gemm_splits(16, 8960, 1536, sms) == 1  # 140 tiles already fill the device
     assert module.gemm_splits(4096, 4096, 4096, sms) == 1  # prefill: 1024 tiles of 128x128
     assert module.gemm_splits(512, 1536, 1536, sms) == 2  # 48 tiles of 128x128 on 132 SMs
     assert module.gemm_splits(8, 256, 1536, sms) == 1  # decode kernel (its own split of K across warps)
     assert module.gemm_splits(16, 256, 128, sms) == 1  # 2 K-tiles: too short to split
     assert module.gemm_workspace_bytes(16, 8960, 1536, sms) == 0
+    assert module.gemm_workspace_bytes(512, 1536, 1536, sms, fp16_outliers=True) == 512 * 1536 * 4 + 48 * 4
     assert module.gemm_splits(16, 256, 1536, 1) == 1  # one SM: nothing to fill
 
 

@@ -404,8 +404,23 @@ MUTATIONS = {
     ),
     "split_k_wrong_block_finishes": (
         "cuda/gemm_kernels.cu",
-        "== gridDim.z - 1 ? 1 : 0;",
-        "== 0 ? 1 : 0;",
+        "if ((arrived & (kSawOutlier - 1u)) != gridDim.z) return false;",
+        "if ((arrived & (kSawOutlier - 1u)) != 1u) return false;",
+    ),
+    "fused_outliers_code_from_the_wrong_column": (
+        "cuda/gemm_kernels.cu",
+        "c / tile::kChunkBytes) + c % tile::kChunkBytes];",
+        "c / tile::kChunkBytes) + (c + 1) % tile::kChunkBytes];",
+    ),
+    "fused_outlier_partials_miss_the_first_split": (
+        "cuda/gemm_kernels.cu",
+        "float sum = ptx::load_l2(p.split_outliers + r * p.n + c);",
+        "float sum = 0.0f;",
+    ),
+    "fused_last_chunk_not_cleared": (
+        "cuda/gemm_kernels.cu",
+        "for (int j = f.pending; j < kOutlierChunk; ++j) row[j] = 0;",
+        "for (int j = f.pending; j < kOutlierChunk; ++j) (void)row;",
     ),
     "split_k_wrong_k_range": (
         "cuda/gemm_kernels.cu",
@@ -414,13 +429,13 @@ MUTATIONS = {
     ),
     "outlier_mma_fragment_wrong": (
         "cuda/gemm_kernels.cu",
-        "    af[mi][2] = row[4];\n",
-        "    af[mi][2] = row[0];\n",
+        "    af[mi][2] = staged_pair(row, pair + 4);\n",
+        "    af[mi][2] = staged_pair(row, pair);\n",
     ),
     "outlier_codes_in_the_wrong_format": (
         "cuda/gemm_kernels.cu",
-        "if (row < p.n && j < jn) lo = code_as_16bit(p.b[row * p.k + cols[j]], bf16);",
-        "if (row < p.n && j < jn) lo = code_as_16bit(p.b[row * p.k + cols[j]], !bf16);",
+        "? code_as_16bit(p.b[row * p.k + cols[j]], bf16)",
+        "? code_as_16bit(p.b[row * p.k + cols[j]], !bf16)",
     ),
     "outlier_columns_carried_over_lost": (
         "cuda/gemm_kernels.cu",
@@ -458,6 +473,8 @@ def mutation_problems() -> list[cuda_emu.Problem]:
         linear_problem(130, 4097, torch.float32, True, False, offset=1, n=131, sm_count=1),
         linear_problem(33, 4096, torch.float16, True, True, offset=0, n=131),  # split-K (16 splits), fp16 outliers
         linear_problem(64, 4096, torch.bfloat16, True, False, offset=0, n=37, threshold=0.5),  # most columns outliers
+        # 128x128 tiles, bf16: the outlier product after the main loop (mask windows, 16-bit staging), split-K
+        linear_problem(130, 4096, torch.bfloat16, True, False, offset=0, n=131, threshold=0.5),
         linear_problem(1, 4096, torch.float16, True, True, offset=0, n=37),  # decode kernel, split K
         matmul_problem(9, 83, offset=0, n=37),
     ]

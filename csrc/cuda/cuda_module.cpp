@@ -80,5 +80,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "How many blocks share each tile of C (split-K) for an m x n x k GEMM on a device with sm_count "
         "multiprocessors (1: K is not split)");
   m.def("gemm_workspace_bytes", &hf_int8::cuda::int8_gemm_workspace_bytes, pybind11::arg("m"), pybind11::arg("n"),
-        pybind11::arg("k"), pybind11::arg("sm_count"), "Bytes of device scratch the split-K GEMM needs (0: none)");
+        pybind11::arg("k"), pybind11::arg("sm_count"), pybind11::arg("fp16_outliers") = false,
+        "Bytes of device scratch the split-K GEMM needs (0: none); fp16_outliers: an int8_linear with an outlier mask "
+        "and fp16/bf16 activations, whose fused outlier product is split too");
 }

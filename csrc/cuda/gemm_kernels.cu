@@ -21,9 +21,15 @@
 // and the partial sums are added in a fixed order (deterministic), to keep enough loads in flight to saturate
 // DRAM bandwidth.
 //
-// Outlier product: the mask of outlier columns is compacted inside each block (ballot + popc, ascending order,
-// so the fp32 sum order is fixed), then x[:, c] and the dequantized weight columns B[:, c] * col_scale are staged
-// in shared memory 16 columns at a time and accumulated in fp32 next to the int32 accumulators. No host sync.
+// Split-K: when the tiles cannot fill the GPU (9-64 tokens, narrow layers), blockIdx.z splits K; partial int32 sums
+// meet in a zeroed workspace (red.add: any order gives the same sum) and the block that arrives last at its tile
+// runs the epilogue.
+//
+// Outlier product (no host sync, fixed fp32 sum order): for fp16/bf16 activations on sm_80+ on tensor cores
+// (mma.m16n8k16, x and the weight codes as 16-bit floats, fp32 accumulation, the weight scale applied once in the
+// epilogue), else as fp32 FMAs. The 64x64 tiles take each K-tile's outlier columns inside the main loop, the codes
+// from the B tile in shared memory; the 128x128 tiles compact the mask after the main loop and stage x[:, c] and
+// B[:, c] in shared memory 16 columns at a time.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -42,10 +48,11 @@ using tile::kTileK;
 constexpr int kStages = 3;
 constexpr int kOutlierChunk = 16;                  // outlier columns staged per round
 constexpr int kOutlierStride = kOutlierChunk + 1;  // padded row of the staging tiles (no bank conflicts)
-// Tensor-core outlier staging (fp16/bf16 activations, sm_80+): a row of kOutlierChunk 16-bit values is 8 words,
-// padded to 12 so that the 8 rows x 4 words of a fragment load fall in 32 different banks.
+// Tensor-core outlier staging (fp16/bf16 activations, sm_80+): a row of kOutlierChunk 16-bit values (8 words) is
+// padded to 12 words so that the 8 rows x 4 words of a fragment load fall in 32 different banks.
 constexpr int kOutlierPairs = kOutlierChunk / 2;
 constexpr int kOutlierRowWords = kOutlierPairs + 4;
+constexpr int kOutlierRowHalves = 2 * kOutlierRowWords;
 
 struct Params {
   const int8_t* a;
@@ -67,6 +74,7 @@ struct Params {
   int ktiles_per_split;
   int* split_sums;
   unsigned* split_counters;
+  float* split_outliers;  // [gridDim.z, m, n]: each split's outlier product when it is fused into the main loop
 };
 
 // ------------------------------------------------------------------------------------------------------------
@@ -188,6 +196,11 @@ struct TileConfig {
                 "tile copy divides evenly among threads");
   // Outlier staging in the drained pipeline's memory: the column list (a window of the mask plus the columns
   // carried over from the previous window), the warps' counts, then the staged x and weight columns.
+  // The 64x64 tiles (9-64 tokens) take the outlier columns of fp16/bf16 activations inside the main loop: the
+  // weight codes from the B tile already in shared memory (no second, scattered read of the weight), one thread per
+  // weight row and one per activation row.
+  static constexpr bool kFuseOutliers = BM == 64 && BN == 64;
+  static_assert(!kFuseOutliers || kThreads >= BM + BN, "one thread per staged row");
   static constexpr int kMaskWindow16 = 16 * kThreads;  // mask columns per compaction round (16-byte loads)
   static constexpr int kColListInts = kMaskWindow16 + kOutlierChunk;
   static constexpr int kOutlierStagingBytes = (kColListInts + 32) * 4 + (BM + BN) * kOutlierStride * 4;
@@ -440,43 +453,42 @@ __device__ __forceinline__ void accumulate_outlier_columns(const BlockThread<Cfg
 
 #if HF_INT8_SM >= 800
 // 16-bit bits of an int8 weight code as fp16 or bf16 (exact: |code| <= 128 has at most 8 significant bits).
-__device__ __forceinline__ uint32_t code_as_16bit(int code, bool bf16) {
+__device__ __forceinline__ uint16_t code_as_16bit(int code, bool bf16) {
   const float v = static_cast<float>(code);
   return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : __half_as_ushort(__float2half_rn(v));
 }
 
-// Tensor-core staging of outlier columns cols[0 .. jn) (fp16/bf16 activations): xs[r] holds x[m0 + r, cols[j]] as its
-// own 16 bits and ws[r] the weight codes B[n0 + r, cols[j]] in the same format (not yet scaled), two columns per
-// word, lower column in the low half; zero for j >= jn and past the last row of A or B.
+// Tensor-core staging of outlier columns cols[0 .. jn) (fp16/bf16 activations): xs[r][j] holds x[m0 + r, cols[j]] as
+// its own 16 bits and ws[r][j] the weight code B[n0 + r, cols[j]] in the same format (not yet scaled); zero for
+// j >= jn and past the last row of A or B. Rows are kOutlierRowHalves apart.
 template <class Cfg>
 __device__ __forceinline__ void stage_outlier_halves(const Params& p, const BlockThread<Cfg>& t, const int* cols,
-                                                     int jn, bool bf16, uint32_t* xs, uint32_t* ws) {
+                                                     int jn, bool bf16, uint16_t* xs, uint16_t* ws) {
   const auto* x = static_cast<const uint16_t*>(p.x);
-  for (int i = t.tid; i < Cfg::kBM * kOutlierPairs; i += Cfg::kThreads) {
-    const int r = i / kOutlierPairs;
-    const int j = 2 * (i % kOutlierPairs);
+  for (int i = t.tid; i < Cfg::kBM * kOutlierChunk; i += Cfg::kThreads) {
+    const int r = i / kOutlierChunk;
+    const int j = i % kOutlierChunk;
     const int64_t row = t.m0 + r;
-    uint32_t lo = 0u, hi = 0u;
-    if (row < p.m && j < jn) lo = x[row * p.k + cols[j]];
-    if (row < p.m && j + 1 < jn) hi = x[row * p.k + cols[j + 1]];
-    xs[r * kOutlierRowWords + j / 2] = lo | (hi << 16);
+    xs[r * kOutlierRowHalves + j] = row < p.m && j < jn ? x[row * p.k + cols[j]] : uint16_t(0);
   }
-  for (int i = t.tid; i < Cfg::kBN * kOutlierPairs; i += Cfg::kThreads) {
-    const int r = i / kOutlierPairs;
-    const int j = 2 * (i % kOutlierPairs);
+  for (int i = t.tid; i < Cfg::kBN * kOutlierChunk; i += Cfg::kThreads) {
+    const int r = i / kOutlierChunk;
+    const int j = i % kOutlierChunk;
     const int64_t row = t.n0 + r;
-    uint32_t lo = 0u, hi = 0u;
-    if (row < p.n && j < jn) lo = code_as_16bit(p.b[row * p.k + cols[j]], bf16);
-    if (row < p.n && j + 1 < jn) hi = code_as_16bit(p.b[row * p.k + cols[j + 1]], bf16);
-    ws[r * kOutlierRowWords + j / 2] = lo | (hi << 16);
+    ws[r * kOutlierRowHalves + j] = row < p.n && j < jn ? code_as_16bit(p.b[row * p.k + cols[j]], bf16) : uint16_t(0);
   }
+}
+
+// Elements 2 * pair and 2 * pair + 1 of a staged row as one mma operand register (lower column in the low half).
+__device__ __forceinline__ uint32_t staged_pair(const uint16_t* row, int pair) {
+  return uint32_t(row[2 * pair]) | (uint32_t(row[2 * pair + 1]) << 16);
 }
 
 // o += xs . ws^T over the kOutlierChunk staged columns, one mma.m16n8k16 (fp32 accumulation) per fragment pair. The
 // fragments are read straight from the padded staging rows (layout in ptx::mma_m16n8k16_f16); o's elements sit where
 // the int32 accumulators do (tile::acc_row / acc_col: the same C layout as mma.m16n8k32).
 template <class Cfg>
-__device__ __forceinline__ void mma_outlier_columns(const BlockThread<Cfg>& t, const uint32_t* xs, const uint32_t* ws,
+__device__ __forceinline__ void mma_outlier_columns(const BlockThread<Cfg>& t, const uint16_t* xs, const uint16_t* ws,
                                                     bool bf16, Fragments<Cfg, float>& o) {
   constexpr int MI = Cfg::kMi;
   constexpr int NI = Cfg::kNi;
@@ -486,17 +498,17 @@ __device__ __forceinline__ void mma_outlier_columns(const BlockThread<Cfg>& t, c
   uint32_t bf[NI][2];
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi) {
-    const uint32_t* row = xs + (t.warp_row() + mi * 16 + group) * kOutlierRowWords + pair;
-    af[mi][0] = row[0];
-    af[mi][1] = row[8 * kOutlierRowWords];
-    af[mi][2] = row[4];
-    af[mi][3] = row[8 * kOutlierRowWords + 4];
+    const uint16_t* row = xs + (t.warp_row() + mi * 16 + group) * kOutlierRowHalves;
+    af[mi][0] = staged_pair(row, pair);
+    af[mi][1] = staged_pair(row + 8 * kOutlierRowHalves, pair);
+    af[mi][2] = staged_pair(row, pair + 4);
+    af[mi][3] = staged_pair(row + 8 * kOutlierRowHalves, pair + 4);
   }
 #pragma unroll
   for (int ni = 0; ni < NI; ++ni) {
-    const uint32_t* row = ws + (t.warp_col() + ni * 8 + group) * kOutlierRowWords + pair;
-    bf[ni][0] = row[0];
-    bf[ni][1] = row[4];
+    const uint16_t* row = ws + (t.warp_col() + ni * 8 + group) * kOutlierRowHalves;
+    bf[ni][0] = staged_pair(row, pair);
+    bf[ni][1] = staged_pair(row, pair + 4);
   }
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
@@ -535,8 +547,8 @@ __device__ __forceinline__ OutlierSum outlier_product(const Params& p, int8_t* s
 #if HF_INT8_SM >= 800
   const bool tensor_cores = p.x_dtype != DType::kFloat32;
   const bool bf16 = p.x_dtype == DType::kBFloat16;
-  uint32_t* xh = reinterpret_cast<uint32_t*>(xs);
-  uint32_t* wh = xh + Cfg::kBM * kOutlierRowWords;
+  uint16_t* xh = reinterpret_cast<uint16_t*>(xs);
+  uint16_t* wh = xh + Cfg::kBM * kOutlierRowHalves;
 #else
   constexpr bool tensor_cores = false;
 #endif
@@ -615,28 +627,123 @@ __device__ __forceinline__ void store_tile(const Params& p, const BlockThread<Cf
 // the epilogue in registers, with the outlier product staged through the freed shared memory.
 // Split-K: adds the block's partial int32 sums into the workspace and counts the block in at its tile. Returns true
 // in the block that arrives last, whose acc then holds the full sums (integer addition: the same result whatever the
-// order of arrival), false in the others, which are done. The pattern of threadFenceReduction: each thread's adds are
-// fenced before the block's arrival is counted, and the last block reads the sums from L2 after its own fence.
+// order of arrival), false in the others, which are done. With a fused outlier product (fused_o) each split also
+// stores its fp32 partial, the last block adds them in split order (the same sum on every run), and *saw tells
+// whether any split met an outlier column (counted in the upper half of the tile's counter). The pattern of
+// threadFenceReduction: each thread's writes are fenced before the block's arrival is counted, and the last block
+// reads the sums from L2 after its own fence.
 template <class Cfg>
 __device__ __forceinline__ bool gather_split_sums(const Params& p, const BlockThread<Cfg>& t, Fragments<Cfg, int>& acc,
-                                                  int* last_block) {
+                                                  Fragments<Cfg, float>& o, bool fused_o, bool& saw, int* arrivals) {
+  constexpr unsigned kSawOutlier = 1u << 16;
+  const int64_t mn = p.m * p.n;
   for_each_output(p, t, [&](int mi, int ni, int e, int64_t r, int64_t c) {
     ptx::red_add(p.split_sums + r * p.n + c, acc[mi][ni][e]);
+    if (fused_o) p.split_outliers[blockIdx.z * mn + r * p.n + c] = o[mi][ni][e];
   });
   ptx::fence_device();
-  __syncthreads();  // every thread's adds are fenced before the arrival below
+  __syncthreads();  // every thread's writes are fenced before the arrival below
   if (t.tid == 0) {
     const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;
-    *last_block = ptx::atomic_add(p.split_counters + tile, 1u) == gridDim.z - 1 ? 1 : 0;
+    const unsigned mine = 1u + (saw ? kSawOutlier : 0u);
+    *arrivals = static_cast<int>(ptx::atomic_add(p.split_counters + tile, mine) + mine);
   }
   __syncthreads();
-  if (*last_block == 0) return false;
+  const auto arrived = static_cast<unsigned>(*arrivals);
+  if ((arrived & (kSawOutlier - 1u)) != gridDim.z) return false;
   ptx::fence_device();
+  saw = arrived >= kSawOutlier;
   for_each_output(p, t, [&](int mi, int ni, int e, int64_t r, int64_t c) {
     acc[mi][ni][e] = ptx::load_l2(p.split_sums + r * p.n + c);
+    if (fused_o) {
+      float sum = ptx::load_l2(p.split_outliers + r * p.n + c);
+      for (unsigned z = 1; z < gridDim.z; ++z)
+        sum = __fadd_rn(sum, ptx::load_l2(p.split_outliers + z * mn + r * p.n + c));
+      o[mi][ni][e] = sum;
+    }
   });
   return true;
 }
+
+#if HF_INT8_SM >= 800
+// Shared staging of the fused outlier product: 16-bit activations [kBM rows] then weight codes [kBN rows], rows
+// kOutlierRowHalves apart (a separate allocation: the pipeline's stages are in use while it fills).
+template <class Cfg>
+__device__ __forceinline__ uint16_t* fused_outlier_staging() {
+  __shared__ __align__(16) uint16_t staging[(Cfg::kBM + Cfg::kBN) * kOutlierRowHalves];
+  return staging;
+}
+
+// Outlier columns of K-tile [k0, k0 + kTileK) as a bit mask (bit c: column k0 + c), the same in every thread.
+__device__ __forceinline__ uint64_t tile_outlier_bits(const Params& p, int64_t k0) {
+  uint64_t bits = 0;
+  if (p.vec16) {
+#pragma unroll
+    for (int q = 0; q < kTileK / 16; ++q) {
+      const int64_t kc = k0 + 16 * q;
+      if (kc < p.k)
+        bits |= uint64_t(outlier_bits16(ptx::load_cached16(reinterpret_cast<const int8_t*>(p.mask) + kc))) << (16 * q);
+    }
+  } else {
+    for (int c = 0; c < kTileK && k0 + c < p.k; ++c) bits |= uint64_t(p.mask[k0 + c] ? 1 : 0) << c;
+  }
+  return bits;
+}
+
+// The fused outlier product's state in each thread (uniform across the block).
+struct FusedOutliers {
+  bool on = false;  // fp16/bf16 activations with an outlier mask, on the 64x64 tiles
+  bool bf16 = false;
+  bool saw = false;  // some column of this block's K range is an outlier
+  int pending = 0;   // columns staged, not yet multiplied (< kOutlierChunk)
+};
+
+// o += the staged columns (zero past `pending`), then the staging is free again.
+template <class Cfg>
+__device__ __forceinline__ void flush_fused_outliers(const BlockThread<Cfg>& t, FusedOutliers& f,
+                                                     Fragments<Cfg, float>& o) {
+  uint16_t* xs = fused_outlier_staging<Cfg>();
+  uint16_t* ws = xs + Cfg::kBM * kOutlierRowHalves;
+  if (f.pending < kOutlierChunk) {  // the last, partial chunk: clear this thread's row past the staged columns
+    uint16_t* row = t.tid < Cfg::kBN              ? ws + t.tid * kOutlierRowHalves
+                    : t.tid < Cfg::kBN + Cfg::kBM ? xs + (t.tid - Cfg::kBN) * kOutlierRowHalves
+                                                  : nullptr;
+    if (row != nullptr)
+      for (int j = f.pending; j < kOutlierChunk; ++j) row[j] = 0;
+  }
+  __syncthreads();  // the chunk is staged
+  mma_outlier_columns(t, xs, ws, f.bf16, o);
+  __syncthreads();  // everyone has read it before the next column is staged
+  f.pending = 0;
+}
+
+// Stages the outlier columns of the K-tile just multiplied (its B tile `sb` still in shared memory: the barrier at the
+// top of the next iteration guards its refill): thread r < kBN copies weight row r's code, thread kBN + r fetches
+// activation row r; every kOutlierChunk columns the chunk goes through the tensor cores.
+template <class Cfg>
+__device__ __forceinline__ void fuse_tile_outliers(const Params& p, const BlockThread<Cfg>& t, const int8_t* sb,
+                                                   int kt, FusedOutliers& f, Fragments<Cfg, float>& o) {
+  const int64_t k0 = int64_t(kt) * kTileK;
+  uint64_t bits = tile_outlier_bits(p, k0);
+  if (bits == 0) return;
+  f.saw = true;
+  uint16_t* xs = fused_outlier_staging<Cfg>();
+  uint16_t* ws = xs + Cfg::kBM * kOutlierRowHalves;
+  const auto* x = static_cast<const uint16_t*>(p.x);
+  for (; bits != 0; bits &= bits - 1) {
+    const int c = __ffsll(static_cast<long long>(bits)) - 1;
+    if (t.tid < Cfg::kBN) {
+      const int8_t code = sb[tile::smem_offset(t.tid, c / tile::kChunkBytes) + c % tile::kChunkBytes];
+      ws[t.tid * kOutlierRowHalves + f.pending] = code_as_16bit(code, f.bf16);
+    } else if (t.tid < Cfg::kBN + Cfg::kBM) {
+      const int r = t.tid - Cfg::kBN;
+      const int64_t row = t.m0 + r;
+      xs[r * kOutlierRowHalves + f.pending] = row < p.m ? x[row * p.k + k0 + c] : uint16_t(0);
+    }
+    if (++f.pending == kOutlierChunk) flush_fused_outliers(t, f, o);
+  }
+}
+#endif
 
 // Block tile BM x BN of C (K-tiles [blockIdx.z * ktiles_per_split, +ktiles_per_split) of it under split-K): a
 // kStages-deep pipeline of K-tiles (load_stage) feeding the warps' MMAs (mma_stage), then the epilogue in registers,
@@ -652,6 +759,13 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1) hf_in
 
   Fragments<Cfg, int> acc;
   fill<Cfg>(acc, 0);
+  Fragments<Cfg, float> o;
+  fill<Cfg>(o, 0.0f);
+#if HF_INT8_SM >= 800
+  FusedOutliers fused;
+  fused.on = Cfg::kFuseOutliers && p.mask != nullptr && p.out_dtype != DType::kInt32 && p.x_dtype != DType::kFloat32;
+  fused.bf16 = p.x_dtype == DType::kBFloat16;
+#endif
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < ktiles) load_stage(p, smem, s, kt0 + s, t);
@@ -663,19 +777,40 @@ __global__ void __launch_bounds__(TileConfig<BM, BN, WM, WN>::kThreads, 1) hf_in
     const int next = kt + kStages - 1;
     if (next < ktiles) load_stage(p, smem, next % kStages, kt0 + next, t);
     ptx::cp_async_commit();
-    mma_stage(smem + (kt % kStages) * Cfg::kStageBytes, t, acc);
+    int8_t* stage = smem + (kt % kStages) * Cfg::kStageBytes;
+    mma_stage(stage, t, acc);
+#if HF_INT8_SM >= 800
+    if constexpr (Cfg::kFuseOutliers) {
+      if (fused.on) fuse_tile_outliers(p, t, stage + Cfg::kBM * kTileK, kt0 + kt, fused, o);
+    }
+#endif
   }
   ptx::cp_async_wait<0>();
   __syncthreads();  // shared memory is reused by the outlier staging below
-  if (gridDim.z > 1 && !gather_split_sums(p, t, acc, reinterpret_cast<int*>(smem + Cfg::kLastBlockFlag))) return;
+#if HF_INT8_SM >= 800
+  if constexpr (Cfg::kFuseOutliers) {
+    if (fused.on && fused.pending > 0) flush_fused_outliers(t, fused, o);
+  }
+  const bool fused_on = fused.on;
+  bool saw = fused.saw;
+#else
+  const bool fused_on = false;
+  bool saw = false;
+#endif
+  if (gridDim.z > 1 &&
+      !gather_split_sums(p, t, acc, o, fused_on, saw, reinterpret_cast<int*>(smem + Cfg::kLastBlockFlag)))
+    return;
 
   if (p.out_dtype == DType::kInt32) {
     store_tile_int32(p, t, acc);
     return;
   }
-  Fragments<Cfg, float> o;
-  fill<Cfg>(o, 0.0f);
-  const OutlierSum outliers = p.mask != nullptr ? outlier_product(p, smem, t, o) : OutlierSum::kNone;
+  OutlierSum outliers = OutlierSum::kNone;
+  if (fused_on) {
+    outliers = saw ? OutlierSum::kUnscaled : OutlierSum::kNone;
+  } else if (p.mask != nullptr) {
+    outliers = outlier_product(p, smem, t, o);
+  }
   store_tile(p, t, acc, o, outliers);
 }
 
@@ -820,7 +955,8 @@ struct SplitPlan {
   int64_t tiles_n = 0, tiles_m = 0;
   int splits = 1;
   int ktiles_per_split = 0;
-  size_t workspace_bytes = 0;  // int32 sums [m, n], then one counter per tile (0 when splits == 1)
+  size_t workspace_bytes = 0;   // see split_workspace_layout (0 when splits == 1)
+  bool fused_outliers = false;  // each split stores its fp32 outlier product (64x64 tiles, fp16/bf16 activations)
 };
 
 // Blocks of each tile size one multiprocessor is meant to hold at once (registers and shared memory allow this
@@ -834,7 +970,7 @@ constexpr int kMaxSplits = 16;
 // When a GEMM has fewer tiles than the device holds blocks (decode at 9-64 tokens, narrow layers, short prefills),
 // most multiprocessors would idle and the weight stream would run at a fraction of the DRAM bandwidth; K is then
 // split so the grid fills about one wave, each split at least kMinSplitKTiles long.
-SplitPlan plan_splits(int64_t m, int64_t n, int64_t k, int sm_count) {
+SplitPlan plan_splits(int64_t m, int64_t n, int64_t k, int sm_count, bool fp16_outliers) {
   const bool small_tiles = m <= kSmallTileMaxM;
   const int64_t bm = small_tiles ? 64 : 128, bn = bm;
   SplitPlan plan;
@@ -856,7 +992,10 @@ SplitPlan plan_splits(int64_t m, int64_t n, int64_t k, int sm_count) {
     plan.ktiles_per_split = static_cast<int>(ktiles);
     return plan;
   }
+  // Workspace: int32 sums [m, n], one arrival counter per tile, then (fused outlier product) fp32 [splits, m, n].
+  plan.fused_outliers = small_tiles && fp16_outliers;
   plan.workspace_bytes = size_t(m * n) * sizeof(int32_t) + size_t(tiles) * sizeof(unsigned);
+  if (plan.fused_outliers) plan.workspace_bytes += size_t(plan.splits) * size_t(m * n) * sizeof(float);
   return plan;
 }
 
@@ -876,16 +1015,21 @@ int choose_ksplit(int64_t n, int64_t k, int sm_count) {
   return s;
 }
 
+// An int8_linear GEMM whose outlier product can use 16-bit tensor cores (the kernel decides per architecture).
+bool fp16_outliers(const GemmArgs& args) {
+  return args.outlier_mask != nullptr && args.out_dtype != DType::kInt32 && args.x_dtype != DType::kFloat32;
+}
+
 }  // namespace
 
-size_t int8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int sm_count) {
+size_t int8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int sm_count, bool fp16_outliers) {
   if (m <= kDecodeMaxM || m == 0 || n == 0) return 0;
-  return plan_splits(m, n, k, sm_count).workspace_bytes;
+  return plan_splits(m, n, k, sm_count, fp16_outliers).workspace_bytes;
 }
 
 int int8_gemm_splits(int64_t m, int64_t n, int64_t k, int sm_count) {
   if (m <= kDecodeMaxM || m == 0 || n == 0) return 1;
-  return plan_splits(m, n, k, sm_count).splits;
+  return plan_splits(m, n, k, sm_count, false).splits;
 }
 
 const char* gemm_kernel_for(int64_t m) {
@@ -920,14 +1064,18 @@ cudaError_t launch_int8_gemm(const GemmArgs& args, cudaStream_t stream) {
     launch_kernel(hf_int8_gemv_dp4a_kernel, dim3(grid), dim3(32 * kGemvWarps), stream, p);
     return cudaGetLastError();
   }
-  const SplitPlan plan = plan_splits(args.m, args.n, args.k, args.sm_count);
+  const SplitPlan plan = plan_splits(args.m, args.n, args.k, args.sm_count, fp16_outliers(args));
   p.ktiles_per_split = plan.ktiles_per_split;
   if (plan.splits > 1) {
     if (args.workspace == nullptr || args.workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
-    const cudaError_t err = cudaMemsetAsync(args.workspace, 0, plan.workspace_bytes, stream);
-    if (err != cudaSuccess) return err;
     p.split_sums = static_cast<int*>(args.workspace);
     p.split_counters = reinterpret_cast<unsigned*>(p.split_sums + args.m * args.n);
+    const size_t zeroed = size_t(args.m * args.n) * sizeof(int32_t) + size_t(plan.tiles_n * plan.tiles_m) * 4;
+    // Only the sums and the counters need zeros (the fp32 partials are written before they are read).
+    const cudaError_t err = cudaMemsetAsync(args.workspace, 0, zeroed, stream);
+    if (err != cudaSuccess) return err;
+    if (plan.fused_outliers)
+      p.split_outliers = reinterpret_cast<float*>(p.split_counters + plan.tiles_n * plan.tiles_m);
   }
   if (args.m <= kSmallTileMaxM) {
     launch_imma<64, 64, 32, 32>(p, plan, stream);

@@ -43,15 +43,16 @@ struct GemmArgs {
   const void* x = nullptr;
   DType x_dtype = DType::kFloat32;
   int sm_count = 1;  // multiprocessors of the device (sizes the split of K)
-  // Scratch for split-K, at least int8_gemm_workspace_bytes(m, n, k, sm_count) bytes on the device (may be null
-  // when that is 0); the launch zeroes it on the stream before the GEMM.
+  // Scratch for split-K, at least int8_gemm_workspace_bytes(m, n, k, sm_count, ...) bytes on the device (may be
+  // null when that is 0); the launch zeroes what needs zeros on the stream before the GEMM.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 };
 
-// Bytes of device scratch launch_int8_gemm needs for these sizes (0 when K is not split), and the number of blocks
-// that share each tile of C (1: no split-K).
-size_t int8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int sm_count);
+// Bytes of device scratch launch_int8_gemm needs for these sizes (0 when K is not split; fp16_outliers: an outlier
+// mask with fp16/bf16 activations, whose product may be split too), and the number of blocks that share each tile
+// of C (1: no split-K).
+size_t int8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int sm_count, bool fp16_outliers);
 int int8_gemm_splits(int64_t m, int64_t n, int64_t k, int sm_count);
 
 // Which kernel launch_int8_gemm uses for m rows: "gemv_dp4a" (m <= kDecodeMaxM), "imma_64x64" or "imma_128x128".

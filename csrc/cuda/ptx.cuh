@@ -239,5 +239,13 @@ __device__ __forceinline__ int load_l2(const int* p) {
 #endif
 }
 
+__device__ __forceinline__ float load_l2(const float* p) {
+#if defined(HF_INT8_CUDA_EMULATION)
+  return ::hf_int8::emu::load_l2(p);
+#else
+  return __ldcg(p);
+#endif
+}
+
 }  // namespace ptx
 }  // namespace hf_int8

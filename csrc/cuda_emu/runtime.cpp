@@ -613,6 +613,11 @@ int load_l2(const int* p) {
   return *p;
 }
 
+float load_l2(const float* p) {
+  tsan_read(p, 4);
+  return *p;
+}
+
 int dp4a(int a, int b, int c) {
   const auto ua = static_cast<uint32_t>(a), ub = static_cast<uint32_t>(b);
   int64_t acc = c;

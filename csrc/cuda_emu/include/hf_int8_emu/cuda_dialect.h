@@ -32,6 +32,7 @@ inline void __syncthreads() { ::hf_int8::emu::syncthreads(); }
 [[noreturn]] inline void __trap() { ::hf_int8::emu::trap("__trap()"); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
+inline int __ffsll(long long v) { return __builtin_ffsll(v); }
 // Single-rounding float operations; the emulator is compiled with -ffp-contract=off so nothing else fuses either.
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }

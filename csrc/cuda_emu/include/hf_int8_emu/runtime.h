@@ -92,6 +92,7 @@ void atomic_add(int* p, int v);
 unsigned atomic_add(unsigned* p, unsigned v);
 void fence_device();
 int load_l2(const int* p);
+float load_l2(const float* p);
 
 [[noreturn]] void trap(const char* what);
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
