@@ -342,6 +342,22 @@ __device__ __forceinline__ void store_tile_int32(const Params& p, const BlockThr
   for_each_output(p, t, [&](int mi, int ni, int e, int64_t r, int64_t c) { store_int32(p, r, c, acc[mi][ni][e]); });
 }
 
+// Where this warp's columns start in the block's list, given each warp's count (the same in all its lanes), and the
+// block's total; warp_counts is shared scratch of kWarps ints. Every thread of the block must call it (a barrier).
+template <class Cfg>
+__device__ __forceinline__ int warp_offset(const BlockThread<Cfg>& t, int warp_count, int* warp_counts, int& total) {
+  if (t.lane == 0) warp_counts[t.warp] = warp_count;
+  __syncthreads();
+  int offset = 0;
+  total = 0;
+  for (int w = 0; w < Cfg::kWarps; ++w) {
+    const int cnt = warp_counts[w];
+    offset += w < t.warp ? cnt : 0;
+    total += cnt;
+  }
+  return offset;
+}
+
 // The outlier columns among [kb, kb + kThreads) of the mask, compacted into col_list in ascending order (so the fp32
 // sum order is fixed): a ballot per warp, the warps' counts through shared memory. Returns how many there are.
 // Every thread of the block must call it.
@@ -351,15 +367,8 @@ __device__ __forceinline__ int compact_outlier_columns(const Params& p, int64_t 
   const int64_t kc = kb + t.tid;
   const bool flag = kc < p.k && p.mask[kc];
   const unsigned ballot = ptx::ballot(flag);
-  if (t.lane == 0) warp_counts[t.warp] = __popc(ballot);
-  __syncthreads();
-  int offset = 0;
   int total = 0;
-  for (int w = 0; w < Cfg::kWarps; ++w) {
-    const int cnt = warp_counts[w];
-    offset += w < t.warp ? cnt : 0;
-    total += cnt;
-  }
+  const int offset = warp_offset(t, __popc(ballot), warp_counts, total);
   if (flag) col_list[offset + __popc(ballot & ((1u << t.lane) - 1u))] = static_cast<int>(kc);
   __syncthreads();
   return total;
@@ -384,16 +393,8 @@ __device__ __forceinline__ int compact_outlier_columns16(const Params& p, int64_
     before += __popc(ballot & lanes_below) << b;
     warp_total += __popc(ballot) << b;
   }
-  if (t.lane == 0) warp_counts[t.warp] = warp_total;
-  __syncthreads();
-  int offset = 0;
   int total = 0;
-  for (int w = 0; w < Cfg::kWarps; ++w) {
-    const int cnt = warp_counts[w];
-    offset += w < t.warp ? cnt : 0;
-    total += cnt;
-  }
-  int pos = offset + before;
+  int pos = warp_offset(t, warp_total, warp_counts, total) + before;
   for (; bits != 0u; bits &= bits - 1u) col_list[pos++] = static_cast<int>(kc) + __ffs(static_cast<int>(bits)) - 1;
   __syncthreads();
   return total;
@@ -485,7 +486,7 @@ __device__ __forceinline__ uint32_t staged_pair(const uint16_t* row, int pair) {
 }
 
 // o += xs . ws^T over the kOutlierChunk staged columns, one mma.m16n8k16 (fp32 accumulation) per fragment pair. The
-// fragments are read straight from the padded staging rows (layout in ptx::mma_m16n8k16_f16); o's elements sit where
+// fragments are read straight from the padded staging rows (layout in ptx::mma_m16n8k16_f32); o's elements sit where
 // the int32 accumulators do (tile::acc_row / acc_col: the same C layout as mma.m16n8k32).
 template <class Cfg>
 __device__ __forceinline__ void mma_outlier_columns(const BlockThread<Cfg>& t, const uint16_t* xs, const uint16_t* ws,
@@ -514,11 +515,7 @@ __device__ __forceinline__ void mma_outlier_columns(const BlockThread<Cfg>& t, c
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni) {
-      if (bf16) {
-        ptx::mma_m16n8k16_bf16(o[mi][ni], af[mi], bf[ni]);
-      } else {
-        ptx::mma_m16n8k16_f16(o[mi][ni], af[mi], bf[ni]);
-      }
+      ptx::mma_m16n8k16_f32(o[mi][ni], af[mi], bf[ni], bf16);
     }
 }
 #endif

@@ -167,36 +167,30 @@ __device__ __forceinline__ void mma_m8n8k16_s8(int& c0, int& c1, uint32_t a, uin
 #endif
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: c[16x8] += a[16x16] . b[16x8] with fp32
-// accumulation (sm_80+). Each 32-bit register holds two 16-bit elements, the lower-indexed one in the low half.
-__device__ __forceinline__ void mma_m16n8k16_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: c[16x8] += a[16x16] . b[16x8] with fp32
+// accumulation (sm_80+), on bf16 operands when `bf16`, else fp16 (a uniform branch). Each 32-bit register holds two
+// 16-bit elements, the lower-indexed one in the low half.
+__device__ __forceinline__ void mma_m16n8k16_f32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                 bool bf16) {
 #if HF_INT8_SM >= 800 && defined(HF_INT8_CUDA_EMULATION)
-  ::hf_int8::emu::mma_m16n8k16_float(c, a, b, /*bf16=*/false);
+  ::hf_int8::emu::mma_m16n8k16_float(c, a, b, bf16);
 #elif HF_INT8_SM >= 800
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  if (bf16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
 #else
   (void)c;
   (void)a;
   (void)b;
-  __trap();
-#endif
-}
-
-__device__ __forceinline__ void mma_m16n8k16_bf16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if HF_INT8_SM >= 800 && defined(HF_INT8_CUDA_EMULATION)
-  ::hf_int8::emu::mma_m16n8k16_float(c, a, b, /*bf16=*/true);
-#elif HF_INT8_SM >= 800
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  (void)c;
-  (void)a;
-  (void)b;
+  (void)bf16;
   __trap();
 #endif
 }
