@@ -188,9 +188,10 @@ def check(so: Path, cuobjdump: str) -> tuple[list[Kernel], list[str]]:
                     failures.append(f"{label}: no IMMA (integer tensor-core) instruction")
                 if arch == REQUIRED_ARCH and k.count("IMMA.16832.S8.S8") == 0:
                     failures.append(f"{label}: no IMMA.16832.S8.S8 (mma.sync m16n8k32 s8) on {arch}")
-                if int(arch[3:5]) >= 80 and (k.count("LDGSTS") == 0 or k.count("LDSM") == 0):
+                sm80_or_newer = _arch_number(arch) >= 80
+                if sm80_or_newer and (k.count("LDGSTS") == 0 or k.count("LDSM") == 0):
                     failures.append(f"{label}: expected cp.async (LDGSTS) and ldmatrix (LDSM) on {arch}")
-                if int(arch[3:5]) >= 80 and (k.count("HMMA.16816.F32.BF16") == 0 or k.count("HMMA.16816.F32") == 0):
+                if sm80_or_newer and (k.count("HMMA.16816.F32.BF16") == 0 or k.count("HMMA.16816.F32") == 0):
                     failures.append(f"{label}: the outlier product has no fp16/bf16 tensor-core MMA (HMMA) on {arch}")
             if k.family == "hf_int8_gemv_dp4a_kernel" and k.count("IDP.4A") == 0:
                 failures.append(f"{label}: decode kernel has no IDP.4A (dp4a)")

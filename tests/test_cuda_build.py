@@ -335,3 +335,20 @@ def test_roofline_model_uses_the_kernels_split_plan():
         for m in (9, 16, 64, 65, 512, 4096):
             for n, k in roofline.SHAPES.values():
                 assert roofline.splits_for(m, n, k, sms) == module.gemm_splits(m, n, k, sms), (m, n, k, sms)
+
+
+def test_check_cuda_reads_three_digit_architectures():
+    """sm_100 and sm_120 are newer than sm_80: the sm_80+ checks (cp.async, ldmatrix, HMMA outliers) apply to them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_cuda", ROOT / "scripts" / "check_cuda.py")
+    check_cuda = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = check_cuda
+    spec.loader.exec_module(check_cuda)
+    assert [check_cuda._arch_number(a) for a in ("sm_75", "sm_80", "sm_90", "sm_100", "sm_120")] == [
+        75,
+        80,
+        90,
+        100,
+        120,
+    ]
