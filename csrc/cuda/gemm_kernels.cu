@@ -625,7 +625,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const BlockThread<Cf
 // Split-K: adds the block's partial int32 sums into the workspace and counts the block in at its tile. Returns true
 // in the block that arrives last, whose acc then holds the full sums (integer addition: the same result whatever the
 // order of arrival), false in the others, which are done. With a fused outlier product (fused_o) each split also
-// stores its fp32 partial, the last block adds them in split order (the same sum on every run), and *saw tells
+// stores its fp32 partial, the last block adds them in split order (the same sum on every run), and `saw` tells
 // whether any split met an outlier column (counted in the upper half of the tile's counter). The pattern of
 // threadFenceReduction: each thread's writes are fenced before the block's arrival is counted, and the last block
 // reads the sums from L2 after its own fence.
