@@ -352,3 +352,17 @@ def test_check_cuda_reads_three_digit_architectures():
         100,
         120,
     ]
+
+
+def test_cuda_self_check_reaches_split_k_on_both_tile_kernels():
+    """The first-use self-check on a GPU includes problems that split K across blocks (global atomics and fences,
+    which the emulator runs one block at a time) on both tensor-core tile sizes, with outliers, K a multiple of 16."""
+    from hf_int8.ops import _health
+
+    module = _extension.cuda_module()
+    cases = _health.CUDA_SELF_CHECK_CASES
+    assert {module.gemm_kernel_for(m) for m, _, _, _ in cases} == {"imma_64x64", "imma_128x128"}
+    for m, k, outliers, _ in cases:
+        assert outliers > 0 and k % 16 == 0, (m, k)
+        for sms in (4, 46, 108, 132):  # from a small GPU to an H100
+            assert module.gemm_splits(m, _health.SELF_CHECK_N, k, sms) > 1, (m, k, sms)

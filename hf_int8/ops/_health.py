@@ -181,6 +181,14 @@ SELF_CHECK_CASES = (
     (17, 64, 2, False),
     (20, 83, 12, True),
 )
+# CUDA devices only (the CPU kernels take paths the cases above cover, and their start-up cost stays as it was):
+# K = 1024 (16 K-tiles) on a GPU of 4 or more SMs splits K across blocks (the tiles alone cannot fill it), M = 33 with
+# the outlier product inside the 64x64 tiles' main loop, M = 80 with the 128x128 tiles' after it, both on tensor
+# cores for fp16/bf16; the blocks meet through global atomics and fences, which the CUDA emulator cannot exercise.
+CUDA_SELF_CHECK_CASES = (
+    (33, 1024, 16, True),
+    (80, 1024, 16, False),
+)
 _EPS_OUT = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
@@ -218,7 +226,8 @@ def _outside_tolerance(name: str, got: torch.Tensor, want: torch.Tensor, magnitu
 def _check_problems(device: torch.device, native_ops: set[str]) -> str | None:
     ops = torch.ops.hf_int8
     threshold = DEFAULT_THRESHOLD
-    for m, k, outliers, bias in SELF_CHECK_CASES:
+    cases = SELF_CHECK_CASES + (CUDA_SELF_CHECK_CASES if device.type == "cuda" else ())
+    for m, k, outliers, bias in cases:
         x32, w32, b32 = _problem_inputs(m, k, outliers, bias)
         for dtype in reference.FLOAT_DTYPES:
             what = f"{str(dtype).replace('torch.', '')}, M={m}, K={k}, {outliers} outlier columns"
@@ -263,8 +272,9 @@ def _check_problems(device: torch.device, native_ops: set[str]) -> str | None:
 
 
 def self_check(device: torch.device, native_ops: set[str]) -> str | None:
-    """Run :data:`SELF_CHECK_CASES` in every input dtype through the native kernels of ``native_ops`` on ``device``
-    and through the reference; return the first disagreement (or exception), ``None`` when all agree."""
+    """Run :data:`SELF_CHECK_CASES` (and on a CUDA device :data:`CUDA_SELF_CHECK_CASES`) in every input dtype through
+    the native kernels of ``native_ops`` on ``device`` and through the reference; return the first disagreement (or
+    exception), ``None`` when all agree."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     # Real tensors whatever the caller is doing: no fake/proxy tracing mode, autocast, autograd or default device.
