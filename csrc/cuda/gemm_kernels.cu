@@ -1082,11 +1082,10 @@ cudaError_t launch_int8_gemm(const GemmArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t launch_int8_linear(const LinearArgs& args, cudaStream_t stream) {
-  if (args.m == 0 || args.n == 0) return cudaSuccess;
-  cudaError_t err = launch_quantize_activation(args.x, args.x_dtype, args.m, args.k, args.threshold, args.codes,
-                                               args.row_scale, args.mask, stream);
-  if (err != cudaSuccess) return err;
+namespace {
+
+// The GEMM an int8_linear call runs after quantizing x.
+GemmArgs linear_gemm_args(const LinearArgs& args) {
   GemmArgs gemm;
   gemm.a = args.codes;
   gemm.b = args.weight;
@@ -1109,7 +1108,25 @@ cudaError_t launch_int8_linear(const LinearArgs& args, cudaStream_t stream) {
   gemm.sm_count = args.sm_count;
   gemm.workspace = args.workspace;
   gemm.workspace_bytes = args.workspace_bytes;
-  return launch_int8_gemm(gemm, stream);
+  return gemm;
+}
+
+}  // namespace
+
+size_t int8_gemm_workspace_bytes_for(const GemmArgs& args) {
+  return int8_gemm_workspace_bytes(args.m, args.n, args.k, args.sm_count, fp16_outliers(args));
+}
+
+size_t int8_linear_workspace_bytes(const LinearArgs& args) {
+  return int8_gemm_workspace_bytes_for(linear_gemm_args(args));
+}
+
+cudaError_t launch_int8_linear(const LinearArgs& args, cudaStream_t stream) {
+  if (args.m == 0 || args.n == 0) return cudaSuccess;
+  cudaError_t err = launch_quantize_activation(args.x, args.x_dtype, args.m, args.k, args.threshold, args.codes,
+                                               args.row_scale, args.mask, stream);
+  if (err != cudaSuccess) return err;
+  return launch_int8_gemm(linear_gemm_args(args), stream);
 }
 
 const char* compiled_arch_list() {

@@ -81,11 +81,9 @@ GemmArgs gemm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& o
   return args;
 }
 
-// Device scratch for split-K (launch.h), sized for these arguments; an undefined tensor when K is not split. The
+// `need` bytes of device scratch for split-K (launch.h); an undefined tensor when that is 0 (K is not split). The
 // caller keeps it alive until the launch is queued (the caching allocator orders its reuse on the stream).
-at::Tensor split_workspace(const GemmArgs& args, bool fp16_outliers, const at::Tensor& like, void** ptr,
-                           size_t* bytes) {
-  const size_t need = int8_gemm_workspace_bytes(args.m, args.n, args.k, args.sm_count, fp16_outliers);
+at::Tensor split_workspace(size_t need, const at::Tensor& like, void** ptr, size_t* bytes) {
   *ptr = nullptr;
   *bytes = need;
   if (need == 0) return at::Tensor();
@@ -103,7 +101,8 @@ at::Tensor int8_matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor bc = b.contiguous();
   at::Tensor out = at::empty({ac.size(0), bc.size(0)}, ac.options().dtype(at::kInt));
   GemmArgs args = gemm_args(ac, bc, out, DType::kInt32, info);
-  const at::Tensor workspace = split_workspace(args, false, ac, &args.workspace, &args.workspace_bytes);
+  const at::Tensor workspace =
+      split_workspace(int8_gemm_workspace_bytes_for(args), ac, &args.workspace, &args.workspace_bytes);
   C10_CUDA_CHECK(launch_int8_gemm(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -137,7 +136,8 @@ at::Tensor int8_scaled_matmul_cuda(const at::Tensor& a, const at::Tensor& b, con
   args.row_scale = rs.data_ptr<float>();
   args.col_scale = cs.data_ptr<float>();
   set_bias(args, bias_c);
-  const at::Tensor workspace = split_workspace(args, false, ac, &args.workspace, &args.workspace_bytes);
+  const at::Tensor workspace =
+      split_workspace(int8_gemm_workspace_bytes_for(args), ac, &args.workspace, &args.workspace_bytes);
   C10_CUDA_CHECK(launch_int8_gemm(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -199,13 +199,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   args.row_scale = row_scale.data_ptr<float>();
   args.mask = mask.data_ptr<bool>();
   args.sm_count = info.sm_count;
-  GemmArgs sizes;
-  sizes.m = m;
-  sizes.n = n;
-  sizes.k = k;
-  sizes.sm_count = info.sm_count;
-  const bool fp16_outliers = args.threshold > 0.0f && x_tag != DType::kFloat32;  // as launch_int8_linear decides
-  const at::Tensor workspace = split_workspace(sizes, fp16_outliers, xc, &args.workspace, &args.workspace_bytes);
+  const at::Tensor workspace =
+      split_workspace(int8_linear_workspace_bytes(args), xc, &args.workspace, &args.workspace_bytes);
   C10_CUDA_CHECK(launch_int8_linear(args, c10::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -53,6 +53,8 @@ struct GemmArgs {
 // mask with fp16/bf16 activations, whose product may be split too), and the number of blocks that share each tile
 // of C (1: no split-K).
 size_t int8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int sm_count, bool fp16_outliers);
+// The same for exactly these arguments (the pointers may still be null).
+size_t int8_gemm_workspace_bytes_for(const GemmArgs& args);
 int int8_gemm_splits(int64_t m, int64_t n, int64_t k, int sm_count);
 
 // Which kernel launch_int8_gemm uses for m rows: "gemv_dp4a" (m <= kDecodeMaxM), "imma_64x64" or "imma_128x128".
@@ -84,6 +86,9 @@ struct LinearArgs {
 };
 
 cudaError_t launch_int8_linear(const LinearArgs& args, cudaStream_t stream);
+// Bytes of device scratch (LinearArgs::workspace) launch_int8_linear needs for these arguments: it decides, from the
+// threshold and x's dtype, which GEMM it runs (the pointers may still be null).
+size_t int8_linear_workspace_bytes(const LinearArgs& args);
 
 // Value of __CUDA_ARCH_LIST__ the device code was compiled for, e.g. "800,900".
 const char* compiled_arch_list();

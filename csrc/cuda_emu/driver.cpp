@@ -97,8 +97,7 @@ void check(cudaError_t err, const Problem& p) {
 
 // The split-K scratch launch_int8_gemm asks for (exact size, so a write past it is an AddressSanitizer report; it
 // starts as 0xCD bytes, so a launch that forgot to zero it gives wrong sums).
-Buffer split_workspace(int64_t m, int64_t n, int64_t k, int sm_count, bool fp16_outliers, void** ptr, size_t* bytes) {
-  const size_t need = hf_int8::cuda::int8_gemm_workspace_bytes(m, n, k, sm_count, fp16_outliers);
+Buffer split_workspace(size_t need, void** ptr, size_t* bytes) {
   Buffer b(need, 0);
   *ptr = need > 0 ? b.data : nullptr;
   *bytes = need;
@@ -166,7 +165,8 @@ void run(const Problem& p) {
     Buffer out(size_t(m * n) * dtype_size(out_t), 0);
     args.out = out.data;
     args.out_dtype = out_t;
-    Buffer workspace = split_workspace(m, n, k, sm_count, false, &args.workspace, &args.workspace_bytes);
+    Buffer workspace =
+        split_workspace(hf_int8::cuda::int8_gemm_workspace_bytes_for(args), &args.workspace, &args.workspace_bytes);
     report_splits(p, m, n, k, sm_count);
     check(hf_int8::cuda::launch_int8_gemm(args, nullptr), p);
     write_output(p, "out", out);
@@ -199,8 +199,8 @@ void run(const Problem& p) {
     args.row_scale = reinterpret_cast<float*>(row_scale.data);
     args.mask = reinterpret_cast<bool*>(mask.data);
     args.sm_count = sm_count;
-    const bool fp16_outliers = args.threshold > 0.0f && t != DType::kFloat32;
-    Buffer workspace = split_workspace(m, n, k, sm_count, fp16_outliers, &args.workspace, &args.workspace_bytes);
+    Buffer workspace =
+        split_workspace(hf_int8::cuda::int8_linear_workspace_bytes(args), &args.workspace, &args.workspace_bytes);
     report_splits(p, m, n, k, sm_count);
     check(hf_int8::cuda::launch_int8_linear(args, nullptr), p);
     write_output(p, "out", out);
