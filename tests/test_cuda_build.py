@@ -322,14 +322,20 @@ def test_split_k_fills_the_device_only_when_the_grid_is_small():
     assert module.gemm_splits(16, 256, 1536, 1) == 1  # one SM: nothing to fill
 
 
-def test_roofline_model_uses_the_kernels_split_plan():
-    """scripts/roofline_cuda.py estimates the kernel that is built: its split-K plan is the extension's."""
+def _load_script(name: str):
+    """scripts/<name>.py imported as a module (registered first: dataclasses look their module up)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("roofline_cuda", ROOT / "scripts" / "roofline_cuda.py")
-    roofline = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = roofline  # dataclasses look their module up
-    spec.loader.exec_module(roofline)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_roofline_model_uses_the_kernels_split_plan():
+    """scripts/roofline_cuda.py estimates the kernel that is built: its split-K plan is the extension's."""
+    roofline = _load_script("roofline_cuda")
     module = _extension.cuda_module()
     for sms in (1, 108, 132):
         for m in (9, 16, 64, 65, 512, 4096):
@@ -339,12 +345,7 @@ def test_roofline_model_uses_the_kernels_split_plan():
 
 def test_check_cuda_reads_three_digit_architectures():
     """sm_100 and sm_120 are newer than sm_80: the sm_80+ checks (cp.async, ldmatrix, HMMA outliers) apply to them."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("check_cuda", ROOT / "scripts" / "check_cuda.py")
-    check_cuda = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = check_cuda
-    spec.loader.exec_module(check_cuda)
+    check_cuda = _load_script("check_cuda")
     assert [check_cuda._arch_number(a) for a in ("sm_75", "sm_80", "sm_90", "sm_100", "sm_120")] == [
         75,
         80,
