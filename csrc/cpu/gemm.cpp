@@ -120,19 +120,18 @@ bool make_outlier_pieces(const GemmProblem& q, OutlierPieces& pieces) {
   return true;
 }
 
-// The streaming (small-M) kernel for up to kSmallTileM rows; for up to kSmallMaxM rows too on CPUs without AMX, unless
-// many outlier columns make its per-row outlier product cost more than the packed path's fused one: it takes rows x
-// outlier columns up to kSmallRowsOutlierMax x K, and more than a few columns only with AVX512-BF16. Measured on an
-// AMD EPYC Zen 5, 2 threads, bf16 activations, 1536 x 8960 (times a call, small-M against packed): 16 tokens without
-// outliers 0.48 against 0.73 ms, 12 tokens 0.39 against 0.65; with 10% outlier columns 0.70 against 0.87 (16
-// tokens) and 0.54 against 0.77 (12); with 25% 1.0 against 1.0 (16) and 0.70 against 0.91 (12); with 70% 1.9-2.3
-// against 1.6-1.7 (16) and 1.5-1.7 against 1.4-1.5 (12).
-constexpr int64_t kSmallRowsOutlierMax = 4;
-
-Path choose(Isa isa, int64_t M, int64_t K = 0, int64_t n_outliers = 0) {
+// The streaming (small-M) kernel for up to kSmallTileM rows; for up to kSmallMaxM rows too on CPUs without AMX, with
+// more than a few outlier columns only on AVX512-BF16 (tile_outliers_bf16; the FMA route costs more than the packed
+// path's). Measured on an AMD EPYC Zen 5, 2 threads, bf16 activations, a call's time small-M against packed, 9 and 16
+// tokens: 70% outlier columns 0.93 / 1.37 against 1.48 / 1.79 ms (1536 x 8960), 1.04 / 1.43 against 1.70 / 1.84
+// (8960 x 1536), 1.33 / 1.82 against 1.80 / 2.24 (4096 x 4096), 0.20 / 0.30 against 0.29 / 0.34 (1536 x 1536); 25%
+// within +-7% either way; fewer outlier columns: small-M, as without outliers (16 tokens 0.48 against 0.73 ms on
+// 1536 x 8960, 12 tokens 0.39 against 0.65). Before tile_outliers_bf16 kept a token group's accumulators across a
+// tile's rows, the packed path won from about 25% outlier columns at 16 tokens.
+Path choose(Isa isa, int64_t M, int64_t n_outliers = 0) {
   if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallTileM) return Path::kSmallM;
   if (isa >= Isa::kAvx512Vnni && isa < Isa::kAmx && M <= avx512::kSmallMaxM &&
-      (n_outliers < kPieceMinCols || isa >= Isa::kAvx512Bf16) && n_outliers * M <= kSmallRowsOutlierMax * K) {
+      (n_outliers < kPieceMinCols || isa >= Isa::kAvx512Bf16)) {
     return Path::kSmallM;
   }
   if (isa >= Isa::kAmx) return Path::kAmx;
@@ -334,7 +333,7 @@ void gemm(Isa isa, const GemmProblem& p) {
     finish_all(p, nullptr, 0);
     return;
   }
-  const Path path = choose(isa, p.M, p.K, p.ep.kind != OutKind::kInt32 ? p.ep.n_outliers : 0);
+  const Path path = choose(isa, p.M, p.ep.kind != OutKind::kInt32 ? p.ep.n_outliers : 0);
   GemmProblem q = p;
 
   // Row sums of A for the +128 shift of the VNNI kernels.

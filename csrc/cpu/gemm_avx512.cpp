@@ -8,10 +8,10 @@
 //   NR rows of B at a time, 64 bytes of K per step, then reduced horizontally 16 accumulators at a time (above 8 rows
 //   in two passes, the second from L1). Bandwidth-bound by design at few rows: a thread's rows are read as NR long
 //   contiguous streams (see stream_prefetch_bytes).
-// packed (more rows, or 9-16 with many outlier columns; gemm.cpp, choose()): B is packed per 16 columns into the VNNI
-// layout [K/4][16][4] (u8), then a 12 x 32 register tile
-//   (24 accumulators) walks K four bytes at a time with A broadcast from memory: no horizontal reductions, and the
-//   epilogue runs on the accumulators straight from registers.
+// packed (more rows, or 9-16 with many outlier columns without AVX512-BF16; gemm.cpp, choose()): B is packed per 16
+//   columns into the VNNI layout [K/4][16][4] (u8), then a 12 x 32 register tile (24 accumulators) walks K four bytes
+//   at a time with A broadcast from memory: no horizontal reductions, and the epilogue runs on the accumulators
+//   straight from registers.
 #include "hf_int8/cpu_avx512.h"
 #include "hf_int8/cpu_kernels.h"
 
@@ -199,35 +199,82 @@ HF_INT8_TARGET_AVX512 void tile_outliers(const GemmProblem& p, const int64_t (&r
   reduce_rows_ps(partial, MR * NR, o);
 }
 
-// The outlier product of a tile on AVX512-BF16 (see SmallOutliers): o[i * NR + j] = col_scale(row j) * sum over the
-// outlier columns of x_outlier[i, c] * code(row j, c), the codes picked into `codes` (jp + 64 bytes) and converted to
-// bf16 (exact), 32 columns per VDPBF16PS per token and piece. Out of line: it needs the AVX512-BF16 target, which the
-// int8 loop does not.
-template <int MR, int NR>
-__attribute__((noinline)) HF_INT8_TARGET_AVX512_BF16 void tile_outliers_bf16(const GemmProblem& p,
-                                                                             const int64_t (&rows)[NR], int8_t* codes,
-                                                                             float* o) {
-  const SmallOutliers& so = *p.ep.small_outliers;
-  alignas(64) float partial[MR * NR * 16];
-  for (int j = 0; j < NR; ++j) {
-    pick_columns(p.b + rows[j] * p.ldb, *so.cols, codes);
-    __m512 acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < so.jp; c += 32) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-      const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // columns c .. c + 15 from lo, c + 16 .. c + 31 from hi
-      for (int t = 0; t < so.n_pieces; ++t) {
-        const uint16_t* x = so.x_pieces + t * p.M * so.jp + c;
-        for (int i = 0; i < MR; ++i) {
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(x + i * so.jp), w);
-        }
+// A thread's scratch for the AVX512-BF16 outlier product of the small-M kernel (tile_outliers_bf16).
+struct SmallOutlierScratch {
+  int8_t* codes = nullptr;  // one row's picked codes: jp + 64 bytes, zero-filled past them
+  uint16_t* w = nullptr;    // a tile's rows' codes as bf16: [jp / 32][NR][32]
+};
+
+// o[i * NR + j] = sum over the outlier columns of x pieces (token g0 + i) x code(row j), for G tokens, unscaled: the
+// G x NR accumulators stay in registers for the whole row (G * NR <= 24), each chunk's NR weight vectors and G token
+// vectors are loaded once. `x` points at token g0 of chunk 0 (SmallOutliers::x_pieces' layout).
+template <int G, int NR>
+HF_INT8_TARGET_AVX512_BF16 inline void outlier_group(const uint16_t* x, int64_t x_chunk, int64_t x_piece, int n_pieces,
+                                                     const uint16_t* w, int64_t chunks, float* o) {
+  __m512 acc[G][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512bh wj[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) wj[j] = (__m512bh)_mm512_loadu_si512(w + (c * NR + j) * 32);
+    const uint16_t* xc = x + c * x_chunk;
+    for (int t = 0; t < n_pieces; ++t) {
+      const uint16_t* xt = xc + t * x_piece;
+#pragma GCC unroll 8
+      for (int i = 0; i < G; ++i) {
+        const __m512bh xi = (__m512bh)_mm512_loadu_si512(xt + i * 32);
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xi, wj[j]);
       }
     }
-    for (int i = 0; i < MR; ++i) _mm512_store_ps(partial + (i * NR + j) * 16, acc[i]);
   }
-  reduce_rows_ps(partial, MR * NR, o);
+  alignas(64) float partial[G * NR * 16];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) _mm512_store_ps(partial + (i * NR + j) * 16, acc[i][j]);
+  }
+  reduce_rows_ps(partial, G * NR, o);
+}
+
+// Tokens per outlier_group: its G x NR accumulators, NR weight vectors and one token vector fit the 32 registers.
+constexpr int kOutlierGroupM = 8;
+
+// The outlier product of a tile on AVX512-BF16 (see SmallOutliers): o[i * NR + j] = col_scale(row j) * sum over the
+// outlier columns of x_outlier[i, c] * code(row j, c). Each row's codes are picked (pick_columns, VPERMB) and
+// converted to bf16 (exact) once, into scratch.w, then groups of up to 8 tokens dot them with their pieces, 32 columns
+// per VDPBF16PS (same order of additions for every group size). Converting per token and chunk instead, with one
+// accumulator per token and row, left the loop bound by loads and address arithmetic: 16 tokens, 70% outlier
+// columns, 4096 x 4096 took 2.4 ms a call. Out of line: it needs the AVX512-BF16 target, which the int8 loop does not.
+template <int MR, int NR>
+__attribute__((noinline)) HF_INT8_TARGET_AVX512_BF16 void tile_outliers_bf16(const GemmProblem& p,
+                                                                             const int64_t (&rows)[NR],
+                                                                             const SmallOutlierScratch& scratch,
+                                                                             float* o) {
+  const SmallOutliers& so = *p.ep.small_outliers;
+  const int64_t chunks = so.jp / 32;
+  for (int j = 0; j < NR; ++j) {
+    pick_columns(p.b + rows[j] * p.ldb, *so.cols, scratch.codes);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scratch.codes + c * 32));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+      // columns c .. c + 15 from lo, c + 16 .. c + 31 from hi
+      _mm512_storeu_si512(scratch.w + (c * NR + j) * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+  const int64_t x_piece = p.M * 32, x_chunk = so.n_pieces * x_piece;
+  constexpr int G0 = MR < kOutlierGroupM ? MR : kOutlierGroupM;
+  outlier_group<G0, NR>(so.x_pieces, x_chunk, x_piece, so.n_pieces, scratch.w, chunks, o);
+  if constexpr (MR > kOutlierGroupM) {
+    static_assert(MR <= 2 * kOutlierGroupM, "two token groups at most");
+    outlier_group<MR - kOutlierGroupM, NR>(so.x_pieces + kOutlierGroupM * 32, x_chunk, x_piece, so.n_pieces, scratch.w,
+                                           chunks, o + kOutlierGroupM * NR);
+  }
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) o[i * NR + j] *= p.ep.col_scale[rows[j]];
   }
@@ -247,7 +294,7 @@ struct StreamRun {
 // Tile t of a run: rows[j] = first[j] + t. Its exact int32 sums and outlier products go to the run's lane t.
 template <int MR, int NR>
 HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&first)[NR], int64_t t, bool outliers,
-                                       StreamRun<MR, NR>& run, int8_t* codes) {
+                                       StreamRun<MR, NR>& run, const SmallOutlierScratch& scratch) {
   int64_t rows[NR];
   const int8_t* b[NR];
   for (int j = 0; j < NR; ++j) {
@@ -264,7 +311,7 @@ HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&fir
   }
   float o[MR * NR];
   if (outliers && p.ep.small_outliers != nullptr) {
-    tile_outliers_bf16<MR, NR>(p, rows, codes, o);
+    tile_outliers_bf16<MR, NR>(p, rows, scratch, o);
   } else if (outliers) {
     tile_outliers<MR, NR>(p, rows, run.x_by_column, o);
   }
@@ -278,7 +325,8 @@ HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&fir
 
 // Rows first[j] .. first[j] + count of every stream j, count <= kRun.
 template <int MR, int NR>
-HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&first)[NR], int64_t count, int8_t* codes) {
+HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&first)[NR], int64_t count,
+                                      const SmallOutlierScratch& scratch) {
   StreamRun<MR, NR> run;
   const bool outliers = p.ep.kind != OutKind::kInt32 && p.ep.n_outliers > 0;
   if (outliers && p.ep.n_outliers <= kScalarOutliersMax) {
@@ -286,7 +334,7 @@ HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&firs
       for (int i = 0; i < 16; ++i) run.x_by_column[c][i] = i < MR ? p.ep.x_outlier[i * p.ep.n_outliers + c] : 0.0f;
     }
   }
-  for (int64_t t = 0; t < count; ++t) stream_tile<MR, NR>(p, first, t, outliers, run, codes);
+  for (int64_t t = 0; t < count; ++t) stream_tile<MR, NR>(p, first, t, outliers, run, scratch);
   const __mmask16 valid = mask16(count);
   const auto exact = [&](int j, int row) HF_INT8_TARGET_AVX512 {
     return _mm512_sub_epi32(_mm512_maskz_load_epi32(valid, run.acc[j][row]),
@@ -321,16 +369,19 @@ template <int MR>
 HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   constexpr int NR = nr_for(MR);
   const int64_t slice = (n_end - n_begin) / NR;  // rows per stream (stream_prefetch_bytes)
-  // A weight row's picked outlier codes (tile_outliers_bf16); zero-filled, so that the bytes past the picked ones are
-  // always initialized.
-  std::vector<int8_t> codes(p.ep.small_outliers != nullptr ? static_cast<size_t>(p.ep.small_outliers->jp + 64) : 0);
+  // tile_outliers_bf16's scratch; the codes zero-filled, so that the bytes past the picked ones are always
+  // initialized.
+  const int64_t jp = p.ep.small_outliers != nullptr ? p.ep.small_outliers->jp : 0;
+  std::vector<int8_t> codes(p.ep.small_outliers != nullptr ? static_cast<size_t>(jp + 64) : 0);
+  std::vector<uint16_t> w_bf16(static_cast<size_t>(NR * jp));
+  const SmallOutlierScratch scratch{codes.data(), w_bf16.data()};
   for (int64_t t0 = 0; t0 < slice; t0 += kRun) {
     int64_t first[NR];
     for (int j = 0; j < NR; ++j) first[j] = n_begin + j * slice + t0;
-    stream_run<MR, NR>(p, first, std::min(kRun, slice - t0), codes.data());
+    stream_run<MR, NR>(p, first, std::min(kRun, slice - t0), scratch);
   }
   const int64_t rest = n_begin + NR * slice;  // fewer than NR rows: one stream
-  for (int64_t n = rest; n < n_end; n += kRun) stream_run<MR, 1>(p, {n}, std::min(kRun, n_end - n), codes.data());
+  for (int64_t n = rest; n < n_end; n += kRun) stream_run<MR, 1>(p, {n}, std::min(kRun, n_end - n), scratch);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -414,14 +414,23 @@ bool prepare_small_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>
   cols = make_column_picker(bits, p.K);
   const int max_pieces = max_pieces_for(p.ep.kind);
   const int64_t jp = round_up(J, 32);
-  x_pieces.assign(static_cast<size_t>(max_pieces * M * jp), 0);
+  std::vector<uint16_t> split(static_cast<size_t>(max_pieces * M * jp), 0);  // [piece][M][jp]
   int n_pieces = 1;
   for (int64_t i = 0; i < M; ++i) {
-    uint16_t* p0 = x_pieces.data() + i * jp;
+    uint16_t* p0 = split.data() + i * jp;
     const int used = split_row_avx512(p.ep.x_outlier + i * J, J, p0, max_pieces > 1 ? p0 + M * jp : nullptr,
                                       max_pieces > 2 ? p0 + 2 * M * jp : nullptr);
     if (used == 0 || used > max_pieces) return false;
     n_pieces = std::max(n_pieces, used);
+  }
+  x_pieces.resize(static_cast<size_t>(n_pieces * M * jp));
+  for (int64_t c = 0; c < jp / 32; ++c) {
+    for (int t = 0; t < n_pieces; ++t) {
+      for (int64_t i = 0; i < M; ++i) {
+        std::memcpy(x_pieces.data() + ((c * n_pieces + t) * M + i) * 32, split.data() + (t * M + i) * jp + c * 32,
+                    32 * sizeof(uint16_t));
+      }
+    }
   }
   out.x_pieces = x_pieces.data();
   out.jp = jp;

@@ -310,7 +310,8 @@ bool prepare_packed_outliers(Isa isa, const GemmProblem& p, std::vector<uint32_t
 // by the row's col_scale. Gathering the codes column by column instead (VPGATHERQD) cost more than streaming the
 // rows once the tokens' outlier columns numbered a few dozen.
 struct SmallOutliers {
-  // [n_pieces][M][jp]: piece t of x_outlier[i, c] as bf16 at column c of row (t, i), zero past n_outliers
+  // [jp / 32][n_pieces][M][32]: piece t of x_outlier[i, c] as bf16 at [c / 32][t][i][c % 32], zero past n_outliers
+  // (a chunk of 32 columns holds every token's pieces side by side, read with one pointer)
   const uint16_t* x_pieces = nullptr;
   int64_t jp = 0;    // n_outliers rounded up to 32
   int n_pieces = 0;  // pieces the tokens' values need: 1 for bf16 activations, up to 2 for fp16, 3 for fp32
