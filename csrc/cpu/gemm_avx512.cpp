@@ -268,12 +268,13 @@ __attribute__((noinline)) HF_INT8_TARGET_AVX512_BF16 void tile_outliers_bf16(con
     }
   }
   const int64_t x_piece = p.M * 32, x_chunk = so.n_pieces * x_piece;
-  constexpr int G0 = MR < kOutlierGroupM ? MR : kOutlierGroupM;
+  // One group up to kOutlierGroupM tokens, else two of (nearly) equal size: a group of one or two tokens would reload
+  // the weight vectors for little work.
+  static_assert(MR <= 2 * kOutlierGroupM, "two token groups at most");
+  constexpr int G0 = MR <= kOutlierGroupM ? MR : (MR + 1) / 2;
   outlier_group<G0, NR>(so.x_pieces, x_chunk, x_piece, so.n_pieces, scratch.w, chunks, o);
-  if constexpr (MR > kOutlierGroupM) {
-    static_assert(MR <= 2 * kOutlierGroupM, "two token groups at most");
-    outlier_group<MR - kOutlierGroupM, NR>(so.x_pieces + kOutlierGroupM * 32, x_chunk, x_piece, so.n_pieces, scratch.w,
-                                           chunks, o + kOutlierGroupM * NR);
+  if constexpr (MR > G0) {
+    outlier_group<MR - G0, NR>(so.x_pieces + G0 * 32, x_chunk, x_piece, so.n_pieces, scratch.w, chunks, o + G0 * NR);
   }
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) o[i * NR + j] *= p.ep.col_scale[rows[j]];
