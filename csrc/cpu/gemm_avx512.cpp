@@ -374,8 +374,8 @@ HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, i
   // initialized.
   const int64_t jp = p.ep.small_outliers != nullptr ? p.ep.small_outliers->jp : 0;
   std::vector<int8_t> codes(p.ep.small_outliers != nullptr ? static_cast<size_t>(jp + 64) : 0);
-  std::vector<uint16_t> w_bf16(static_cast<size_t>(NR * jp));
-  const SmallOutlierScratch scratch{codes.data(), w_bf16.data()};
+  std::vector<uint16_t> w_storage;
+  const SmallOutlierScratch scratch{codes.data(), line_aligned(w_storage, static_cast<size_t>(NR * jp))};
   for (int64_t t0 = 0; t0 < slice; t0 += kRun) {
     int64_t first[NR];
     for (int j = 0; j < NR; ++j) first[j] = n_begin + j * slice + t0;

@@ -423,16 +423,16 @@ bool prepare_small_outliers(Isa isa, const GemmProblem& p, std::vector<uint16_t>
     if (used == 0 || used > max_pieces) return false;
     n_pieces = std::max(n_pieces, used);
   }
-  x_pieces.resize(static_cast<size_t>(n_pieces * M * jp));
+  uint16_t* dst = line_aligned(x_pieces, static_cast<size_t>(n_pieces * M * jp));
   for (int64_t c = 0; c < jp / 32; ++c) {
     for (int t = 0; t < n_pieces; ++t) {
       for (int64_t i = 0; i < M; ++i) {
-        std::memcpy(x_pieces.data() + ((c * n_pieces + t) * M + i) * 32, split.data() + (t * M + i) * jp + c * 32,
+        std::memcpy(dst + ((c * n_pieces + t) * M + i) * 32, split.data() + (t * M + i) * jp + c * 32,
                     32 * sizeof(uint16_t));
       }
     }
   }
-  out.x_pieces = x_pieces.data();
+  out.x_pieces = dst;
   out.jp = jp;
   out.n_pieces = n_pieces;
   out.cols = &cols;
