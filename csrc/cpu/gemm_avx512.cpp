@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -88,6 +89,23 @@ HF_INT8_TARGET_AVX512 void reduce_rows_ps(const float* acc, int n, float* out) {
   }
 }
 
+// out[i * NR + j] = the horizontal sum of acc[i][j] (int32 or fp32) for an MR x NR register tile: the accumulators are
+// stored and summed out of line (reduce_rows, reduce_rows_ps; see dot_tile).
+template <int MR, int NR, typename V, typename T>
+HF_INT8_TARGET_AVX512 inline void reduce_tile(const V (&acc)[MR][NR], T* out) {
+  alignas(64) T stored[MR * NR * 16];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) std::memcpy(stored + (i * NR + j) * 16, &acc[i][j], sizeof(V));
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    reduce_rows_ps(stored, MR * NR, out);
+  } else {
+    reduce_rows(stored, MR * NR, out);
+  }
+}
+
 // out[i * NR + j] = sum_k a[i, k] * (b[j][k] + 128) for MR rows of A and NR rows of B, 64 bytes of K per step. The
 // K tail is the last step with a byte mask (bytes past K load as 0 in A, so B's contribute nothing). Full steps load
 // unmasked on purpose: on AMD Zen 5, masked loads of the streamed rows (all bytes enabled) left the hardware
@@ -123,13 +141,7 @@ __attribute__((noinline)) HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, i
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], x);
     }
   }
-  alignas(64) int32_t stored[MR * NR * 16];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) _mm512_store_si512(stored + (i * NR + j) * 16, acc[i][j]);
-  }
-  reduce_rows(stored, MR * NR, out);
+  reduce_tile<MR, NR>(acc, out);
 }
 
 constexpr int nr_for(int mr) { return mr <= 6 ? 4 : 3; }  // streams per thread (see stream_prefetch_bytes)
@@ -214,12 +226,12 @@ HF_INT8_TARGET_AVX512_BF16 inline void outlier_group(const uint16_t* x, int64_t 
   __m512 acc[G][NR];
 #pragma GCC unroll 8
   for (int i = 0; i < G; ++i) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   }
   for (int64_t c = 0; c < chunks; ++c) {
     __m512bh wj[NR];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) wj[j] = (__m512bh)_mm512_loadu_si512(w + (c * NR + j) * 32);
     const uint16_t* xc = x + c * x_chunk;
     for (int t = 0; t < n_pieces; ++t) {
@@ -227,18 +239,12 @@ HF_INT8_TARGET_AVX512_BF16 inline void outlier_group(const uint16_t* x, int64_t 
 #pragma GCC unroll 8
       for (int i = 0; i < G; ++i) {
         const __m512bh xi = (__m512bh)_mm512_loadu_si512(xt + i * 32);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xi, wj[j]);
       }
     }
   }
-  alignas(64) float partial[G * NR * 16];
-#pragma GCC unroll 8
-  for (int i = 0; i < G; ++i) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) _mm512_store_ps(partial + (i * NR + j) * 16, acc[i][j]);
-  }
-  reduce_rows_ps(partial, G * NR, o);
+  reduce_tile<G, NR>(acc, o);
 }
 
 // Tokens per outlier_group: its G x NR accumulators, NR weight vectors and one token vector fit the 32 registers.
