@@ -59,11 +59,6 @@ struct SmallOutliers;
 
 enum class InKind : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// Columns to pick out of rows of K elements of lane_bytes bytes (pick_columns for bytes, gather_columns16 for 16-bit
-// values), from a bitset over K (64 per word): for each group of 64 / lane_bytes columns with any bit set, a VPERMB /
-// VPERMW index that moves its set columns, in order, to the front of the group's 64 bytes. Built once per call
-// (make_column_picker), used on every row. VPCOMPRESSB does the same from the bits alone but took ~10 cycles per 64
-// bytes on an AMD EPYC Zen 5 (4-6% of a 512-token Qwen2.5 down_proj with 70% outlier columns, perf), VPERMB ~1.
 // Scratch for vector kernels that load whole 64-byte lines: `v` resized to n elements plus the slack to start them on
 // a cache line, and a pointer to that start (a load that straddles two lines costs two; std::vector's storage is only
 // 16-byte aligned).
@@ -75,6 +70,11 @@ T* line_aligned(std::vector<T>& v, size_t n) {
   return reinterpret_cast<T*>((at + kLine - 1) & ~uintptr_t{kLine - 1});
 }
 
+// Columns to pick out of rows of K elements of lane_bytes bytes (pick_columns for bytes, gather_columns16 for 16-bit
+// values), from a bitset over K (64 per word): for each group of 64 / lane_bytes columns with any bit set, a VPERMB /
+// VPERMW index that moves its set columns, in order, to the front of the group's 64 bytes. Built once per call
+// (make_column_picker), used on every row. VPCOMPRESSB does the same from the bits alone but took ~10 cycles per 64
+// bytes on an AMD EPYC Zen 5 (4-6% of a 512-token Qwen2.5 down_proj with 70% outlier columns, perf), VPERMB ~1.
 struct ColumnPicker {
   int64_t K = 0;               // columns of a row
   int64_t count = 0;           // columns picked
