@@ -123,10 +123,11 @@ bool make_outlier_pieces(const GemmProblem& q, OutlierPieces& pieces) {
 // The streaming (small-M) kernel for up to kSmallTileM rows; for up to kSmallMaxM rows too on CPUs without AMX, with
 // more than a few outlier columns only on AVX512-BF16 (its FMA route costs more than the packed path's product).
 // Measured on an AMD EPYC Zen 5, 2 threads, bf16 activations, 9-16 tokens (docs/benchmarks.md, "9-16 tokens with many
-// outlier columns"): with 70% outlier columns 1.04-1.57x faster than the packed path on 4096x4096, 4096x11008,
-// 11008x4096 and 1536x8960, with 40% 1.1-1.6x on Qwen2.5's shapes; without outliers 16 tokens 0.48 against 0.73 ms on
-// 1536 x 8960, 12 tokens 0.39 against 0.65. Before tile_outliers_bf16 kept a token group's accumulators across a
-// tile's rows, the packed path won from about 25% outlier columns at 16 tokens and took those calls.
+// outlier columns"): with 70% outlier columns 1.04-1.56x faster than the packed path on 4096x4096, 4096x11008,
+// 11008x4096 and 1536x8960, with 40% 1.03-1.59x on Qwen2.5's shapes (one cell 0.74x, not repeated on rerun); without
+// outliers 16 tokens 0.48 against 0.73 ms on 1536 x 8960, 12 tokens 0.39 against 0.65. Before tile_outliers_bf16 kept
+// a token group's accumulators across a tile's rows, the packed path won from about 25% outlier columns at 16 tokens
+// and took those calls.
 Path choose(Isa isa, int64_t M, int64_t n_outliers = 0) {
   if (isa >= Isa::kAvx512Vnni && M <= avx512::kSmallTileM) return Path::kSmallM;
   if (isa >= Isa::kAvx512Vnni && isa < Isa::kAmx && M <= avx512::kSmallMaxM &&
