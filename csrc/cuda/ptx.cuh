@@ -224,16 +224,10 @@ __device__ __forceinline__ void fence_device() {
 #endif
 }
 
-// ld.global.cg: a 32-bit load served by the L2 (never from this SM's L1, which other SMs' atomics do not update).
-__device__ __forceinline__ int load_l2(const int* p) {
-#if defined(HF_INT8_CUDA_EMULATION)
-  return ::hf_int8::emu::load_l2(p);
-#else
-  return __ldcg(p);
-#endif
-}
-
-__device__ __forceinline__ float load_l2(const float* p) {
+// ld.global.cg: a 32-bit load (int or float) served by the L2 (never from this SM's L1, which other SMs' atomics do
+// not update).
+template <typename T>
+__device__ __forceinline__ T load_l2(const T* p) {
 #if defined(HF_INT8_CUDA_EMULATION)
   return ::hf_int8::emu::load_l2(p);
 #else
