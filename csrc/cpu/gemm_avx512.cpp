@@ -146,6 +146,11 @@ __attribute__((noinline)) HF_INT8_TARGET_AVX512 void dot_tile(const int8_t* a, i
 
 constexpr int nr_for(int mr) { return mr <= 6 ? 4 : 3; }  // streams per thread (see stream_prefetch_bytes)
 
+// 7 activation rows are dotted as 8, the 8th zero. For the 7-row, 3-stream tile GCC ran out of general registers
+// (7 row offsets, 3 streams, their prefetches) and moved one token's 64 bytes through the stack every step: 1536 x
+// 8960 weights took 0.31-0.35 ms a call with 7 tokens and 0.21-0.24 ms with 8 (AMD EPYC Zen 5, 2 threads).
+constexpr int kPaddedM = 7;
+
 // Up to 16 dequantized outlier weights of one row, float(row[cols[c]]) * scale for c < J, in a register (lanes past J
 // zero).
 HF_INT8_TARGET_AVX512 inline __m512 gather16_dequantized(const int8_t* row, const int64_t* cols, int64_t J,
@@ -211,10 +216,12 @@ HF_INT8_TARGET_AVX512 void tile_outliers(const GemmProblem& p, const int64_t (&r
   reduce_rows_ps(partial, MR * NR, o);
 }
 
-// A thread's scratch for the AVX512-BF16 outlier product of the small-M kernel (tile_outliers_bf16).
-struct SmallOutlierScratch {
-  int8_t* codes = nullptr;  // one row's picked codes: jp + 64 bytes, zero-filled past them
-  uint16_t* w = nullptr;    // a tile's rows' codes as bf16: [jp / 32][NR][32]
+// A thread's scratch for the small-M kernel: the AVX512-BF16 outlier product's (tile_outliers_bf16), and for 7 rows
+// the activations as 8 (kPaddedM).
+struct StreamScratch {
+  int8_t* codes = nullptr;     // one row's picked codes: jp + 64 bytes, zero-filled past them
+  uint16_t* w = nullptr;       // a tile's rows' codes as bf16: [jp / 32][NR][32]
+  const int8_t* a8 = nullptr;  // [8, K]: A's 7 rows and a row of zeros
 };
 
 // o[i * NR + j] = sum over the outlier columns of x pieces (token g0 + i) x code(row j), for G tokens, unscaled: the
@@ -259,8 +266,7 @@ constexpr int kOutlierGroupM = 8;
 template <int MR, int NR>
 __attribute__((noinline)) HF_INT8_TARGET_AVX512_BF16 void tile_outliers_bf16(const GemmProblem& p,
                                                                              const int64_t (&rows)[NR],
-                                                                             const SmallOutlierScratch& scratch,
-                                                                             float* o) {
+                                                                             const StreamScratch& scratch, float* o) {
   const SmallOutliers& so = *p.ep.small_outliers;
   const int64_t chunks = so.jp / 32;
   for (int j = 0; j < NR; ++j) {
@@ -301,7 +307,7 @@ struct StreamRun {
 // Tile t of a run: rows[j] = first[j] + t. Its exact int32 sums and outlier products go to the run's lane t.
 template <int MR, int NR>
 HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&first)[NR], int64_t t, bool outliers,
-                                       StreamRun<MR, NR>& run, const SmallOutlierScratch& scratch) {
+                                       StreamRun<MR, NR>& run, const StreamScratch& scratch) {
   int64_t rows[NR];
   const int8_t* b[NR];
   for (int j = 0; j < NR; ++j) {
@@ -309,7 +315,11 @@ HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&fir
     b[j] = p.b + rows[j] * p.ldb;
   }
   int32_t acc[MR * NR];
-  if constexpr (MR > kSmallTileM) {
+  if constexpr (MR == kPaddedM) {
+    int32_t acc8[(MR + 1) * NR];
+    dot_tile<MR + 1, NR>(scratch.a8, p.K, b, p.K, acc8);
+    std::memcpy(acc, acc8, sizeof(acc));  // rows 0 .. 6 (acc8[i * NR + j])
+  } else if constexpr (MR > kSmallTileM) {
     // Two passes over the tile's rows: the first streams them, the second reads them from L1.
     dot_tile<kSmallTileM, NR>(p.a, p.lda, b, p.K, acc);
     dot_tile<MR - kSmallTileM, NR, false>(p.a + kSmallTileM * p.lda, p.lda, b, p.K, acc + kSmallTileM * NR);
@@ -333,7 +343,7 @@ HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&fir
 // Rows first[j] .. first[j] + count of every stream j, count <= kRun.
 template <int MR, int NR>
 HF_INT8_TARGET_AVX512 void stream_run(const GemmProblem& p, const int64_t (&first)[NR], int64_t count,
-                                      const SmallOutlierScratch& scratch) {
+                                      const StreamScratch& scratch) {
   StreamRun<MR, NR> run;
   const bool outliers = p.ep.kind != OutKind::kInt32 && p.ep.n_outliers > 0;
   if (outliers && p.ep.n_outliers <= kScalarOutliersMax) {
@@ -381,7 +391,13 @@ HF_INT8_TARGET_AVX512 void small_m_rows(const GemmProblem& p, int64_t n_begin, i
   const int64_t jp = p.ep.small_outliers != nullptr ? p.ep.small_outliers->jp : 0;
   std::vector<int8_t> codes(p.ep.small_outliers != nullptr ? static_cast<size_t>(jp + 64) : 0);
   std::vector<uint16_t> w_storage;
-  const SmallOutlierScratch scratch{codes.data(), line_aligned(w_storage, static_cast<size_t>(NR * jp))};
+  std::vector<int8_t> a8_storage;
+  int8_t* a8 = nullptr;
+  if constexpr (MR == kPaddedM) {
+    a8 = line_aligned(a8_storage, static_cast<size_t>((MR + 1) * p.K));  // zero-filled: row MR stays 0
+    for (int i = 0; i < MR; ++i) std::memcpy(a8 + i * p.K, p.a + i * p.lda, static_cast<size_t>(p.K));
+  }
+  const StreamScratch scratch{codes.data(), line_aligned(w_storage, static_cast<size_t>(NR * jp)), a8};
   for (int64_t t0 = 0; t0 < slice; t0 += kRun) {
     int64_t first[NR];
     for (int j = 0; j < NR; ++j) first[j] = n_begin + j * slice + t0;
