@@ -247,8 +247,8 @@ constexpr int64_t outlier_panel_words(int64_t pairs) { return pairs * kPanelCols
 void pack_panel(const int8_t* b, int64_t ldb, int64_t n_rows, int64_t K, int64_t kq, bool flip, uint8_t* panel);
 // dst[0 .. c.count) = the columns c picks out of the row src[0 .. c.K), in order (VPERMB, AVX512-VBMI:
 // Isa::kAvx512Bf16 and up). dst must hold c.count + 64 bytes; the bytes after the picked ones, up to the end of the
-// last 64-byte store, are 0.
-void pick_columns(const int8_t* src, const ColumnPicker& c, int8_t* dst);
+// last 64-byte store, are 0. With prefetch_l2 (another row), the same words of it are prefetched into L2 on the way.
+void pick_columns(const int8_t* src, const ColumnPicker& c, int8_t* dst, const int8_t* prefetch_l2 = nullptr);
 // out[m * c.count + j] = float(x[m * ldx + j-th picked column]) for rows [m_begin, m_end) of bf16 (else fp16) x, with
 // a picker of 2-byte lanes (VPERMW, AVX512-BW).
 void gather_columns16(const uint16_t* x, int64_t ldx, int64_t m_begin, int64_t m_end, const ColumnPicker& c, bool bf16,
