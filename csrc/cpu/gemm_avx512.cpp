@@ -620,7 +620,7 @@ HF_INT8_TARGET_AVX512 void packed_tail(int mr, const GemmProblem& p, int64_t m0,
 // outlier column 2q) | bf16(code of column 2q + 1) << 16 for row r, 0 past the outlier columns and past n_rows. Each
 // row's codes are picked into `codes` (16 rows of ld_codes bytes), widened to bf16 pairs row by row into `rows` (16
 // rows of round_up(pairs, 16) dwords), then transposed 16 x 16.
-HF_INT8_TARGET_AVX512_VBMI void pack_outlier_panel(const int8_t* b, int64_t ldb, int64_t n_rows,
+HF_INT8_TARGET_AVX512_BF16 void pack_outlier_panel(const int8_t* b, int64_t ldb, int64_t n_rows,
                                                    const PackedOutliers& o, int8_t* codes, int64_t ld_codes,
                                                    uint32_t* rows, uint32_t* panel) {
   const int64_t padded = round_up(o.pairs, 16);
@@ -633,11 +633,14 @@ HF_INT8_TARGET_AVX512_VBMI void pack_outlier_panel(const int8_t* b, int64_t ldb,
     int8_t* row_codes = codes + r * ld_codes;
     pick_columns(b + r * ldb, *o.cols, row_codes);
     const int64_t n_codes = o.cols->count;
-    for (int64_t q = 0; q < padded; q += 8) {  // 8 pairs: 16 codes
+    for (int64_t q = 0; q < padded; q += 16) {  // 16 pairs: 32 codes, converted by VCVTNE2PS2BF16 (exact)
       const int64_t j = 2 * q;
-      const __m128i c8 = _mm_maskz_loadu_epi8(mask16(std::max<int64_t>(0, n_codes - j)), row_codes + j);
-      const __m512i bf16 = _mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c8))), 16);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + q), _mm512_cvtepi32_epi16(bf16));
+      const __mmask32 in_row =
+          n_codes - j >= 32 ? ~__mmask32(0) : (__mmask32(1) << std::max<int64_t>(0, n_codes - j)) - 1;
+      const __m256i c = _mm256_maskz_loadu_epi8(in_row, row_codes + j);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
+      _mm512_storeu_si512(dst + q, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // codes j .. j + 15 from lo, then hi
     }
   }
   alignas(64) uint32_t block[16 * 16];
