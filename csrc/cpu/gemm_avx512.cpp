@@ -765,9 +765,15 @@ HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, const int8_t* x_panels, 
     const int64_t n0 = n_begin + q * kPanelCols, rows = std::min<int64_t>(kPanelCols, n_end - n0);
     const int8_t* b = p.b + n0 * p.ldb;
     int64_t ldb = p.ldb;
+    // Picking the kept columns is the rows' first touch (from memory): the next panel's rows are prefetched into L2 on
+    // the way. Measured on an AMD EPYC Zen 5, 2 threads, bf16 activations, 70% outlier columns, alternating builds: 24
+    // tokens on 1536 x 8960 1.62-1.75 -> 1.47-1.56 ms, 32 tokens on 4096 x 4096 2.19 -> 1.99-2.04 ms. The same
+    // prefetch in pack_panel (no columns kept out, 6.5% outlier columns, 32 tokens) changed nothing measurable.
+    const int8_t* next = q + 1 < n_panels ? p.b + (n0 + kPanelCols) * p.ldb : nullptr;
     if (p.b_keep != nullptr) {
       for (int64_t r = 0; r < rows; ++r) {
-        pick_columns(b + r * p.ldb, *p.b_keep, kept.data() + r * ld_kept);
+        pick_columns(b + r * p.ldb, *p.b_keep, kept.data() + r * ld_kept,
+                     next == nullptr ? nullptr : next + r * p.ldb);
       }
       b = kept.data();
       ldb = ld_kept;
