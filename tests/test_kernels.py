@@ -44,6 +44,9 @@ SHAPES += [(1, 4096, 75), (8, 512, 130), (130, 1024, 136)]
 SHAPES += [(24, 4500, 70)]
 # 9-16 tokens: the CPU streaming kernel's two passes per weight tile (8 rows, then the rest from cache).
 SHAPES += [(13, 1000, 130), (16, 200, 75)]
+# 12 tokens x 3000 bytes of activations: past the 32 KiB up to which the streaming kernel keeps each activation vector
+# in a register (kActivationsInL1Bytes); its tiles then read them from memory operands.
+SHAPES += [(12, 3000, 70)]
 # 33 tokens, K a multiple of 16: on CUDA the 64x64 tensor-core tiles with K split across blocks and the outlier
 # product taken inside the main loop from 16-byte mask loads ((24, 4500, 70) takes the byte-wise variant).
 SHAPES += [(33, 2048, 96)]
