@@ -151,8 +151,8 @@ constexpr int nr_for(int mr) { return mr <= 6 ? 4 : 3; }  // streams per thread 
 
 // dot_tile keeps each activation vector in a register while a tile's activations (rows x K bytes) fit in this many
 // bytes of L1, and lets every product load it from memory above. Measured on an AMD EPYC Zen 5 (48 KiB L1D), 2
-// threads, alternating builds: 16 tokens on 8960 x 1536 (K = 1536) 0.34-0.36 -> 0.29 ms in a register, 8 tokens on
-// 1536 x 8960 (K = 8960, activations from L2) 0.26-0.30 -> 0.33-0.34 ms slower.
+// threads, alternating builds (layers in x out): 16 tokens on 1536 x 8960 (K = 1536) 0.34-0.36 -> 0.29 ms in a
+// register, 8 tokens on 8960 x 1536 (K = 8960, activations from L2) 0.26-0.30 -> 0.33-0.34 ms slower.
 constexpr int64_t kActivationsInL1Bytes = 32 * 1024;
 
 template <int MR, int NR, bool Stream = true>
@@ -166,8 +166,8 @@ HF_INT8_TARGET_AVX512 inline void dot_rows(const int8_t* a, int64_t lda, const i
 }
 
 // 7 activation rows are dotted as 8, the 8th zero. For the 7-row, 3-stream tile GCC ran out of general registers
-// (7 row offsets, 3 streams, their prefetches) and moved one token's 64 bytes through the stack every step: 1536 x
-// 8960 weights took 0.31-0.35 ms a call with 7 tokens and 0.21-0.24 ms with 8 (AMD EPYC Zen 5, 2 threads).
+// (7 row offsets, 3 streams, their prefetches) and moved one token's 64 bytes through the stack every step: a 1536 x
+// 8960 layer (in x out) took 0.31-0.35 ms a call with 7 tokens and 0.21-0.24 ms with 8 (AMD EPYC Zen 5, 2 threads).
 constexpr int kPaddedM = 7;
 
 // Up to 16 dequantized outlier weights of one row, float(row[cols[c]]) * scale for c < J, in a register (lanes past J
@@ -372,11 +372,11 @@ HF_INT8_TARGET_AVX512 void stream_tile(const GemmProblem& p, const int64_t (&fir
 // each row's codes it prefetches into L2 the same stream's row of the next pair, which the next int8 pass then reads
 // from L2 instead of memory (the outlier product had no memory reads to overlap). Measured on an AMD EPYC Zen 5, 2
 // threads, 70% outlier columns, bf16 activations, three rounds alternating builds: 4096 x 4096 with 16 tokens
-// 1.56-1.60 -> 1.29-1.35 ms, 11008 x 4096 (K = 4096, N = 11008) with 12 tokens 3.54-3.70 -> 3.06-3.17 ms; the
+// 1.56-1.60 -> 1.29-1.35 ms, 4096 x 11008 (in x out) with 12 tokens 3.54-3.70 -> 3.06-3.17 ms; the
 // prefetch two tiles ahead without the pairs was slower on the latter (3.26-4.84 ms). At 7-8 tokens (one int8 pass,
 // which prefetches the rows itself) the pairs were 3-4% slower with 100 outlier columns: there a tile stays alone.
 template <int MR, int NR>
-constexpr bool kPairedOutliers = MR > kSmallTileM&& NR == 3;
+constexpr bool kPairedOutliers = (MR > kSmallTileM) && (NR == 3);
 
 // Tiles t and t + 1 of a run (just t when !pair): their int8 sums, then their outlier product on AVX512-BF16 together.
 template <int MR, int NR>
