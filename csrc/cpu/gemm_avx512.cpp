@@ -274,7 +274,7 @@ HF_INT8_TARGET_AVX512_BF16 inline void outlier_group(const uint16_t* x, int64_t 
 }
 
 // Tokens per outlier_group: its G x NR accumulators, NR weight vectors and one token vector fit the 32 registers.
-constexpr int outlier_group_m(int nr) { return nr <= 3 ? 8 : 24 / nr; }
+constexpr int outlier_group_m(int nr) { return std::min(8, 24 / nr); }
 
 // The outlier product of a tile on AVX512-BF16 (see SmallOutliers): o[i * NR + j] = col_scale(row j) * sum over the
 // outlier columns of x_outlier[i, c] * code(row j, c). Each row's codes are picked (pick_columns, VPERMB) and
@@ -635,9 +635,7 @@ HF_INT8_TARGET_AVX512_BF16 void pack_outlier_panel(const int8_t* b, int64_t ldb,
     const int64_t n_codes = o.cols->count;
     for (int64_t q = 0; q < padded; q += 16) {  // 16 pairs: 32 codes, converted by VCVTNE2PS2BF16 (exact)
       const int64_t j = 2 * q;
-      const __mmask32 in_row =
-          n_codes - j >= 32 ? ~__mmask32(0) : (__mmask32(1) << std::max<int64_t>(0, n_codes - j)) - 1;
-      const __m256i c = _mm256_maskz_loadu_epi8(in_row, row_codes + j);
+      const __m256i c = _mm256_maskz_loadu_epi8(mask32(std::max<int64_t>(0, n_codes - j)), row_codes + j);
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
       const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
       _mm512_storeu_si512(dst + q, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // codes j .. j + 15 from lo, then hi
@@ -723,11 +721,9 @@ HF_INT8_TARGET_AVX512 void pick_columns16(const uint16_t* row, const ColumnPicke
   int64_t written = 0;
   for (size_t i = 0; i < c.words.size(); ++i) {
     const int64_t at = c.words[i] * 32, valid = std::min<int64_t>(32, c.K - at);
-    const __mmask32 in_row = valid == 32 ? ~__mmask32(0) : (__mmask32(1) << valid) - 1;
-    const __m512i v = _mm512_maskz_loadu_epi16(in_row, row + at);
+    const __m512i v = _mm512_maskz_loadu_epi16(mask32(valid), row + at);
     const __m512i index = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(&c.index[i * 32])));
-    const __mmask32 taken = c.taken[i] == 32 ? ~__mmask32(0) : (__mmask32(1) << c.taken[i]) - 1;
-    _mm512_storeu_si512(dst + written, _mm512_maskz_permutexvar_epi16(taken, index, v));
+    _mm512_storeu_si512(dst + written, _mm512_maskz_permutexvar_epi16(mask32(c.taken[i]), index, v));
     written += c.taken[i];
   }
   // zeros up to the next multiple of 32 (the last store covers part of it)
@@ -769,8 +765,8 @@ HF_INT8_TARGET_AVX512 void packed(const GemmProblem& p, const int8_t* x_panels, 
     // the way. Measured on an AMD EPYC Zen 5, 2 threads, bf16 activations, 70% outlier columns, alternating builds: 24
     // tokens on 1536 x 8960 1.62-1.75 -> 1.47-1.56 ms, 32 tokens on 4096 x 4096 2.19 -> 1.99-2.04 ms. The same
     // prefetch in pack_panel (no columns kept out, 6.5% outlier columns, 32 tokens) changed nothing measurable.
-    const int8_t* next = q + 1 < n_panels ? p.b + (n0 + kPanelCols) * p.ldb : nullptr;
     if (p.b_keep != nullptr) {
+      const int8_t* next = q + 1 < n_panels ? p.b + (n0 + kPanelCols) * p.ldb : nullptr;
       for (int64_t r = 0; r < rows; ++r) {
         pick_columns(b + r * p.ldb, *p.b_keep, kept.data() + r * ld_kept,
                      next == nullptr ? nullptr : next + r * p.ldb);

@@ -26,6 +26,10 @@ HF_INT8_TARGET_AVX512 inline __mmask16 mask16(int64_t n_valid) {
   return n_valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n_valid) - 1u);
 }
 
+HF_INT8_TARGET_AVX512 inline __mmask32 mask32(int64_t n_valid) {
+  return n_valid >= 32 ? ~__mmask32(0) : (__mmask32(1) << n_valid) - 1;
+}
+
 HF_INT8_TARGET_AVX512 inline __mmask64 low_mask64(int64_t n_valid) {
   return n_valid >= 64 ? ~__mmask64(0) : (__mmask64(1) << n_valid) - 1;
 }
