@@ -67,7 +67,9 @@ assets: $(STAMPS)/assets
 demo: setup
 	$(PY) scripts/demo.py $(if $(MODEL),--model $(MODEL),)
 
-test: setup
+# The pinned linters too: tests/test_docs.py checks that every command the docs give runs, development.md's ruff and
+# clang-format ones included (a fresh clone's `make test` failed there when `make lint` had not run first).
+test: setup $(STAMPS)/lint-deps
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-gpu: setup
