@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_int8  # noqa: F401
 from hf_int8 import Int8Linear, cli
+from hf_int8.nn import FloatLinear
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_quantize_writes_a_loadable_llmint8_folder(quantized, fp_path):
     assert qcfg["quant_method"] == "llmint8" and qcfg["skip_modules"] == ["down_proj"]
     model = AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.float32)
     assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear)
-    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear and type(model.lm_head) is torch.nn.Linear
+    assert type(model.model.layers[0].mlp.down_proj) is FloatLinear and type(model.lm_head) is FloatLinear
 
 
 def test_quantize_prints_a_summary(fp_path, tmp_path, capsys):

@@ -21,7 +21,7 @@ import torch
 
 import hf_int8
 from hf_int8 import _extension
-from hf_int8.ops import OP_NAMES
+from hf_int8.ops import CUDA_OP_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 FALSY = ("0", "false", "False", "no", "")
@@ -63,7 +63,7 @@ def test_cuda_extension_is_built_and_loads():
     assert list(ROOT.glob("hf_int8/_C_cuda*.so")), "no built hf_int8/_C_cuda*.so in the source tree"
 
 
-@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("op", CUDA_OP_NAMES)
 def test_every_op_has_a_cuda_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hf_int8::{op}", "CUDA"), (
         f"hf_int8::{op} has no CUDA kernel"

@@ -60,7 +60,7 @@ def cuda_int8(smollm2_path):
 def test_native_cuda_kernels_serve_every_op():
     assert hf_int8.extension_status()["hf_int8._C_cuda"] == "loaded", hf_int8.extension_status()
     impls = hf_int8.implementations()
-    assert all(impls[f"{op}[cuda]"] == "native" for op in hf_int8.ops.OP_NAMES), impls
+    assert all(impls[f"{op}[cuda]"] == "native" for op in hf_int8.ops.CUDA_OP_NAMES), impls
 
 
 def test_gpu_quantization_is_bit_identical_to_cpu(cpu_int8, cuda_int8):

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import hf_int8  # noqa: F401
 from hf_int8 import Int8Config, Int8Linear
 from hf_int8.integration import interop
+from hf_int8.nn import FloatLinear
 from hf_int8.ops.constants import INT8_MAX
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (a test extra) is not installed")
@@ -193,7 +194,7 @@ def test_skip_modules_survive_both_directions(tmp_path):
     report = interop.convert(tmp_path / "bnb", tmp_path / "l", "llmint8")
     assert report.dequantized == ["lm_head"]
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "l", dtype=torch.float16)
-    assert type(ours.lm_head) is torch.nn.Linear and type(ours.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert type(ours.lm_head) is FloatLinear and type(ours.model.layers[1].mlp.down_proj) is FloatLinear
     assert isinstance(ours.model.layers[1].mlp.up_proj, Int8Linear)
     head = theirs.lm_head
     want = (head.weight.data.float() * head.weight.SCB.float().unsqueeze(1) / INT8_MAX).half()

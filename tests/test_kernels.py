@@ -451,6 +451,7 @@ def _opcheck_samples(device: str):
     weight, scale = weight.to(device), scale.to(device)
     x = _activations(9, 70, torch.float32, "outliers").to(device)
     a = _int8((9, 70), 2).to(device)
+    w_float = torch.randn(33, 70, generator=_gen(3)).to(device) * 0.05
     return {
         "quantize_weight": [(torch.randn(33, 70, device=device).to(torch.bfloat16),)],
         "quantize_activation": [(x, 6.0), (x.half(), 0.0)],
@@ -462,6 +463,11 @@ def _opcheck_samples(device: str):
         "int8_linear": [
             (x.clone().requires_grad_(True), weight, scale, torch.randn(33, device=device), 6.0),
             (x.reshape(3, 3, 70).half(), weight, scale, None, 0.0),
+        ],
+        "float_linear": [
+            (x[:3].bfloat16(), w_float.bfloat16(), torch.randn(33, device=device).bfloat16()),  # streamed (CPU)
+            (x.reshape(3, 3, 70).bfloat16().requires_grad_(True), w_float.bfloat16().requires_grad_(True), None),
+            (torch.randn(20, 70, device=device), w_float, torch.randn(33, device=device)),  # torch's linear
         ],
     }
 
@@ -578,3 +584,106 @@ def test_non_contiguous_inputs(target):
     assert_within(got, want, int8_linear_tolerance(x.cpu(), weight, scale, None, 6.0), "column-major x")
     codes = torch.ops.hf_int8.quantize_activation(x, 6.0)[0]
     assert torch.equal(codes.cpu(), ref.quantize_activation(x.cpu(), 6.0)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float_linear: the layers an llmint8 model keeps in floating point (csrc/cpu/float_linear.cpp). On CPUs with
+# AVX512-BF16 bf16 inputs of up to 16 tokens stream the weight (tokens in passes of 4, weight rows in 4 streams per
+# thread, the rows left over one by one, K in steps of 32 with a masked tail); everything else runs torch's linear.
+# ---------------------------------------------------------------------------------------------------------------
+FLOAT_SHAPES = [(1, 1, 1), (1, 31, 5), (2, 33, 7), (3, 200, 75), (4, 64, 130), (5, 1000, 9), (7, 83, 257)]
+FLOAT_SHAPES += [(8, 1536, 66), (9, 130, 200), (16, 77, 129), (17, 200, 75), (83, 1000, 130)]
+
+
+def _float_linear_inputs(m: int, k: int, n: int, dtype: torch.dtype, seed: int = 0):
+    x = torch.randn(m, k, generator=_gen(seed)) * 3
+    w = torch.randn(n, k, generator=_gen(seed + 1)) * 0.05
+    w[n // 2] = 0.0
+    bias = torch.randn(n, generator=_gen(seed + 2))
+    return x.to(dtype), w.to(dtype), bias.to(dtype)
+
+
+def float_linear_tolerance(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Two fp32 evaluations of ``x @ w.T + bias`` (K + 1 terms, exact bf16/fp16 products), each cast once."""
+    magnitude = x.double().abs().reshape(-1, x.shape[-1]) @ w.double().abs().t()
+    if bias is not None:
+        magnitude += bias.double().abs()
+    return fp32_sum_tolerance(magnitude, x.shape[-1] + 1, x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("m,k,n", FLOAT_SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in FLOAT_SHAPES])
+def test_float_linear(target, m, k, n):
+    device, _ = target
+    if device != "cpu":
+        pytest.skip("float_linear has no CUDA kernel (ops.CUDA_OP_NAMES): FloatLinear runs torch's linear there")
+    for dtype in DTYPES:
+        x, w, bias = _float_linear_inputs(m, k, n, dtype, seed=m + k)
+        for b in (bias, None):
+            got = ops.float_linear(x, w, b)
+            want = ref.float_linear(x, w, b)
+            assert_within(got, want, float_linear_tolerance(x, w, b), f"{dtype}, bias {b is not None}")
+            if b is not None:  # a zero weight row gives exactly the bias
+                assert torch.equal(got[:, n // 2], bias[n // 2].expand(m)), dtype
+
+
+def test_float_linear_leading_dims_strides_and_empty(target):
+    device, _ = target
+    if device != "cpu":
+        pytest.skip("float_linear has no CUDA kernel (ops.CUDA_OP_NAMES): FloatLinear runs torch's linear there")
+    x, w, bias = _float_linear_inputs(6, 90, 40, torch.bfloat16)
+    got = ops.float_linear(x.reshape(2, 3, 90), w, bias)
+    assert got.shape == (2, 3, 40) and torch.equal(got.reshape(6, 40), ops.float_linear(x, w, bias))
+    wide = torch.zeros(6, 180, dtype=torch.bfloat16)
+    wide[:, ::2] = x
+    assert torch.equal(ops.float_linear(wide[:, ::2], w, bias), ops.float_linear(x, w, bias))  # strided x
+    for shape in [(0, 90), (2, 0, 90)]:
+        out = ops.float_linear(torch.zeros(shape, dtype=torch.bfloat16), w, bias)
+        assert out.shape == (*shape[:-1], 40) and out.dtype == torch.bfloat16
+    no_features = ops.float_linear(
+        torch.zeros(3, 0, dtype=torch.bfloat16), torch.zeros(4, 0, dtype=torch.bfloat16), bias[:4]
+    )
+    assert torch.equal(no_features, bias[:4].expand(3, 4))
+
+
+def test_float_linear_non_finite_inputs(target):
+    device, _ = target
+    if device != "cpu":
+        pytest.skip("float_linear has no CUDA kernel (ops.CUDA_OP_NAMES): FloatLinear runs torch's linear there")
+    x, w, bias = _float_linear_inputs(5, 100, 70, torch.bfloat16)
+    x[1, 3] = float("nan")
+    x[2, 50] = float("inf")
+    x[3, 7] = 1e-39  # subnormal in bf16 and fp32: may be flushed, within the tolerance's absolute term
+    got, want = ops.float_linear(x, w, bias), ref.float_linear(x, w, bias)
+    assert got[1].isnan().all() and (got[2, :].isinf() | got[2, :].isnan() | (w[:, 50] == 0)).all()
+    assert_within(got, want, float_linear_tolerance(x.nan_to_num(posinf=0.0), w, bias), "non-finite inputs")
+
+
+def test_float_linear_does_not_depend_on_thread_count(cpu_native):
+    x, w, bias = _float_linear_inputs(16, 300, 1000, torch.bfloat16)
+    old = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = [ops.float_linear(x[:m], w, bias) for m in (1, 4, 7, 16)]
+    finally:
+        torch.set_num_threads(old)
+    for threads in (2, 3):
+        for got, want in zip(results[threads], results[1], strict=True):
+            assert torch.equal(got, want), f"{threads} threads differ from 1 thread"
+
+
+def test_float_linear_names_offending_arguments(cpu_native):
+    x, w, bias = _float_linear_inputs(2, 8, 5, torch.bfloat16)
+    with pytest.raises(ValueError, match="x's dtype torch.bfloat16, got torch.float32"):
+        ops.float_linear(x, w.float())
+    with pytest.raises(ValueError, match=r"8 features in its last dimension, got shape \(2, 9\)"):
+        ops.float_linear(torch.zeros(2, 9, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\).*torch.float32 of shape \(5,\)"):
+        ops.float_linear(x, w, bias.float())
+    with pytest.raises(ValueError, match="int64"):
+        ops.float_linear(x.long(), w)
+    with pytest.raises(ValueError, match="weight must be a 2-D tensor of x's dtype"):  # the op itself checks too
+        torch.ops.hf_int8.float_linear(x, w.half(), None)
+    with pytest.raises(ValueError, match="features in its last dimension"):
+        torch.ops.hf_int8.float_linear(torch.zeros(2, 9, dtype=torch.bfloat16), w, None)

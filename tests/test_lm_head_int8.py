@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_int8  # noqa: F401  (registers llmint8)
 from hf_int8 import Int8Config
-from hf_int8.nn import Int8Linear
+from hf_int8.nn import FloatLinear, Int8Linear
 
 
 def _load(path: Path, **config) -> nn.Module:
@@ -40,7 +40,7 @@ def test_head_is_int8_only_when_asked_and_logits_stay_close(models, kind):
     reference = AutoModelForCausalLM.from_pretrained(models[kind], dtype=torch.float32).eval()
     default = _load(models[kind])
     int8_head = _load(models[kind], quantize_lm_head=True)
-    assert type(default.lm_head) is nn.Linear
+    assert type(default.lm_head) is FloatLinear  # floating point, with the CPU decode kernel
     assert isinstance(int8_head.lm_head, Int8Linear)
     # The head's codes are those of the floating-point head weight (for a tied model: the embedding matrix).
     expected = Int8Linear.from_float(reference.lm_head)
@@ -86,7 +86,7 @@ def test_untied_head_saves_and_reloads(models, tmp_path):
 @pytest.mark.parametrize("kind", ["untied", "tied"])
 def test_skip_modules_naming_the_head_wins(models, kind):
     model = _load(models[kind], quantize_lm_head=True, skip_modules=["lm_head"])
-    assert type(model.lm_head) is nn.Linear
+    assert type(model.lm_head) is FloatLinear
 
 
 def test_config_field():

@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_int8
 from hf_int8 import Int8Config, Int8Linear
+from hf_int8.nn import FloatLinear
 
 VOCAB = 128
 TOKENS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -128,7 +129,7 @@ def _load_int8(auto_cls, path, **kwargs):
 
 
 def _linear_like(model):
-    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
 
 
 def test_quantized_load_forward_save_reload(saved_fp_model, tmp_path):
@@ -142,6 +143,9 @@ def test_quantized_load_forward_save_reload(saved_fp_model, tmp_path):
     assert set(_linear_like(fp_model)) == float_left | int8_layers
     for name in STAYS_FLOAT[arch]:
         assert name in float_left, f"{name} should stay floating point, float layers: {sorted(float_left)}"
+    for name in float_left:  # the nn.Linear ones run hf_int8's floating-point kernel on CPU
+        if type(fp_model.get_submodule(name)) is nn.Linear:
+            assert type(model.get_submodule(name)) is FloatLinear, name
     for name in int8_layers:
         assert model.get_submodule(name).weight.dtype == torch.int8
         assert model.get_submodule(name).weight_scale.dtype == torch.float32
@@ -282,9 +286,9 @@ def test_skip_modules_add_to_defaults(llama_fp):
         quantization_config=Int8Config(skip_modules=["down_proj", "model.layers.1.self_attn"]),
         dtype=torch.float32,
     )
-    assert type(model.lm_head) is nn.Linear  # the default skip survives a user list
-    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
-    assert type(model.model.layers[1].self_attn.q_proj) is nn.Linear
+    assert type(model.lm_head) is FloatLinear  # the default skip survives a user list
+    assert type(model.model.layers[0].mlp.down_proj) is FloatLinear
+    assert type(model.model.layers[1].self_attn.q_proj) is FloatLinear
     assert type(model.model.layers[0].self_attn.q_proj) is Int8Linear
 
 

@@ -63,6 +63,8 @@ def memory_report(model: nn.Module) -> MemoryReport:
                 counted.add(id(module.bias))
     float_params = sum(_nbytes(p) for p in model.parameters() if id(p) not in counted)
     other_buffers = sum(_nbytes(b) for b in model.buffers() if id(b) not in counted)
-    float_linears = [name for name, m in model.named_modules() if type(m) is nn.Linear or type(m).__name__ == "Conv1D"]
+    float_linears = [
+        name for name, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    ]
     total = int8_weights + scales + biases + float_params + other_buffers
     return MemoryReport(int8_weights, scales, biases, float_params, other_buffers, total, num_int8, float_linears)

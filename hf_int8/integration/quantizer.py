@@ -22,7 +22,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..checkpoint import integrity
 from ..checkpoint.format import SCALE_NAME, SERIALIZED_NAMES, flatten_codes, safetensors_metadata
-from ..nn import Int8Linear
+from ..nn import FloatLinear, Int8Linear
 from . import hooks, tp
 from ._compat import (
     Conv1D,
@@ -71,6 +71,34 @@ def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float
         parent._modules[child] = new
         replaced.append(name)
     return replaced
+
+
+def use_float_linear(model: nn.Module) -> list[str]:
+    """Give every ``nn.Linear`` left in floating point (output head, ``skip_modules``) the class :class:`FloatLinear`
+    (same parameters and state dict, a faster bf16 decode on CPU); return their names. The class is swapped in place,
+    before the weights load, so that tied weights, accelerate's hooks and transformers' loading see the same module.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FloatLinear
+            names.append(name)
+    return names
+
+
+def restore_linear(model: nn.Module) -> None:
+    """Turn :class:`FloatLinear` layers back into ``nn.Linear`` (``model.dequantize()``)."""
+    for module in model.modules():
+        if type(module) is FloatLinear:
+            module.__class__ = nn.Linear  # type: ignore[assignment]  # a class swap in place, on purpose
+
+
+def keep_distributed_on_torch(model: nn.Module) -> None:
+    """FloatLinear layers whose parameters are not plain tensors (tensor parallelism's ``DTensor``) run torch's linear:
+    the native kernel takes plain CPU tensors. Their class stays (transformers' TP hooks hold their forward)."""
+    for module in model.modules():
+        if type(module) is FloatLinear and any(type(p.data) is not torch.Tensor for p in module.parameters()):
+            module.native_forward = False
 
 
 class Int8HfQuantizer(HfQuantizer):
@@ -139,6 +167,7 @@ class Int8HfQuantizer(HfQuantizer):
         self.quantized_module_names = replace_with_int8_linear(
             model, self.modules_to_not_convert, self.quantization_config.threshold
         )
+        use_float_linear(model)
         model.config.quantization_config = self.quantization_config
         self._check_checkpoint(model, kwargs.get("checkpoint_files"))
 
@@ -254,6 +283,7 @@ class Int8HfQuantizer(HfQuantizer):
                     raise ValueError(f"{name}.{SCALE_NAME} was loaded as {module.weight_scale.dtype!r}, not float32")
         if head_name := getattr(self, "_int8_head_after_loading", None):
             self._quantize_tied_head(model, head_name)
+        keep_distributed_on_torch(model)
         model.is_loaded_in_8bit = True  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
         hooks.install(model)  # dtype casts refused; save_pretrained / push_to_hub staged, sealed, with the card
         return model
@@ -303,6 +333,7 @@ class Int8HfQuantizer(HfQuantizer):
                         conv.bias = None
                     replacement = conv
                 parent._modules[child] = replacement
+        restore_linear(model)
         hooks.uninstall(model)  # casting is fine again once the model is floating point
         model.is_loaded_in_8bit = False  # type: ignore[assignment]  # torch's __setattr__ hint is too narrow
         return model

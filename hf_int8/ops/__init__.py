@@ -22,11 +22,14 @@ from ._health import NativeKernelFallbackWarning
 from .constants import DEFAULT_THRESHOLD, INT8_MAX
 
 __all__ = [
+    "CUDA_OP_NAMES",
     "DEFAULT_THRESHOLD",
     "INT8_MAX",
     "OP_NAMES",
     "NativeKernelFallbackWarning",
     "dequantize_weight",
+    "float_linear",
+    "float_linear_is_native",
     "implementations",
     "int8_linear",
     "int8_matmul",
@@ -50,8 +53,12 @@ _SCHEMAS = {
     "int8_linear": (
         "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, float threshold) -> Tensor"
     ),
+    "float_linear": "float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
 }
 OP_NAMES: tuple[str, ...] = tuple(_SCHEMAS)
+# Ops with a native CUDA kernel: all but float_linear, whose native kernel is a CPU decode kernel (on a GPU,
+# FloatLinear runs torch's own linear; a direct call of the op there runs the reference).
+CUDA_OP_NAMES: tuple[str, ...] = tuple(name for name in OP_NAMES if name != "float_linear")
 
 for _name, _schema in _SCHEMAS.items():
     _lib.define(_schema)
@@ -92,6 +99,11 @@ def _int8_linear_fake(x, weight, weight_scale, bias, threshold):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.register_fake(f"{NAMESPACE}::float_linear")
+def _float_linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd: gradients flow to the input (and bias) through the dequantized weight; int8 weights get none.
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,6 +131,31 @@ torch.library.register_autograd(
 )
 
 
+def _float_linear_setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _float_linear_backward(ctx, grad_out):
+    """nn.Linear's gradients (FloatLinear only calls the op without them; this keeps a direct call differentiable)."""
+    x, weight = ctx.saved_tensors
+    grad_x = grad_weight = grad_bias = None
+    flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_out @ weight
+    if ctx.needs_input_grad[1]:
+        grad_weight = flat_grad.t() @ x.reshape(-1, x.shape[-1])
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = flat_grad.sum(0)
+    return grad_x, grad_weight, grad_bias
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::float_linear", _float_linear_backward, setup_context=_float_linear_setup_context
+)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reference twins ``reference_<op>``: same schema, fake implementation and autograd, but only the reference kernel
 # (no native kernel registers for them). The entry points call them on a device whose native kernels cannot serve
@@ -130,6 +167,7 @@ _FAKES = {
     "int8_matmul": _int8_matmul_fake,
     "int8_scaled_matmul": _int8_scaled_matmul_fake,
     "int8_linear": _int8_linear_fake,
+    "float_linear": _float_linear_fake,
 }
 for _name, _schema in _SCHEMAS.items():
     _lib.define(f"reference_{_schema}")
@@ -137,6 +175,9 @@ for _name, _schema in _SCHEMAS.items():
     torch.library.register_fake(f"{NAMESPACE}::reference_{_name}", _FAKES[_name])
 torch.library.register_autograd(
     f"{NAMESPACE}::reference_int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup_context
+)
+torch.library.register_autograd(
+    f"{NAMESPACE}::reference_float_linear", _float_linear_backward, setup_context=_float_linear_setup_context
 )
 
 
@@ -289,6 +330,43 @@ def int8_linear(
         if bias.device != weight.device:
             raise ValueError(f"bias is on {bias.device} but the int8 weight is on {weight.device}")
     return op_for("int8_linear", x.device)(x.contiguous(), weight, weight_scale, bias, float(threshold))
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ weight [N, K]^T + bias`` in fp32, cast once to ``x.dtype`` (weight and bias of x's dtype).
+
+    The kernel of :class:`hf_int8.nn.FloatLinear`, the layers an llmint8 model keeps in floating point. On CPUs with
+    AVX512-BF16 the native kernel streams the weight for bf16 inputs of up to 16 tokens (decode); every other call
+    runs torch's own linear. Differentiable like ``nn.Linear`` (:class:`~hf_int8.nn.FloatLinear` calls it only where
+    no gradient is needed).
+    """
+    _check_float("x", x)
+    if weight.dim() != 2 or weight.dtype != x.dtype:
+        raise ValueError(
+            f"weight must be a 2-D tensor of x's dtype {x.dtype!r}, "
+            f"got {weight.dtype!r} of shape {tuple(weight.shape)}"
+        )
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have {weight.shape[1]} features in its last dimension, got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {weight.device}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(
+            f"bias must have shape ({weight.shape[0]},) and x's dtype {x.dtype!r}, "
+            f"got {bias.dtype!r} of shape {tuple(bias.shape)}"
+        )
+    if bias is not None and bias.device != weight.device:
+        raise ValueError(f"bias is on {bias.device} but the weight is on {weight.device}")
+    return op_for("float_linear", x.device)(x, weight, bias)
+
+
+@torch.compiler.assume_constant_result  # torch.compile: decided while tracing, a constant in the graph
+def float_linear_is_native() -> bool:
+    """Whether the native CPU kernel serves :func:`float_linear` in this process (built, and the CPU's native
+    kernels passed their self-check). Without it the op would run the fp32 reference, far slower than torch's own
+    linear, so :class:`hf_int8.nn.FloatLinear` only calls it when this is true."""
+    registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::float_linear", "CPU")
+    return registered and _health.native_kernels_serve(torch.device("cpu"))
 
 
 def implementations() -> dict[str, str]:

@@ -170,7 +170,8 @@ SELF_CHECK_N = 5
 # as a GEMM of its own (AMX-BF16, VDPBF16PS or fp32 FMAs, by CPU and input dtype: csrc/cpu/outlier_gemm.cpp); with
 # M = 1 the CPU decode kernel carries them as exact int8 pieces through its int8 product (bf16: csrc/cpu/gemm.cpp).
 # M = 4 with ~30 outlier columns takes the decode kernel's own bf16 outlier dots (AVX512-BF16), M = 12 its two passes
-# per weight tile (CPUs without AMX).
+# per weight tile (CPUs without AMX). float_linear: M <= 16 streams the weight (bf16, AVX512-BF16), M = 17 and 20 run
+# torch's linear.
 SELF_CHECK_CASES = (
     (1, 1, 0, True),
     (1, 83, 0, False),
@@ -267,6 +268,14 @@ def _check_problems(device: torch.device, native_ops: set[str]) -> str | None:
                 want = reference.int8_linear(x, w_codes, w_scale, b, threshold)
                 got = ops.int8_linear(x, w_codes, w_scale, b, threshold)
                 if problem := _outside_tolerance(f"int8_linear ({what})", got, want, magnitude):
+                    return problem
+            if "float_linear" in native_ops:
+                float_magnitude = x.double().abs() @ w.double().abs().t()
+                if b is not None:
+                    float_magnitude += b.double().abs()
+                want = reference.float_linear(x, w, b)
+                got = ops.float_linear(x, w, b)
+                if problem := _outside_tolerance(f"float_linear ({what})", got, want, float_magnitude):
                     return problem
     return None
 

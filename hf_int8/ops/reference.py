@@ -179,3 +179,11 @@ def int8_linear(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*leading, out_features)
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A floating-point linear layer, ``x [..., K] @ weight [N, K]^T + bias``, summed in fp32 and cast once to
+    ``x.dtype``: what the layers an llmint8 model keeps in floating point compute (bf16 x bf16 products are exact in
+    fp32, so only the order of the fp32 additions may differ between implementations)."""
+    out = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out.to(x.dtype)
