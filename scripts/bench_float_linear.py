@@ -14,10 +14,15 @@ step does):
 Ratios are ``time(bf16 Linear) / time(float_linear)``; "% of weight read" is the read's time over float_linear's.
 Timings are medians over interleaved rounds (machines are shared).
 
+With ``--decode MODEL`` it times whole decode steps of that model loaded as llmint8 (bf16) instead: one process,
+steps alternating between the output head on hf_int8's kernel (``FloatLinear``, the default) and on torch's linear
+(``native_forward = False``), so that both see the same machine load; the head's own time is taken the same way.
+
 Examples::
 
     python scripts/bench_float_linear.py                                   # the heads of Qwen2.5-1.5B and SmolLM2
     python scripts/bench_float_linear.py --shapes 1536x151936 --tokens 1,8 --json out.json
+    python scripts/bench_float_linear.py --decode qwen --batches 1,8 --threads 2
 """
 
 from __future__ import annotations
@@ -52,15 +57,21 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="calls per method and round (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--json", type=Path, help="write the rows and the run's metadata here")
+    p.add_argument("--decode", metavar="MODEL", help="time decode steps of this model (smollm2, qwen) instead")
+    p.add_argument("--batches", default="1,8", help="--decode: sequences decoded together, comma separated")
+    p.add_argument("--steps", type=int, default=40, help="--decode: decode steps per batch size (default 40)")
     args = p.parse_args(argv)
     try:
         args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
         args.tokens = [int(t) for t in args.tokens.split(",")]
+        args.batches = [int(b) for b in args.batches.split(",")]
     except ValueError as exc:
         p.error(f"--shapes must look like 1536x151936 and --tokens like 1,8: {exc}")
     for k, n in args.shapes:
         if k <= 0 or n <= 0:
             p.error(f"shape dimensions must be positive, got {k}x{n}")
+    if any(b <= 0 for b in args.batches) or args.steps < 4:
+        p.error(f"--batches must be positive and --steps >= 4, got {args.batches} and {args.steps}")
     if any(t <= 0 for t in args.tokens) or args.rounds <= 0 or args.repeats <= 0:
         p.error(f"tokens, --rounds and --repeats must be positive, got {args.tokens}, {args.rounds}, {args.repeats}")
     return args
@@ -106,6 +117,71 @@ def run_shape(args, k: int, n: int, cold_bytes: int, stream_read) -> list[dict]:
     return rows
 
 
+def run_decode(args) -> list[dict]:
+    """Decode steps of ``args.decode`` loaded as llmint8 in bf16, the output head alternating between hf_int8's kernel
+    and torch's linear step by step (the first two steps of each kind are warm-up)."""
+    from hf_int8.nn import FloatLinear
+
+    spec = C.parse_models(args.decode)[0]
+    model = C.load_model(spec, C.parse_methods("llmint8-t6", "bf16")[0])
+    head = model.get_output_embeddings()
+    if type(head) is not FloatLinear:
+        raise SystemExit(
+            f"bench_float_linear: {spec.name}'s output head is a {type(head).__name__}, not a FloatLinear"
+        )
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in args.batches:
+        steps: dict[bool, list[float]] = {True: [], False: []}
+        heads: dict[bool, list[float]] = {True: [], False: []}
+        hidden = torch.randn(batch, 1, head.in_features, generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            out = model(torch.randint(0, vocab, (batch, 32), generator=g), use_cache=True)  # 32-token prompts
+            for step in range(args.steps):
+                native = step % 2 == 0
+                head.native_forward = native
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                t0 = time.perf_counter()
+                out = model(token, past_key_values=past, use_cache=True)
+                steps[native].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                head(hidden)
+                heads[native].append(time.perf_counter() - t0)
+        head.native_forward = True
+        row = {"model": spec.name, "batch": batch}
+        for native, key in ((False, "torch"), (True, "float_linear")):
+            row[f"step_ms_{key}"] = statistics.median(steps[native][2:]) * 1e3
+            row[f"head_ms_{key}"] = statistics.median(heads[native][2:]) * 1e3
+        rows.append(row)
+        print(
+            f"  batch {batch}: "
+            + ", ".join(
+                f"{k} {v:.2f}" for k, v in row.items() if k.endswith("_ms_torch") or k.endswith("_ms_float_linear")
+            ),
+            file=sys.stderr,
+        )
+    return rows
+
+
+def decode_markdown(rows: list[dict]) -> str:
+    table = [
+        [
+            r["model"],
+            r["batch"],
+            f"{r['head_ms_torch']:.2f}",
+            f"{r['head_ms_float_linear']:.2f}",
+            f"{r['step_ms_torch']:.1f}",
+            f"{r['step_ms_float_linear']:.1f}",
+            f"{r['step_ms_torch'] / r['step_ms_float_linear']:.2f}x",
+        ]
+        for r in rows
+    ]
+    headers = ["model", "batch", "head ms, torch", "head ms, float_linear", "step ms, torch head",
+               "step ms, float_linear head", "step speed-up"]  # fmt: skip
+    return C.markdown_table(headers, table)
+
+
 def markdown(rows: list[dict]) -> str:
     table = []
     for r in rows:
@@ -137,15 +213,24 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    cold = 2 * BL.llc_bytes()
-    stream_read = BL.stream_read_probe()
-    rows = []
-    for k, n in args.shapes:
-        rows += run_shape(args, k, n, cold, stream_read)
     meta = C.run_metadata(sys.argv)
-    print(f"\n{C.machine_markdown(meta)}\n")
-    print(f"- torch threads {torch.get_num_threads()}; weights cycled through {cold >> 20} MiB of copies per method\n")
-    print(markdown(rows))
+    if args.decode:
+        rows = run_decode(args)
+        print(f"\n{C.machine_markdown(meta)}\n")
+        print(f"- torch threads {torch.get_num_threads()}; {args.steps} decode steps per batch size, alternating\n")
+        print(decode_markdown(rows))
+    else:
+        cold = 2 * BL.llc_bytes()
+        stream_read = BL.stream_read_probe()
+        rows = []
+        for k, n in args.shapes:
+            rows += run_shape(args, k, n, cold, stream_read)
+        print(f"\n{C.machine_markdown(meta)}\n")
+        print(
+            f"- torch threads {torch.get_num_threads()}; weights cycled through {cold >> 20} MiB of copies per "
+            "method\n"
+        )
+        print(markdown(rows))
     if args.json:
         C.write_json(args.json, {"meta": meta, "args": {"threads": torch.get_num_threads()}, "rows": rows})
     return 0

@@ -842,3 +842,37 @@ def test_roofline_cuda_prints_old_and_new_estimates(capsys):
         assert new["outlier_math"] < old["outlier_math"] and new["total"] <= old["total"], (n, k)
     with pytest.raises(SystemExit):
         roofline.main(["--outlier-fraction", "1.5"])
+
+
+def test_bench_float_linear_layers_and_decode(tiny, tmp_path, capsys, restore_threads):
+    import bench_float_linear
+
+    import hf_int8
+
+    if not hf_int8.ops.float_linear_is_native():
+        pytest.skip(
+            f"native CPU kernels not built ({hf_int8.extension_status()}): the script refuses to time the "
+            "fp32 reference"
+        )
+
+    out = tmp_path / "layers.json"
+    argv = ["--shapes", "83x100", "--tokens", "1,17", "--rounds", "1", "--repeats", "1", "--threads", "1"]
+    assert bench_float_linear.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["k"], r["n"], r["tokens"]) for r in rows] == [(83, 100, 1), (83, 100, 17)]
+    assert all(r["ms"][bench_float_linear.BF16] > 0 and r["ms"][bench_float_linear.OURS] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert _table_header(printed, "layer (in x out)")[4] == "x bf16 Linear"
+    ratio = rows[0]["ms"][bench_float_linear.BF16] / rows[0]["ms"][bench_float_linear.OURS]
+    assert "| 83x100 | 1 | " in printed and f"| {ratio:.2f}x |" in printed
+
+    out = tmp_path / "decode.json"
+    argv = ["--decode", f"tiny={tiny['llama']}", "--batches", "1,3", "--steps", "6", "--threads", "1"]
+    assert bench_float_linear.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert all(
+            r[k] > 0 for k in ("step_ms_torch", "step_ms_float_linear", "head_ms_torch", "head_ms_float_linear")
+        )
+    assert "step speed-up" in _table_header(capsys.readouterr().out, "model")
