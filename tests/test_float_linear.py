@@ -129,3 +129,19 @@ def test_llmint8_model_keeps_its_float_layers_as_float_linear(tiny, tmp_path):
     model.dequantize()
     assert not any(type(m) in (FloatLinear, Int8Linear) for m in model.modules())
     assert type(model.lm_head) is nn.Linear
+
+
+class _ShardLike(torch.Tensor):
+    """A tensor subclass standing in for tensor parallelism's DTensor parameters."""
+
+
+def test_layers_with_non_plain_parameters_run_torchs_linear(monkeypatch):
+    from hf_int8.integration.quantizer import keep_distributed_on_torch
+
+    plain, sharded = _layer(), _layer()
+    sharded.weight = nn.Parameter(sharded.weight.detach().as_subclass(_ShardLike), requires_grad=False)
+    keep_distributed_on_torch(nn.Sequential(plain, sharded))
+    assert plain.native_forward and not sharded.native_forward
+    monkeypatch.setattr(ops, "float_linear", lambda *a: pytest.fail("the op ran for a non-plain weight"))
+    x = torch.randn(2, 96).bfloat16()
+    assert torch.equal(sharded(x), nn.functional.linear(x, sharded.weight, sharded.bias))
