@@ -191,16 +191,17 @@ at::Tensor float_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
 
+  // Rows as one contiguous [M, K] matrix on every path: the result of a row does not depend on x's shape or strides.
+  const at::Tensor x2d = x.contiguous().view({M, K});
   if (!streams(x, weight, M) || M == 0 || N == 0 || K == 0) {
     if (x.scalar_type() == at::kHalf) {  // torch's CPU fp16 GEMM need not accumulate in fp32; the reference does
       const std::optional<at::Tensor> bias_f =
           bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
-      return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bias_f).to(at::kHalf);
+      return at::linear(x2d.to(at::kFloat), weight.to(at::kFloat), bias_f).to(at::kHalf).view(out_shape);
     }
-    return at::linear(x, weight, bias);
+    return at::linear(x2d, weight, bias).view(out_shape);
   }
 #if HF_INT8_X86
-  const at::Tensor x2d = x.contiguous().view({M, K});
   const at::Tensor w = weight.contiguous();
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({M, N}, x.options());
@@ -214,7 +215,7 @@ at::Tensor float_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::parallel_for(0, N, kGrainRows, [&](int64_t n0, int64_t n1) { bf16::rows_of_thread(p, n0, n1); });
   return out.view(out_shape);
 #else
-  return at::linear(x, weight, bias);
+  return at::linear(x2d, weight, bias).view(out_shape);
 #endif
 }
 
