@@ -599,7 +599,8 @@ def test_non_contiguous_inputs(target):
 # ---------------------------------------------------------------------------------------------------------------
 # float_linear: the layers an llmint8 model keeps in floating point (csrc/cpu/float_linear.cpp). On CPUs with
 # AVX512-BF16 bf16 inputs of up to 16 tokens stream the weight (tokens in passes of 4, weight rows in 4 streams per
-# thread, the rows left over one by one, K in steps of 32 with a masked tail); everything else runs torch's linear.
+# thread, the rows left over one by one, K in steps of 32 with a masked tail); on AVX2 up to 4 tokens (passes of 2, K
+# in steps of 8, the tail one by one); everything else runs torch's linear. The target fixture runs both tiles.
 # ---------------------------------------------------------------------------------------------------------------
 FLOAT_SHAPES = [(1, 1, 1), (1, 31, 5), (2, 33, 7), (3, 200, 75), (4, 64, 130), (5, 1000, 9), (7, 83, 257)]
 FLOAT_SHAPES += [(8, 1536, 66), (9, 130, 200), (16, 77, 129), (17, 200, 75), (83, 1000, 130)]
@@ -669,10 +670,13 @@ def test_float_linear_non_finite_inputs(target):
 
 
 def test_float_linear_does_not_depend_on_thread_count(cpu_native):
-    if cpu_native.cpu_isa() not in ("amx", "avx512-bf16"):  # below that the op is torch's linear, not ours
-        pytest.skip(f"the float_linear kernel needs AVX512-BF16; this CPU runs {cpu_native.cpu_isa()} kernels")
+    # Token counts the kernel serves (above them the op is torch's linear, which promises no thread independence):
+    # up to 16 with AVX512-BF16, up to 4 on the AVX2 tile.
+    tokens = {"amx": (1, 4, 7, 16), "avx512-bf16": (1, 4, 7, 16), "avx512-vnni": (1, 3, 4), "avx2": (1, 3, 4)}
+    if cpu_native.cpu_isa() not in tokens:
+        pytest.skip(f"the float_linear kernel needs AVX2; this CPU runs {cpu_native.cpu_isa()} kernels")
     x, w, bias = _float_linear_inputs(16, 300, 1000, torch.bfloat16)
-    _assert_same_for_1_2_3_threads(lambda: [ops.float_linear(x[:m], w, bias) for m in (1, 4, 7, 16)])
+    _assert_same_for_1_2_3_threads(lambda: [ops.float_linear(x[:m], w, bias) for m in tokens[cpu_native.cpu_isa()]])
 
 
 def test_float_linear_names_offending_arguments(cpu_native):

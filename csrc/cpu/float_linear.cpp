@@ -7,9 +7,10 @@
 // the int8 decode kernel (gemm_avx512.cpp), and multiplies it with up to kTileRows tokens at a time with VDPBF16PS
 // (AVX512-BF16): bf16 x bf16 products are exact in fp32 and accumulate in fp32.
 //
-// Served here: bf16 x and weight, at most kMaxRows tokens, on a CPU with AVX512-BF16 (Isa::kAvx512Bf16 and up). Every
-// other call (more tokens, fp32 / fp16, older CPUs) runs torch's own at::linear, as nn.Linear would; fp16 is computed
-// in fp32 there, as the reference does.
+// Served here: bf16 x and weight, at most kMaxRows tokens on a CPU with AVX512-BF16 (Isa::kAvx512Bf16 and up), at
+// most kMaxRowsAvx2 on one with AVX2 and FMA only (dot_tile_avx2). Every other call (more tokens, fp32 / fp16, CPUs
+// without AVX2) runs torch's own at::linear, as nn.Linear would; fp16 is computed in fp32 there, as the reference
+// does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +27,9 @@ namespace {
 // Tokens above which torch's bf16 GEMM is as fast as streaming (measured on an AMD EPYC Zen 5, 2 threads: see
 // docs/kernels-cpu.md, "Layers kept in floating point").
 constexpr int64_t kMaxRows = 16;
+// The same on CPUs without AVX512-BF16 (the AVX2 tile, one FMA per product; measured with HF_INT8_CPU_ISA=avx2 on
+// the Zen 5: 1.4x torch at 4 tokens, 1.0x at 5, in docs/kernels-cpu.md).
+constexpr int64_t kMaxRowsAvx2 = 4;
 
 #if HF_INT8_X86
 namespace bf16 {
@@ -33,6 +37,8 @@ namespace bf16 {
 // Tokens dotted with one tile of weight rows at a time; more tokens take several passes over the same rows, the later
 // ones from L1 (NR rows of at most a few KiB each).
 constexpr int kTileRows = 4;
+// The AVX2 tile: 2 tokens x 4 weight rows (8 accumulators, 4 widened weight vectors and one of x: 13 of the 16 ymm).
+constexpr int kTileRowsAvx2 = 2;
 // Weight rows streamed at once per thread: a thread's rows are split into kStreams contiguous slices, and each tile
 // takes the next row of every slice (the int8 decode kernel's order; gemm_avx512.cpp, stream_prefetch_bytes).
 constexpr int kStreams = 4;
@@ -86,13 +92,68 @@ __attribute__((noinline)) HF_INT8_TARGET_AVX512_BF16 void dot_tile(const uint16_
   }
 }
 
+// The same tile on AVX2 + FMA (CPUs without AVX512-BF16): x as fp32 rows (converted once per call), each weight
+// vector widened from bf16 to fp32 by a shift (exact), then one FMA per token: the same exact products, summed in
+// fp32. 8 values of K per step; the K tail one value at a time.
+template <int MR, int NR>
+__attribute__((noinline)) HF_INT8_TARGET_AVX2 void dot_tile_avx2(const float* x, int64_t K,
+                                                                 const uint16_t* const (&w)[NR],
+                                                                 float (&out)[MR][NR]) {
+  __m256 acc[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  }
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[j] + k) + kPrefetchBytes, _MM_HINT_T0);
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k));
+      wv[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      const __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+      const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+      float sum = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+      for (int64_t t = k; t < K; ++t) {
+        sum = std::fma(x[i * K + t], static_cast<float>(c10::BFloat16(w[j][t], c10::BFloat16::from_bits())), sum);
+      }
+      out[i][j] = sum;
+    }
+  }
+}
+
 struct Problem {
   const uint16_t* x;   // [M, K] bf16
+  const float* xf;     // [M, K] fp32 copy of x for the AVX2 tile, or nullptr (AVX512-BF16 tile)
   const uint16_t* w;   // [N, K] bf16
   const float* bias;   // [N] or nullptr
   c10::BFloat16* out;  // [M, N]
   int64_t M, N, K;
 };
+
+// sums = one tile of MR tokens from m0 against the weight rows w, on the tile of this problem's ISA.
+template <int MR, int NR>
+void dot(const Problem& p, int64_t m0, const uint16_t* const (&w)[NR], float (&sums)[MR][NR]) {
+  if (p.xf != nullptr) {
+    dot_tile_avx2<MR, NR>(p.xf + m0 * p.K, p.K, w, sums);
+  } else {
+    dot_tile<MR, NR>(p.x + m0 * p.K, p.K, w, sums);
+  }
+}
 
 // Finishes out[m0 + i, rows[j]] for an MR x NR tile: bias in fp32, one rounding to bf16.
 template <int MR, int NR>
@@ -110,30 +171,30 @@ template <int NR>
 void tile_rows(const Problem& p, const int64_t (&rows)[NR]) {
   const uint16_t* w[NR];
   for (int j = 0; j < NR; ++j) w[j] = p.w + rows[j] * p.K;
-  for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows) {
-    const uint16_t* x = p.x + m0 * p.K;
-    switch (std::min<int64_t>(kTileRows, p.M - m0)) {
+  const int tile_rows = p.xf != nullptr ? kTileRowsAvx2 : kTileRows;
+  for (int64_t m0 = 0; m0 < p.M; m0 += tile_rows) {
+    switch (std::min<int64_t>(tile_rows, p.M - m0)) {
       case 1: {
         float s[1][NR];
-        dot_tile<1, NR>(x, p.K, w, s);
+        dot<1, NR>(p, m0, w, s);
         finish<1, NR>(p, m0, rows, s);
         break;
       }
       case 2: {
         float s[2][NR];
-        dot_tile<2, NR>(x, p.K, w, s);
+        dot<2, NR>(p, m0, w, s);
         finish<2, NR>(p, m0, rows, s);
         break;
       }
       case 3: {
         float s[3][NR];
-        dot_tile<3, NR>(x, p.K, w, s);
+        dot<3, NR>(p, m0, w, s);
         finish<3, NR>(p, m0, rows, s);
         break;
       }
       default: {
         float s[4][NR];
-        dot_tile<4, NR>(x, p.K, w, s);
+        dot<4, NR>(p, m0, w, s);
         finish<4, NR>(p, m0, rows, s);
         break;
       }
@@ -161,10 +222,11 @@ void rows_of_thread(const Problem& p, int64_t n_begin, int64_t n_end) {
 // Weight rows per thread at least, streaming path.
 constexpr int64_t kGrainRows = 64;
 
-bool streams(const at::Tensor& x, const at::Tensor& weight, int64_t M) {
+bool streams(Isa isa, const at::Tensor& x, const at::Tensor& weight, int64_t M) {
 #if HF_INT8_X86
-  return selected_isa() >= Isa::kAvx512Bf16 && x.scalar_type() == at::kBFloat16 &&
-         weight.scalar_type() == at::kBFloat16 && M <= kMaxRows;
+  const int64_t max_rows = isa >= Isa::kAvx512Bf16 ? kMaxRows : kMaxRowsAvx2;
+  return isa >= Isa::kAvx2 && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
+         M <= max_rows;
 #else
   return false;
 #endif
@@ -193,7 +255,8 @@ at::Tensor float_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
 
   // Rows as one contiguous [M, K] matrix on every path: the result of a row does not depend on x's shape or strides.
   const at::Tensor x2d = x.contiguous().view({M, K});
-  if (!streams(x, weight, M) || M == 0 || N == 0 || K == 0) {
+  const Isa isa = selected_isa();
+  if (!streams(isa, x, weight, M) || M == 0 || N == 0 || K == 0) {
     if (x.scalar_type() == at::kHalf) {  // torch's CPU fp16 GEMM need not accumulate in fp32; the reference does
       const std::optional<at::Tensor> bias_f =
           bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
@@ -205,7 +268,9 @@ at::Tensor float_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const at::Tensor w = weight.contiguous();
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({M, N}, x.options());
+  const at::Tensor xf = isa >= Isa::kAvx512Bf16 ? at::Tensor() : x2d.to(at::kFloat).contiguous();
   const bf16::Problem p{reinterpret_cast<const uint16_t*>(x2d.data_ptr()),
+                        xf.defined() ? xf.data_ptr<float>() : nullptr,
                         reinterpret_cast<const uint16_t*>(w.data_ptr()),
                         bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
                         out.data_ptr<c10::BFloat16>(),

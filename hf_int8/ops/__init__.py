@@ -335,10 +335,10 @@ def int8_linear(
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ weight [N, K]^T + bias`` in fp32, cast once to ``x.dtype`` (weight and bias of x's dtype).
 
-    The kernel of :class:`hf_int8.nn.FloatLinear`, the layers an llmint8 model keeps in floating point. On CPUs with
-    AVX512-BF16 the native kernel streams the weight for bf16 inputs of up to 16 tokens (decode); every other call
-    runs torch's own linear. Differentiable like ``nn.Linear`` (:class:`~hf_int8.nn.FloatLinear` calls it only where
-    no gradient is needed).
+    The kernel of :class:`hf_int8.nn.FloatLinear`, the layers an llmint8 model keeps in floating point. The native CPU
+    kernel streams the weight for bf16 inputs of up to 16 tokens with AVX512-BF16, up to 4 on AVX2 (decode); every
+    other call runs torch's own linear. Differentiable like ``nn.Linear`` (:class:`~hf_int8.nn.FloatLinear` calls it
+    only where no gradient is needed).
     """
     _check_float("x", x)
     if weight.dim() != 2 or weight.dtype != x.dtype:

@@ -170,8 +170,8 @@ SELF_CHECK_N = 5
 # as a GEMM of its own (AMX-BF16, VDPBF16PS or fp32 FMAs, by CPU and input dtype: csrc/cpu/outlier_gemm.cpp); with
 # M = 1 the CPU decode kernel carries them as exact int8 pieces through its int8 product (bf16: csrc/cpu/gemm.cpp).
 # M = 4 with ~30 outlier columns takes the decode kernel's own bf16 outlier dots (AVX512-BF16), M = 12 its two passes
-# per weight tile (CPUs without AMX). float_linear: M <= 16 streams the weight (bf16, AVX512-BF16), M = 17 and 20 run
-# torch's linear.
+# per weight tile (CPUs without AMX). float_linear: M <= 16 streams the weight (bf16, AVX512-BF16; M <= 4 on
+# AVX2), larger M run torch's linear.
 SELF_CHECK_CASES = (
     (1, 1, 0, True),
     (1, 83, 0, False),
