@@ -145,16 +145,6 @@ struct Problem {
   int64_t M, N, K;
 };
 
-// sums = one tile of MR tokens from m0 against the weight rows w, on the tile of this problem's ISA.
-template <int MR, int NR>
-void dot(const Problem& p, int64_t m0, const uint16_t* const (&w)[NR], float (&sums)[MR][NR]) {
-  if (p.xf != nullptr) {
-    dot_tile_avx2<MR, NR>(p.xf + m0 * p.K, p.K, w, sums);
-  } else {
-    dot_tile<MR, NR>(p.x + m0 * p.K, p.K, w, sums);
-  }
-}
-
 // Finishes out[m0 + i, rows[j]] for an MR x NR tile: bias in fp32, one rounding to bf16.
 template <int MR, int NR>
 void finish(const Problem& p, int64_t m0, const int64_t (&rows)[NR], const float (&sums)[MR][NR]) {
@@ -166,38 +156,33 @@ void finish(const Problem& p, int64_t m0, const int64_t (&rows)[NR], const float
   }
 }
 
-// All M tokens against weight rows `rows`, kTileRows tokens per pass.
+// One pass: tokens [m0, m0 + MR) against weight rows `rows`, on the tile of this problem's ISA.
+template <int MR, int NR>
+void pass(const Problem& p, int64_t m0, const int64_t (&rows)[NR], const uint16_t* const (&w)[NR]) {
+  float sums[MR][NR];
+  if constexpr (MR <= kTileRowsAvx2) {
+    if (p.xf != nullptr) {
+      dot_tile_avx2<MR, NR>(p.xf + m0 * p.K, p.K, w, sums);
+      finish<MR, NR>(p, m0, rows, sums);
+      return;
+    }
+  }
+  dot_tile<MR, NR>(p.x + m0 * p.K, p.K, w, sums);
+  finish<MR, NR>(p, m0, rows, sums);
+}
+
+// All M tokens against weight rows `rows`, a tile's worth of tokens per pass.
 template <int NR>
 void tile_rows(const Problem& p, const int64_t (&rows)[NR]) {
   const uint16_t* w[NR];
   for (int j = 0; j < NR; ++j) w[j] = p.w + rows[j] * p.K;
-  const int tile_rows = p.xf != nullptr ? kTileRowsAvx2 : kTileRows;
-  for (int64_t m0 = 0; m0 < p.M; m0 += tile_rows) {
-    switch (std::min<int64_t>(tile_rows, p.M - m0)) {
-      case 1: {
-        float s[1][NR];
-        dot<1, NR>(p, m0, w, s);
-        finish<1, NR>(p, m0, rows, s);
-        break;
-      }
-      case 2: {
-        float s[2][NR];
-        dot<2, NR>(p, m0, w, s);
-        finish<2, NR>(p, m0, rows, s);
-        break;
-      }
-      case 3: {
-        float s[3][NR];
-        dot<3, NR>(p, m0, w, s);
-        finish<3, NR>(p, m0, rows, s);
-        break;
-      }
-      default: {
-        float s[4][NR];
-        dot<4, NR>(p, m0, w, s);
-        finish<4, NR>(p, m0, rows, s);
-        break;
-      }
+  const int64_t tile_tokens = p.xf != nullptr ? kTileRowsAvx2 : kTileRows;
+  for (int64_t m0 = 0; m0 < p.M; m0 += tile_tokens) {
+    switch (std::min(tile_tokens, p.M - m0)) {
+      case 1: pass<1, NR>(p, m0, rows, w); break;
+      case 2: pass<2, NR>(p, m0, rows, w); break;
+      case 3: pass<3, NR>(p, m0, rows, w); break;
+      default: pass<4, NR>(p, m0, rows, w); break;
     }
   }
 }

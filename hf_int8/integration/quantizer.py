@@ -73,17 +73,13 @@ def replace_with_int8_linear(model: nn.Module, skip: list[str], threshold: float
     return replaced
 
 
-def use_float_linear(model: nn.Module) -> list[str]:
+def use_float_linear(model: nn.Module) -> None:
     """Give every ``nn.Linear`` left in floating point (output head, ``skip_modules``) the class :class:`FloatLinear`
-    (same parameters and state dict, a faster bf16 decode on CPU); return their names. The class is swapped in place,
-    before the weights load, so that tied weights, accelerate's hooks and transformers' loading see the same module.
-    """
-    names = []
-    for name, module in model.named_modules():
+    (same parameters and state dict, a faster bf16 decode on CPU). The class is swapped in place, before the weights
+    load, so that tied weights, accelerate's hooks and transformers' loading see the same module."""
+    for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FloatLinear
-            names.append(name)
-    return names
 
 
 def restore_linear(model: nn.Module) -> None:
